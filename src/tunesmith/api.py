@@ -1,0 +1,301 @@
+"""The Python API: ``train``, ``evaluate`` and ``predict``.
+
+The CLI is a thin layer over these functions, so a notebook gets exactly what
+the command line does::
+
+    from tunesmith import Config, train
+    result = train(Config.load("cfg.yaml", overrides=["optim.lr=3e-5"]))
+    result.test_metrics["accuracy"]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunesmith import __version__
+from tunesmith.config import Config
+from tunesmith.data.batching import Collator, FeatureDataset
+from tunesmith.data.labels import check_labels
+from tunesmith.data.pipeline import select_by_source
+from tunesmith.errors import ConfigError, DataError, ModelError
+from tunesmith.evaluate.runner import evaluate_dataset, make_eval_loader, predict_loader
+from tunesmith.methods.base import get_method
+from tunesmith.modeling import check_model_source, load_tokenizer, quiet_transformers
+from tunesmith.optim import build_optimizer
+from tunesmith.param_table import format_parameter_table, parameter_table
+from tunesmith.tasks.base import Task, get_task
+from tunesmith.train.checkpoint import read_manifest, save_model_folder
+from tunesmith.train.loop import LoopResult, Trainer
+from tunesmith.train.monitor import MetricsLog
+from tunesmith.train.precision import resolve_precision
+
+log = logging.getLogger(__name__)
+
+#: Files whose presence marks a folder as a tunesmith run (safe to replace on overwrite).
+RUN_MARKERS = ("config.yaml", "metrics.jsonl")
+
+
+@dataclass
+class TrainResult:
+    """Where a run's outputs are and what it measured."""
+
+    output_dir: Path
+    best_dir: Path | None
+    final_dir: Path
+    validation_metrics: dict[str, Any] = field(default_factory=dict)
+    test_metrics: dict[str, Any] = field(default_factory=dict)
+    loop: LoopResult = field(default_factory=LoopResult)
+    parameters: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train(cfg: Config, *, progress: bool = True) -> TrainResult:
+    """Fine-tune ``cfg.model`` on ``cfg.data`` as configured; returns the result.
+
+    Writes ``config.yaml``, ``splits.json``, ``metrics.jsonl``, ``best/`` and
+    ``final/`` under ``cfg.train.output_dir``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    quiet_transformers()
+    t = cfg.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    task = get_task(cfg)
+    _check_metric(cfg, task)
+    check_model_source(cfg.model.name_or_path, allow_unsafe_weights=cfg.model.allow_unsafe_weights)
+    accelerator = Accelerator(mixed_precision=resolve_precision(t.precision))
+    out = _prepare_output_dir(Path(t.output_dir), t.overwrite, accelerator.is_main_process)
+
+    splits = task.load_splits()
+    for note in splits.notes:
+        log.info("%s", note)
+    log.info(
+        "data: %d train, %d validation, %d test rows; labels: %s",
+        len(splits.train),
+        len(splits.validation),
+        len(splits.test),
+        ", ".join(splits.labels),
+    )
+    tokenizer = load_tokenizer(
+        cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code
+    )
+    label2id = {lab: i for i, lab in enumerate(splits.labels)}
+    train_set, val_set, test_set = (
+        FeatureDataset(task.encode(recs, tokenizer, label2id))
+        for recs in (splits.train, splits.validation, splits.test)
+    )
+    collator = Collator(tokenizer.pad_token_id, tokenizer.padding_side)
+
+    set_seed(t.seed)
+    method = get_method(cfg)
+    model = method.apply(task.build_model(splits.labels, tokenizer))
+    groups = method.param_groups(model)
+    table = parameter_table(model, groups, cfg.optim.lr)
+    log.info("trainable parameters:\n%s", format_parameter_table(table))
+    optimizer = build_optimizer(groups, cfg.optim)
+
+    manifest = _manifest(cfg, splits.labels)
+    if accelerator.is_main_process:
+        cfg.save(out / "config.yaml")
+        (out / "splits.json").write_text(json.dumps(splits.provenance) + "\n")
+        (out / "parameters.json").write_text(json.dumps(table, indent=1) + "\n")
+
+    def save_best(unwrapped: torch.nn.Module, metrics: dict[str, Any]) -> None:
+        if accelerator.is_main_process:
+            save_model_folder(
+                out / "best", unwrapped, tokenizer, {**manifest, "validation": metrics}
+            )
+
+    trainer = Trainer(
+        cfg,
+        task,
+        model,
+        optimizer,
+        accelerator,
+        train_set,
+        val_set,
+        collator,
+        splits.labels,
+        MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process),
+        on_best=save_best,
+        progress=progress,
+    )
+    loop = trainer.run()
+    accelerator.wait_for_everyone()
+    final_dir = out / "final"
+    unwrapped = accelerator.unwrap_model(trainer.model)
+    if accelerator.is_main_process:
+        save_model_folder(
+            final_dir, unwrapped, tokenizer, {**manifest, "validation": loop.last_validation}
+        )
+    best_dir = out / "best" if (out / "best").is_dir() else None
+    result = TrainResult(
+        output_dir=out,
+        best_dir=best_dir,
+        final_dir=final_dir,
+        validation_metrics=read_manifest(best_dir).get("validation", {}) if best_dir else {},
+        loop=loop,
+        parameters=table,
+    )
+    if len(test_set) and accelerator.is_main_process:
+        chosen = best_dir or final_dir
+        result.test_metrics = evaluate(chosen, records=splits.test)
+        trainer.metrics_log.write(
+            {
+                "step": loop.steps,
+                "epoch": round(loop.epochs, 4),
+                "split": "test",
+                "checkpoint": chosen.name,
+                **result.test_metrics,
+            }
+        )
+    accelerator.end_training()
+    return result
+
+
+def load_checkpoint(checkpoint: str | Path) -> tuple[Config, Task, Any, Any, list[str]]:
+    """Config, task, model, tokenizer and labels of a saved ``best/``/``final/`` folder."""
+    quiet_transformers()
+    folder = Path(checkpoint)
+    manifest = read_manifest(folder)
+    if not manifest:
+        raise ModelError(f"{checkpoint}: not a tunesmith checkpoint (no tunesmith.json)")
+    cfg = Config.from_dict(manifest["config"], source=str(folder / "tunesmith.json"))
+    task = get_task(cfg)
+    model = task.load_trained(str(folder))
+    tokenizer = load_tokenizer(str(folder))
+    labels = list(manifest.get("labels", []))
+    return cfg, task, model, tokenizer, labels
+
+
+def evaluate(
+    checkpoint: str | Path,
+    data: str | None = None,
+    *,
+    split: str | None = None,
+    records: list[dict[str, Any]] | None = None,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Metrics of a saved checkpoint on a file, on a split of its run, or on records.
+
+    Args:
+        checkpoint: A ``best/`` or ``final/`` folder.
+        data: A labelled data file (same columns as in training).
+        split: ``validation`` or ``test``: the rows of that split of the run the
+            checkpoint came from (as recorded in ``splits.json``).
+        records: Already loaded records (used by ``train`` for the test split).
+        batch_size: Evaluation batch size.
+    """
+    cfg, task, model, tokenizer, labels = load_checkpoint(checkpoint)
+    if records is None:
+        records = _records_for(task, cfg, checkpoint, data, split)
+    check_labels(records, {lab: i for i, lab in enumerate(labels)}, split or "evaluation")
+    dataset = FeatureDataset(
+        task.encode(records, tokenizer, {lab: i for i, lab in enumerate(labels)})
+    )
+    metrics, _ = evaluate_dataset(
+        model,
+        task,
+        dataset,
+        Collator(tokenizer.pad_token_id, tokenizer.padding_side),
+        labels,
+        batch_size,
+    )
+    return metrics
+
+
+def predict(
+    checkpoint: str | Path,
+    texts: list[str] | None = None,
+    *,
+    input_path: str | None = None,
+    batch_size: int = 64,
+) -> list[dict[str, Any]]:
+    """Predictions of a saved checkpoint for texts or an (unlabelled) data file."""
+    _cfg, task, model, tokenizer, labels = load_checkpoint(checkpoint)
+    if input_path is not None:
+        records = task.load_records(input_path, labelled=False)
+    elif texts:
+        records = [{"text": t, "source": f"text {i}"} for i, t in enumerate(texts)]
+    else:
+        raise DataError("nothing to predict: give texts or an input file")
+    dataset = FeatureDataset(task.encode(records, tokenizer, None))
+    loader = make_eval_loader(
+        task, dataset, Collator(tokenizer.pad_token_id, tokenizer.padding_side), batch_size
+    )
+    preds, _ = predict_loader(model, task, loader)
+    rows = task.format_predictions(preds, labels)
+    return [{"text": r["text"], **row} for r, row in zip(records, rows, strict=True)]
+
+
+# -- helpers ----------------------------------------------------------------
+def _check_metric(cfg: Config, task: Task) -> None:
+    allowed = ("loss", *task.metric_names)
+    if cfg.eval.metric not in allowed:
+        raise ConfigError(
+            f"eval.metric: '{cfg.eval.metric}' is not reported by task {task.name} "
+            f"(choose one of: {', '.join(allowed)})"
+        )
+
+
+def _prepare_output_dir(out: Path, overwrite: bool, main: bool) -> Path:
+    """Create the run folder; never replace a previous run without ``overwrite``."""
+    if out.exists() and any(out.iterdir()):
+        is_run = any((out / m).exists() for m in RUN_MARKERS)
+        if not overwrite:
+            raise ConfigError(
+                f"train.output_dir: {out} already exists and is not empty; choose another "
+                "folder or set train.overwrite=true to replace the previous run"
+            )
+        if not is_run:
+            raise ConfigError(
+                f"train.output_dir: {out} holds files that are not a tunesmith run; "
+                "refusing to delete them even with train.overwrite=true"
+            )
+        if main:
+            shutil.rmtree(out)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _manifest(cfg: Config, labels: list[str]) -> dict[str, Any]:
+    return {
+        "tunesmith_version": __version__,
+        "task": cfg.task.type,
+        "method": cfg.method.name,
+        "base_model": cfg.model.name_or_path,
+        "labels": labels,
+        "config": json.loads(json.dumps(cfg.model_dump(mode="json"))),
+    }
+
+
+def _records_for(
+    task: Task, cfg: Config, checkpoint: str | Path, data: str | None, split: str | None
+) -> list[dict[str, Any]]:
+    if (data is None) == (split is None):
+        raise DataError("give exactly one of a data file or --split validation|test")
+    if data is not None:
+        return task.load_records(data)
+    run_dir = Path(checkpoint).resolve().parent
+    prov_path = run_dir / "splits.json"
+    if not prov_path.is_file():
+        raise DataError(f"{prov_path}: not found; give the data file instead of --split")
+    provenance = json.loads(prov_path.read_text())
+    if split not in provenance["rows"] or not provenance["rows"][split]:
+        raise DataError(f"{prov_path}: the run has no '{split}' split")
+    files = [p for p in provenance["files"].values() if p]
+    missing = [p for p in files if not os.path.exists(p)]
+    if missing:
+        raise DataError(f"data file of the run not found: {missing[0]}")
+    pool = [r for p in files for r in task.load_records(p, dropped=[])]
+    return select_by_source(pool, provenance["rows"][split])

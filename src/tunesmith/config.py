@@ -1,0 +1,547 @@
+"""Typed run configuration: one YAML file, validated before anything expensive.
+
+Why: a fine-tuning run can take hours, so a typo in a key or an out-of-range value
+must fail up front, before a model is loaded, with one line that names the file, the
+line, the key and the fix. Every section forbids unknown keys, so a typo never falls
+back silently to a default. ``Config.save`` writes the fully resolved config (every
+default filled in, paths resolved) next to a run so the run can be reproduced exactly.
+
+Paths: ``model.name_or_path`` and ``data.train`` / ``data.validation`` / ``data.test``
+written in the file as relative paths are resolved against the config file's folder
+when they exist there, so a config can sit next to its data. Otherwise they are left
+as written (relative to the working directory, or a hub-like id). Paths given by
+command-line overrides, and ``train.output_dir``, always stay relative to the current
+working directory, like any other command-line path.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tunesmith.errors import ConfigError
+
+# Keys holding input paths that may be written relative to the config file.
+_PATH_KEYS = {"model": ("name_or_path",), "data": ("train", "validation", "test")}
+# PyYAML (YAML 1.1) reads ``3e-5`` as a string; overrides treat such text as a number.
+_NUMBER = re.compile(r"[-+]?(\d[\d_]*\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_Lines = dict[tuple[str, ...], int]  # key path -> 1-based line in the YAML file
+_Origins = dict[tuple[str, ...], str]  # key path -> the override that set it
+_OVERRIDE_FORM = "expected the form key.path=value (e.g. optim.lr=3e-5)"
+
+
+def known_tasks() -> tuple[str, ...]:
+    """Return the task names ``task.type`` accepts: the task registry's.
+
+    Imported lazily: the registries import this module.
+    """
+    from tunesmith.tasks.base import task_names
+
+    return tuple(task_names())
+
+
+def known_methods() -> tuple[str, ...]:
+    """Return the method names ``method.name`` accepts: the method registry's."""
+    from tunesmith.methods.base import method_names
+
+    return tuple(method_names())
+
+
+def _suggest(word: str, choices: Iterable[str], prefix: str = "") -> str:
+    """Return `` (did you mean '<prefix><closest>'?)`` or ``""`` when nothing is close."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
+
+
+def _check_choice(kind: str, value: str, allowed: Sequence[str]) -> str:
+    """Validate ``value`` against ``allowed`` with an error that lists and suggests."""
+    if value not in allowed:
+        raise ValueError(
+            f"unknown {kind} {value!r}{_suggest(value, allowed)}; allowed: {', '.join(allowed)}"
+        )
+    return value
+
+
+class _Section(BaseModel):
+    """Base of every section: unknown keys are errors, so typos cannot go unnoticed."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class ModelConfig(_Section):
+    """The pretrained model to fine-tune."""
+
+    name_or_path: str = Field(..., min_length=1, description="Local transformers model folder.")
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped in the model folder (it runs as you)."
+    )
+    allow_unsafe_weights: bool = Field(
+        False, description="Allow pickled .bin/.pt weights; off: unpickling can run code."
+    )
+
+
+class TaskConfig(_Section):
+    """What the model learns to do; picks the head, the loss and the metrics."""
+
+    type: str = Field("sequence_classification", description="Task type.")
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        return _check_choice("task type", value, known_tasks())
+
+
+class DataConfig(_Section):
+    """Where the examples are and how to read them."""
+
+    train: str = Field(..., min_length=1, description="Training file (csv, jsonl, parquet).")
+    validation: str | None = Field(
+        None, description="Validation file; null: split validation_fraction off train."
+    )
+    test: str | None = Field(None, description="Test file, evaluated once at the end.")
+    text_column: str = Field("text", min_length=1, description="Column holding the input text.")
+    text_pair_column: str | None = Field(None, description="Second text column for pair tasks.")
+    label_column: str = Field("label", min_length=1, description="Column holding the label.")
+    labels: list[str] | None = Field(
+        None,
+        description="Allow-list of labels (numbers read as text); rows with other labels "
+        "are dropped and counted. null: every label in the train split.",
+    )
+    max_length: int = Field(128, gt=0, description="Tokens per example; longer ones are cut.")
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of train rows held out when validation is null."
+    )
+    test_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of train rows held out as test if test is null."
+    )
+    max_train_samples: int | None = Field(
+        None, gt=0, description="Cap on training rows after splitting, for quick runs."
+    )
+    group_by_length: bool = Field(True, description="Batch similar lengths: less padding.")
+    empty_rows: Literal["drop", "error"] = Field(
+        "drop",
+        description="Rows with an empty text or label: drop them (counted in the log) or fail.",
+    )
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_text(cls, value: Any) -> Any:
+        # Label columns often hold 0/1; accept them as the text the data reader compares.
+        if not isinstance(value, list):
+            return value
+        return [
+            str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for v in value
+        ]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be distinct (got {self.labels})")
+        if self.labels == []:
+            raise ValueError("labels must not be empty; use null to keep every label")
+        held_out = (self.validation_fraction if self.validation is None else 0.0) + (
+            self.test_fraction if self.test is None else 0.0
+        )
+        if held_out >= 1:
+            raise ValueError(f"validation_fraction + test_fraction = {held_out:g}; keep it below 1")
+        return self
+
+
+class MethodConfig(_Section):
+    """How the weights are updated (full fine-tuning, adapters, ...)."""
+
+    name: str = Field("full", description="Fine-tuning method; full: update every weight.")
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, value: str) -> str:
+        return _check_choice("method", value, known_methods())
+
+
+class OptimConfig(_Section):
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW beta1, beta2 in [0, 1).")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate decay after warmup."
+    )
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Warmup steps; overrides warmup_ratio."
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient-norm clip; null: none.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError(f"betas must each be in [0, 1) (got {list(value)})")
+        return value
+
+
+class TrainConfig(_Section):
+    """Length, batching, precision and output of the training loop."""
+
+    epochs: int = Field(2, ge=1, description="Passes over the training split.")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+    batch_size: int = Field(16, gt=0, description="Examples per micro-batch, per device.")
+    eval_batch_size: int | None = Field(None, gt=0, description="null: 2 * batch_size.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Compute precision; auto: bf16 where supported, else fp32."
+    )
+    seed: int = Field(0, ge=0, description="Seed for splits, shuffling and initialisation.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; null: epoch.")
+    early_stopping_patience: int | None = Field(
+        3, ge=1, description="Evaluations without improvement before stopping; null disables."
+    )
+    log_steps: int = Field(10, gt=0, description="Log training metrics every N steps.")
+    num_threads: int | None = Field(None, gt=0, description="Torch CPU threads; null: default.")
+    output_dir: str = Field(
+        "runs/my-run", min_length=1, description="Run folder; relative to the working directory."
+    )
+    overwrite: bool = Field(False, description="Replace an existing run folder.")
+
+    @property
+    def effective_eval_batch_size(self) -> int:
+        """Evaluation batch size with the null default applied (no gradients: 2x fits)."""
+        return self.eval_batch_size or 2 * self.batch_size
+
+
+class EvalConfig(_Section):
+    """Which metric selects the best checkpoint and drives early stopping."""
+
+    metric: str = Field("accuracy", min_length=1, description="Metric that picks the best model.")
+    greater_is_better: bool | None = Field(
+        None, description="null: false if the name contains loss/perplexity, else true."
+    )
+
+    def higher_is_better(self) -> bool:
+        """Return the metric's direction, inferring it from the name when not set."""
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        name = self.metric.lower()
+        return not ("loss" in name or "perplexity" in name)
+
+
+class Config(_Section):
+    """A complete run: every section, validated together."""
+
+    model: ModelConfig = Field(..., description="The pretrained model to fine-tune.")
+    task: TaskConfig = Field(default_factory=TaskConfig, description="What the model learns.")
+    data: DataConfig = Field(..., description="Where the examples are and how to read them.")
+    method: MethodConfig = Field(default_factory=MethodConfig, description="How weights change.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and schedule.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Model selection metric.")
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> Config:
+        """Read, override and validate a YAML config file.
+
+        Args:
+            path: The YAML file.
+            overrides: ``section.key=value`` strings applied after reading the file;
+                values are YAML (``3e-5``, ``true``, ``null``, ``[a, b]``).
+
+        Raises:
+            ConfigError: One line naming the file, line and key of the first problem.
+        """
+        path = Path(path)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {source}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config path is a folder, not a YAML file: {source}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {source}: {exc}") from None
+        data, lines = _parse_yaml(text, source)
+        return cls._build(_resolve_paths(data, path.parent), source, overrides, lines)
+
+    @classmethod
+    def from_dict(
+        cls, d: Mapping[str, Any], source: str = "<dict>", overrides: Sequence[str] = ()
+    ) -> Config:
+        """Validate an in-memory config (paths are used as given).
+
+        Raises:
+            ConfigError: One line naming ``source`` and the key of the first problem.
+        """
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{source}: {_not_a_mapping(d)}")
+        return cls._build(dict(d), source, overrides, {})
+
+    @classmethod
+    def _build(
+        cls, data: dict[str, Any], source: str, overrides: Sequence[str], lines: _Lines
+    ) -> Config:
+        overrides = [overrides] if isinstance(overrides, str) else list(overrides)
+        merged = _resolve_assets(apply_overrides(data, overrides))
+        origins = {_parse_override(text)[0]: text for text in overrides}
+        for name in cls.model_fields:  # "optim:" with every key commented out means defaults
+            if name in merged and merged[name] is None:
+                merged[name] = {}
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, source, lines, origins)) from None
+
+    def to_yaml(self) -> str:
+        """Return the fully resolved config (all defaults filled) as YAML."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``to_yaml()`` to ``path`` (folders created); ``Config.load`` reads it back."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml(), encoding="utf-8")
+        return path
+
+
+def apply_overrides(d: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of ``d`` with ``key.path=value`` overrides applied in order.
+
+    Missing sections are created, so an override can set a key the file leaves at its
+    default. ``d`` itself is never modified.
+
+    Raises:
+        ConfigError: An override is malformed, its value is invalid YAML, or its path
+            runs through a value that is not a section.
+    """
+    result = copy.deepcopy(dict(d))
+    for text in [overrides] if isinstance(overrides, str) else overrides:
+        path, value = _parse_override(text)
+        node = result
+        for depth, part in enumerate(path[:-1], start=1):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(path[:depth])
+                raise ConfigError(f"override '{text}': '{where}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def _parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    """Split ``key.path=value`` into the key path and the YAML-parsed value."""
+    key, sep, raw = str(text).partition("=")
+    path = tuple(part.strip() for part in key.split("."))
+    if not sep or not all(path):
+        raise ConfigError(f"override '{text}': {_OVERRIDE_FORM}")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': invalid YAML value: {_yaml_problem(exc)}") from None
+    quoted = raw.strip().startswith(("'", '"'))
+    if isinstance(value, str) and not quoted and _NUMBER.fullmatch(value.strip()):
+        value = float(value)
+    return path, value
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Return the one-line reason of a YAML error, without PyYAML's source excerpt."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return " ".join(str(problem).split())
+
+
+def _not_a_mapping(value: Any) -> str:
+    found = "an empty file" if value is None else f"a {type(value).__name__}"
+    return f"expected a mapping of sections (model:, data:, ...) at the top level, got {found}"
+
+
+def _parse_yaml(text: str, source: str) -> tuple[dict[str, Any], _Lines]:
+    """Parse YAML once into data plus a map from key path to 1-based line number."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}{line}: invalid YAML: {_yaml_problem(exc)}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {_yaml_problem(exc)}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {_not_a_mapping(data)}")
+    lines: _Lines = {}
+    _collect_lines(node, (), lines, source, set())
+    return data, lines
+
+
+def _collect_lines(
+    node: yaml.Node, path: tuple[str, ...], lines: _Lines, source: str, active: set[int]
+) -> None:
+    """Record the line of every key and list item; reject duplicate keys (YAML keeps the last)."""
+    if id(node) in active:  # a recursive alias; nothing below it is new
+        return
+    active.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            child = (*path, key_node.value)
+            line = key_node.start_mark.line + 1
+            if key_node.value in seen:
+                raise ConfigError(f"{source}:{line}: duplicate key '{'.'.join(child)}'")
+            seen.add(key_node.value)
+            lines[child] = line
+            _collect_lines(value_node, child, lines, source, active)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[(*path, str(index))] = item.start_mark.line + 1
+            _collect_lines(item, (*path, str(index)), lines, source, active)
+    active.discard(id(node))
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Point relative input paths at the config's folder when they exist there."""
+    for section, keys in _PATH_KEYS.items():
+        values = data.get(section)
+        for key in keys if isinstance(values, dict) else ():
+            value = values.get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                candidate = base / value
+                if candidate.exists():
+                    values[key] = os.path.abspath(candidate)
+    return data
+
+
+def _resolve_assets(data: dict[str, Any]) -> dict[str, Any]:
+    """Replace ``asset:NAME`` paths by the offline asset's location on this machine.
+
+    Example configs stay portable: ``model.name_or_path: asset:minilm`` works
+    wherever the demo packages are installed.
+    """
+    from tunesmith.assets import ASSETS, locate
+
+    for section, keys in _PATH_KEYS.items():
+        values = data.get(section)
+        for key in keys if isinstance(values, dict) else ():
+            value = values.get(key)
+            if isinstance(value, str) and value.startswith("asset:"):
+                name = value.removeprefix("asset:")
+                if name not in ASSETS:
+                    raise ConfigError(
+                        f"{section}.{key}: unknown asset '{name}'{_suggest(name, ASSETS)} "
+                        f"(known: {', '.join(ASSETS)})"
+                    )
+                values[key] = str(locate(ASSETS[name]))
+    return data
+
+
+def _section_model(path: Sequence[str]) -> type[BaseModel] | None:
+    """Return the model class validating the mapping at ``path`` (``()`` is ``Config``)."""
+    model: type[BaseModel] = Config
+    for part in path:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _describe(exc: ValidationError, source: str, lines: _Lines, origins: _Origins) -> str:
+    """Turn pydantic's error list into one line: where, which key, what, how to fix."""
+    # Unknown keys first: a misspelt key also makes its intended key look missing.
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    error = errors[0]
+    loc = tuple(str(part) for part in error["loc"])
+    key = ".".join(loc)
+    kind = error["type"]
+    value = error.get("input")
+    if kind == "missing":
+        message = f"missing required key '{key}'"
+    elif kind == "extra_forbidden":
+        model = _section_model(loc[:-1])
+        prefix = ".".join(loc[:-1]) + "." if len(loc) > 1 else ""
+        hint = _suggest(loc[-1], model.model_fields, prefix) if model is not None else ""
+        if not hint and model is not None:
+            hint = f" (allowed: {', '.join(model.model_fields)})"
+        message = f"unknown key '{key}'{hint}"
+    else:
+        text = error["msg"].removeprefix("Value error, ")
+        message = f"{key}: {text}" if key else text
+        if kind not in ("value_error", "assertion_error") and not isinstance(value, dict):
+            shown = repr(value)
+            message += f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
+        model = _section_model(loc[:-1])
+        field = model.model_fields.get(loc[-1]) if model is not None and loc else None
+        if kind == "literal_error" and field is not None:
+            message += _suggest(str(value), [str(a) for a in typing.get_args(field.annotation)])
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more)"
+    return f"{_where(loc, kind, source, lines, origins)}: {message}"
+
+
+def _where(loc: tuple[str, ...], kind: str, source: str, lines: _Lines, origins: _Origins) -> str:
+    """Name the override that set ``loc``, else the file and the nearest known line."""
+    latest_first = list(reversed(origins.items()))
+    for path, text in latest_first:  # the override set this key or a section holding it
+        if loc[: len(path)] == path:
+            return f"override '{text}'"
+    if loc in lines and kind != "missing":
+        return f"{source}:{lines[loc]}"
+    for path, text in latest_first:  # the override wrote below this key (optim.lr.x=1)
+        if path[: len(loc)] == loc and loc:
+            return f"override '{text}'"
+    if kind != "missing":  # a missing key has no line; its section's line would mislead
+        for end in range(len(loc) - 1, 0, -1):
+            if loc[:end] in lines:
+                return f"{source}:{lines[loc[:end]]}"
+    return source
+
+
+def _type_name(annotation: Any) -> str:
+    """Render a field type the way a YAML user reads it: ``int | null``, ``"a" | "b"``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        return " | ".join(json.dumps(arg) for arg in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arg) for arg in args)
+    if annotation is type(None):
+        return "null"
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(arg) for arg in args)}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def field_docs(model_cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
+    """List ``(dotted key, type and default, description)`` for every leaf setting.
+
+    The field descriptions are the reference documentation; this feeds ``--help``
+    and generated docs so they cannot drift from what the validator accepts.
+    """
+    rows: list[tuple[str, str, str]] = []
+    for name, field in model_cls.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(field_docs(annotation, f"{key}."))
+            continue
+        kind = _type_name(annotation)
+        kind += " (required)" if field.is_required() else f" = {json.dumps(field.default)}"
+        rows.append((key, kind, field.description or ""))
+    return rows

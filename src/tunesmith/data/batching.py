@@ -1,0 +1,136 @@
+"""Dynamic padding and the epoch sampler (random or length-grouped).
+
+Padding every batch to ``max_length`` wastes most of the compute on short
+texts; padding to the longest item of each batch is better, and grouping
+similar lengths into the same batch removes most of what remains (Rotten
+Tomatoes reviews: random batches of 16 carry ~44% padding).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+#: Pad values by feature name; features not listed pad with 0.
+PAD_VALUES = {"labels": -100, "attention_mask": 0, "token_type_ids": 0}
+
+
+class FeatureDataset(Dataset):
+    """A list of pre-tokenised features; each item also carries its own index."""
+
+    def __init__(self, features: Sequence[dict[str, Any]]) -> None:
+        self.features = list(features)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.features[i], "index": i}
+
+
+class Collator:
+    """Pads a list of features to the batch's longest sequence.
+
+    Args:
+        pad_token_id: Value for padded ``input_ids``.
+        padding_side: ``"right"`` (encoders) or ``"left"`` (decoders generating).
+    """
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right") -> None:
+        self.pad_token_id = pad_token_id
+        self.padding_side = padding_side
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        batch: dict[str, torch.Tensor] = {}
+        for key in features[0]:
+            values = [f[key] for f in features]
+            if isinstance(values[0], (list, tuple)):
+                pad = self.pad_token_id if key == "input_ids" else PAD_VALUES.get(key, 0)
+                batch[key] = self._pad(values, pad)
+            else:
+                batch[key] = torch.tensor(values)
+        return batch
+
+    def _pad(self, rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        out = torch.full((len(rows), width), value, dtype=torch.long)
+        for i, row in enumerate(rows):
+            if not row:
+                continue
+            if self.padding_side == "left":
+                out[i, width - len(row) :] = torch.as_tensor(row)
+            else:
+                out[i, : len(row)] = torch.as_tensor(row)
+        return out
+
+
+class EpochSampler(Sampler[int]):
+    """Seeded per-epoch order; optionally groups similar lengths into batches.
+
+    With ``group_by_length`` the epoch's permutation is cut into mega-batches
+    of ``mega_factor * batch_size`` items, each sorted by length and cut into
+    batches, and the batch order is then shuffled, so batches stay random but
+    nearly padding-free. The longest batch is placed first so that a run that
+    does not fit in memory fails at once instead of hours in.
+
+    The order depends only on ``seed`` and the epoch set by ``set_epoch``, so a
+    run is reproducible and a resumed run can skip to its position.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        *,
+        group_by_length: bool = True,
+        seed: int = 0,
+        mega_factor: int = 50,
+    ) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.group_by_length = group_by_length
+        self.seed = seed
+        self.mega_factor = mega_factor
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order ``__iter__`` yields."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order())
+
+    def order(self) -> list[int]:
+        """The full index order of the current epoch."""
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        perm = list(range(len(self.lengths)))
+        rng.shuffle(perm)
+        if not self.group_by_length:
+            return perm
+        mega = self.batch_size * self.mega_factor
+        batches: list[list[int]] = []
+        for start in range(0, len(perm), mega):
+            chunk = sorted(perm[start : start + mega], key=lambda i: -self.lengths[i])
+            batches.extend(
+                chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size)
+            )
+        # Keep a partial batch last so batch boundaries line up with DataLoader's.
+        full = [b for b in batches if len(b) == self.batch_size]
+        partial = [b for b in batches if len(b) != self.batch_size]
+        rng.shuffle(full)
+        if full:
+            longest = max(range(len(full)), key=lambda k: max(self.lengths[i] for i in full[k]))
+            full[0], full[longest] = full[longest], full[0]
+        return [i for b in full + partial for i in b]
+
+
+def length_sorted_order(lengths: Sequence[int]) -> list[int]:
+    """Indices sorted longest first: evaluation order with the least padding."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])

@@ -1,0 +1,43 @@
+"""The error family users see.
+
+Every failure caused by user input (config, data, paths, models) is a
+``TunesmithError``. The CLI catches the family once, prints ``str(err)`` as a
+single line and exits with ``err.exit_code``; anything else is a bug and keeps
+its traceback. Messages say what is wrong, where (file, line, key) and how to
+fix it.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+
+
+class TunesmithError(Exception):
+    """Base of every error caused by user input; one clear line for the CLI."""
+
+    exit_code: int = EXIT_USER_ERROR
+
+
+class ConfigError(TunesmithError):
+    """The configuration file or an override is invalid."""
+
+
+class DataError(TunesmithError):
+    """A data file is missing, malformed or inconsistent with the config."""
+
+
+class ModelError(TunesmithError):
+    """A model or checkpoint path cannot be used."""
+
+
+class AssetError(TunesmithError):
+    """An offline demo asset (model or data package) is not installed."""
+
+
+class TrainingDiverged(TunesmithError):
+    """Loss or gradients became non-finite and the run was stopped."""
+
+    exit_code = EXIT_DIVERGED

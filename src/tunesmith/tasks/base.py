@@ -1,0 +1,173 @@
+"""The Task interface and its registry.
+
+A task owns everything that depends on *what* is learned: which records it
+reads, how they are tokenised, which head the model gets, how a batch turns
+into a loss and how outputs become predictions and metrics. The training loop
+only ever talks to this interface, so adding a task is one module plus one
+``@register_task`` line, never an ``if task == ...`` inside the loop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tunesmith.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tunesmith.config import Config
+
+Feature = dict[str, Any]
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class DataSplits:
+    """Records of each split plus what was learned about the data on loading.
+
+    Attributes:
+        train: Training records.
+        validation: Validation records (may be empty).
+        test: Test records (may be empty).
+        labels: The label vocabulary in id order (empty for label-free tasks).
+        provenance: Which source rows went to which split (saved as splits.json).
+        notes: Human-readable facts worth logging (dropped rows, splits made).
+    """
+
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    labels: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class Task(ABC):
+    """What a task must provide to the shared data pipeline and training loop."""
+
+    #: Registry name, as written in ``task.type``.
+    name: str = ""
+    #: Metric names this task reports (``eval.metric`` must be one of them or ``loss``).
+    metric_names: tuple[str, ...] = ()
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    # -- data ---------------------------------------------------------------
+    @abstractmethod
+    def load_splits(self) -> DataSplits:
+        """Read, clean and split the configured data files."""
+
+    @abstractmethod
+    def load_records(
+        self, path: str, *, labelled: bool = True, dropped: list[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Read one file with the configured column mapping (used by eval/predict)."""
+
+    @abstractmethod
+    def encode(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        tokenizer: PreTrainedTokenizerBase,
+        label2id: Mapping[str, int] | None,
+    ) -> list[Feature]:
+        """Tokenise records into features (lists of ints), without padding."""
+
+    def feature_length(self, feature: Feature) -> int:
+        """Length used for length-grouped batching."""
+        return len(feature["input_ids"])
+
+    # -- model --------------------------------------------------------------
+    @abstractmethod
+    def auto_class(self) -> Any:
+        """The transformers ``AutoModelFor*`` class of this task's models."""
+
+    def load_trained(self, path: str) -> PreTrainedModel:
+        """Load a folder this task saved (``best/``, ``final/``) for eval or predict."""
+        from tunesmith.modeling import load_pretrained
+
+        return load_pretrained(
+            self.auto_class(),
+            path,
+            trust_remote_code=self.cfg.model.trust_remote_code,
+        )
+
+    @abstractmethod
+    def build_model(
+        self, labels: Sequence[str], tokenizer: PreTrainedTokenizerBase
+    ) -> PreTrainedModel:
+        """Load the configured base model with this task's head."""
+
+    # -- loss and outputs ---------------------------------------------------
+    def count_targets(self, batch: Batch) -> torch.Tensor:
+        """Number of supervised targets in a batch (the loss normaliser).
+
+        Gradient accumulation divides the summed loss by the targets of the
+        whole accumulated batch, not per micro-batch (see transformers #24725).
+        """
+        return (batch["labels"] != -100).sum()
+
+    @abstractmethod
+    def loss_sum(self, outputs: Any, batch: Batch) -> torch.Tensor:
+        """The *summed* (not averaged) loss over the batch's targets."""
+
+    @abstractmethod
+    def outputs_to_predictions(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
+        """Tensors (first dim = batch) that ``compute_metrics``/``format_predictions`` read."""
+
+    @abstractmethod
+    def compute_metrics(
+        self, predictions: Mapping[str, torch.Tensor], labels: Sequence[str]
+    ) -> dict[str, Any]:
+        """Metrics from the concatenated predictions of a whole split."""
+
+    @abstractmethod
+    def format_predictions(
+        self, predictions: Mapping[str, torch.Tensor], labels: Sequence[str]
+    ) -> list[dict[str, Any]]:
+        """One JSON-able dict per example, for ``tunesmith predict``."""
+
+    def model_inputs(self, batch: Batch) -> Batch:
+        """The part of a batch that goes into ``model(**inputs)``."""
+        return {k: v for k, v in batch.items() if k not in ("labels", "index")}
+
+
+TaskFactory = Callable[["Config"], Task]
+_REGISTRY: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator adding a task to the registry under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} has no registry name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def task_names() -> list[str]:
+    """Names of every registered task."""
+    _load_builtin_tasks()
+    return sorted(_REGISTRY)
+
+
+def get_task(cfg: Config) -> Task:
+    """Instantiate the task named by ``cfg.task.type``."""
+    _load_builtin_tasks()
+    try:
+        cls = _REGISTRY[cfg.task.type]
+    except KeyError:
+        raise ConfigError(
+            f"task.type: unknown task '{cfg.task.type}' (available: {', '.join(sorted(_REGISTRY))})"
+        ) from None
+    return cls(cfg)
+
+
+def _load_builtin_tasks() -> None:
+    """Import the modules whose ``@register_task`` fill the registry."""
+    from tunesmith.tasks import classification  # noqa: F401

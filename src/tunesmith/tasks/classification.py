@@ -1,0 +1,145 @@
+"""Sequence classification: single texts or text pairs, one label each."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.data.labels import build_label_list, check_labels
+from tunesmith.data.loading import filter_labels, load_records
+from tunesmith.data.pipeline import assemble_splits
+from tunesmith.evaluate.metrics import classification_metrics
+from tunesmith.modeling import load_pretrained
+from tunesmith.tasks.base import Batch, DataSplits, Feature, Task, register_task
+
+_TOKENIZE_CHUNK = 1024
+
+
+@register_task
+class SequenceClassification(Task):
+    """One label per text (or text pair) with a linear head on the pooled encoder."""
+
+    name = "sequence_classification"
+    metric_names = ("accuracy", "macro_f1")
+
+    # -- data ---------------------------------------------------------------
+    def load_records(
+        self, path: str, *, labelled: bool = True, dropped: list[str] | None = None
+    ) -> list[dict[str, Any]]:
+        d = self.cfg.data
+        return load_records(
+            path,
+            text_column=d.text_column,
+            text_pair_column=d.text_pair_column,
+            label_column=d.label_column if labelled else None,
+            dropped=dropped,
+        )
+
+    def _read_filtered(self, path: str, notes: list[str]) -> list[dict[str, Any]]:
+        empty: list[str] | None = [] if self.cfg.data.empty_rows == "drop" else None
+        records = self.load_records(path, dropped=empty)
+        if empty:
+            notes.append(
+                f"{path}: dropped {len(empty)} rows with an empty text or label "
+                f"(first: {empty[0]}; set data.empty_rows=error to fail instead)"
+            )
+        if self.cfg.data.labels:
+            records, dropped = filter_labels(records, self.cfg.data.labels)
+            if dropped:
+                counts = ", ".join(f"{lab}: {n}" for lab, n in sorted(dropped.items()))
+                notes.append(f"{path}: dropped {sum(dropped.values())} rows ({counts})")
+        return records
+
+    def load_splits(self) -> DataSplits:
+        notes: list[str] = []
+        parts, provenance, split_notes = assemble_splits(
+            self.cfg.data, self.cfg.train.seed, lambda p: self._read_filtered(p, notes)
+        )
+        labels = build_label_list(parts["train"], self.cfg.data.labels)
+        label2id = {lab: i for i, lab in enumerate(labels)}
+        for split in ("validation", "test"):
+            check_labels(parts[split], label2id, split)
+        return DataSplits(
+            train=parts["train"],
+            validation=parts["validation"],
+            test=parts["test"],
+            labels=labels,
+            provenance=provenance,
+            notes=notes + split_notes,
+        )
+
+    def encode(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        tokenizer: Any,
+        label2id: Mapping[str, int] | None,
+    ) -> list[Feature]:
+        features: list[Feature] = []
+        for start in range(0, len(records), _TOKENIZE_CHUNK):
+            chunk = records[start : start + _TOKENIZE_CHUNK]
+            texts = [r["text"] for r in chunk]
+            pairs = [r["text_pair"] for r in chunk] if "text_pair" in chunk[0] else None
+            enc = tokenizer(texts, pairs, truncation=True, max_length=self.cfg.data.max_length)
+            for i, rec in enumerate(chunk):
+                feat = {key: enc[key][i] for key in enc}
+                if label2id is not None and rec.get("label") is not None:
+                    feat["labels"] = label2id[rec["label"]]
+                features.append(feat)
+        return features
+
+    # -- model --------------------------------------------------------------
+    def auto_class(self) -> Any:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
+    def build_model(self, labels: Sequence[str], tokenizer: Any) -> torch.nn.Module:
+        m = self.cfg.model
+        model = load_pretrained(
+            self.auto_class(),
+            m.name_or_path,
+            trust_remote_code=m.trust_remote_code,
+            allow_unsafe_weights=m.allow_unsafe_weights,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={lab: i for i, lab in enumerate(labels)},
+        )
+        if model.config.pad_token_id is None:
+            # Decoder classifiers find the last real token through pad_token_id.
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    # -- loss and outputs ---------------------------------------------------
+    def loss_sum(self, outputs: Any, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(outputs.logits.float(), batch["labels"], reduction="sum")
+
+    def outputs_to_predictions(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
+        preds = {"logits": outputs.logits.detach().float()}
+        if "labels" in batch:
+            preds["labels"] = batch["labels"]
+        return preds
+
+    def compute_metrics(
+        self, predictions: Mapping[str, torch.Tensor], labels: Sequence[str]
+    ) -> dict[str, Any]:
+        pred_ids = predictions["logits"].argmax(-1).tolist()
+        return classification_metrics(predictions["labels"].tolist(), pred_ids, labels)
+
+    def format_predictions(
+        self, predictions: Mapping[str, torch.Tensor], labels: Sequence[str]
+    ) -> list[dict[str, Any]]:
+        probs = predictions["logits"].softmax(-1)
+        out = []
+        for row in probs.tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            out.append(
+                {
+                    "label": labels[best],
+                    "score": round(row[best], 6),
+                    "probabilities": {lab: round(p, 6) for lab, p in zip(labels, row, strict=True)},
+                }
+            )
+        return out

@@ -1,0 +1,328 @@
+"""The training loop: one explicit loop, readable top to bottom.
+
+It runs on ``accelerate.Accelerator`` so ``accelerate launch`` gives DDP/FSDP
+without this file knowing. Per optimizer step:
+
+1. take ``grad_accum`` micro-batches;
+2. count the supervised targets of the *whole* window (all processes), so the
+   summed loss of each micro-batch is divided by the same number: the
+   gradient equals that of one big batch (transformers #24725 got this wrong);
+3. forward/backward each micro-batch (gradient sync only on the last);
+4. skip the step if the loss or gradient norm is not finite (stop after
+   ``MAX_BAD_STEPS`` in a row), clip, step optimizer and schedule;
+5. log, evaluate, keep the best, stop early.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from tunesmith.config import Config
+from tunesmith.data.batching import Collator, EpochSampler, FeatureDataset
+from tunesmith.errors import TrainingDiverged
+from tunesmith.evaluate.runner import evaluate_dataset
+from tunesmith.optim import build_scheduler
+from tunesmith.tasks.base import Batch, Task
+from tunesmith.train.early_stop import EarlyStopping
+from tunesmith.train.monitor import MetricsLog, rss_mb
+
+log = logging.getLogger(__name__)
+
+#: Consecutive non-finite steps after which the run is declared diverged.
+MAX_BAD_STEPS = 3
+
+
+@dataclass
+class LoopResult:
+    """What the loop did: steps, timing, the best evaluation."""
+
+    steps: int = 0
+    epochs: float = 0.0
+    train_seconds: float = 0.0
+    real_tokens: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    stopped_early: bool = False
+    last_validation: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Real (non-pad) training tokens per second of training time."""
+        return self.real_tokens / self.train_seconds if self.train_seconds else 0.0
+
+
+@dataclass
+class StepStats:
+    """Sums over one optimizer step's micro-batches."""
+
+    loss_sum: float
+    targets: float
+    real_tokens: int
+    grad_norm: float | None
+    skipped: bool
+
+
+class Trainer:
+    """Holds the pieces one run needs; ``run()`` is the loop.
+
+    Args:
+        cfg: The resolved config.
+        task: The task (loss, counting, metrics).
+        model: The model, already adapted by the method.
+        optimizer: Built from the method's parameter groups.
+        accelerator: The ``accelerate.Accelerator`` of this process.
+        train_set: Training features.
+        val_set: Validation features (may be empty: no evaluation).
+        collator: Pads batches.
+        labels: Label vocabulary for metrics.
+        metrics_log: Where metric records go.
+        on_best: Called with the (unwrapped) model and metrics at each new best.
+        progress: Show a progress bar.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        task: Task,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        accelerator: Any,
+        train_set: FeatureDataset,
+        val_set: FeatureDataset,
+        collator: Collator,
+        labels: list[str],
+        metrics_log: MetricsLog,
+        on_best: Callable[[torch.nn.Module, dict[str, Any]], None] | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.cfg, self.task, self.labels = cfg, task, labels
+        self.acc = accelerator
+        self.collator, self.val_set = collator, val_set
+        self.metrics_log, self.on_best, self.progress = metrics_log, on_best, progress
+        t = cfg.train
+        self.sampler = EpochSampler(
+            [task.feature_length(f) for f in train_set.features],
+            t.batch_size,
+            group_by_length=cfg.data.group_by_length,
+            seed=t.seed,
+        )
+        loader = DataLoader(
+            train_set, batch_size=t.batch_size, sampler=self.sampler, collate_fn=collator
+        )
+        self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
+        self.steps_per_epoch = max(1, math.ceil(len(self.loader) / t.grad_accum))
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        self.stopper = EarlyStopping(
+            cfg.eval.higher_is_better(), patience=t.early_stopping_patience
+        )
+        self.result = LoopResult()
+        self._last_eval_step: int | None = None
+
+    # -- the loop -----------------------------------------------------------
+    def run(self) -> LoopResult:
+        """Train until ``total_steps`` or early stopping; returns what happened."""
+        t, res = self.cfg.train, self.result
+        self.model.train()
+        bar = tqdm(
+            total=self.total_steps,
+            desc="train",
+            unit="step",
+            disable=not (self.progress and self.acc.is_main_process),
+            dynamic_ncols=True,
+            # Redrawing every step floods logs when stderr is not a terminal.
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,
+        )
+        window_loss, window_targets, window_tokens, window_seconds = 0.0, 0.0, 0, 0.0
+        bad_steps, epoch = 0, 0
+        while res.steps < self.total_steps and not res.stopped_early:
+            self.sampler.set_epoch(epoch)
+            mark = time.perf_counter()  # training time counts batching, not evaluation
+            for window in _windows(self.loader, t.grad_accum):
+                stats = self.train_step(window)
+                seconds = time.perf_counter() - mark
+                res.train_seconds += seconds
+                window_seconds += seconds
+                if stats.skipped:
+                    bad_steps += 1
+                    if bad_steps >= MAX_BAD_STEPS:
+                        raise TrainingDiverged(
+                            f"training diverged: non-finite loss or gradients in {bad_steps} "
+                            f"consecutive steps (step {res.steps}); lower optim.lr or check "
+                            "the data"
+                        )
+                    mark = time.perf_counter()
+                    continue
+                bad_steps = 0
+                res.steps += 1
+                res.real_tokens += stats.real_tokens
+                window_loss += stats.loss_sum
+                window_targets += stats.targets
+                window_tokens += stats.real_tokens
+                res.epochs = res.steps / self.steps_per_epoch
+                if res.steps % t.log_steps == 0 or res.steps == self.total_steps:
+                    record = self._train_record(
+                        window_loss / max(window_targets, 1.0),
+                        window_tokens / max(window_seconds, 1e-9),
+                        stats,
+                    )
+                    self.metrics_log.write(record)
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.4f}",
+                        lr=f"{record[f'lr/{self._first_group()}']:.2e}",
+                        tok_s=f"{record['tokens_per_s']:.0f}",
+                    )
+                    window_loss, window_targets, window_tokens, window_seconds = 0.0, 0.0, 0, 0.0
+                bar.update(1)
+                if t.eval_steps and res.steps % t.eval_steps == 0:
+                    self.evaluate()
+                if res.stopped_early or res.steps >= self.total_steps:
+                    break
+                mark = time.perf_counter()
+            epoch += 1
+            if not t.eval_steps and not res.stopped_early:
+                self.evaluate()
+        if self._last_eval_step != res.steps and not res.stopped_early:
+            self.evaluate()  # the final weights are always a candidate for best/
+        bar.close()
+        return res
+
+    def train_step(self, window: list[Batch]) -> StepStats:
+        """One optimizer step over the micro-batches of ``window``."""
+        loss_sum, targets, tokens = self.accumulate(window)
+        grad_norm, stepped = self.apply_update(loss_sum)
+        return StepStats(loss_sum, targets, tokens, grad_norm, not stepped)
+
+    def accumulate(self, window: list[Batch]) -> tuple[float, float, int]:
+        """Forward/backward every micro-batch; gradients end up as for one big batch.
+
+        Returns:
+            The summed loss, this process's number of targets and real tokens.
+        """
+        acc, task = self.acc, self.task
+        local = sum(task.count_targets(b).to(acc.device) for b in window).float()
+        total = acc.reduce(local.clone(), "sum") if acc.num_processes > 1 else local
+        # DDP averages gradients over processes; multiplying by their number
+        # turns that mean back into a sum, so the normaliser is global.
+        scale = acc.num_processes / total.clamp(min=1.0)
+        loss_sum = torch.zeros((), device=acc.device)
+        tokens = 0
+        for i, batch in enumerate(window):
+            sync = i == len(window) - 1
+            with nullcontext() if sync else acc.no_sync(self.model), acc.autocast():
+                outputs = self.model(**task.model_inputs(batch))
+                part = task.loss_sum(outputs, batch)
+            acc.backward(part * scale)
+            loss_sum += part.detach().float()
+            if "attention_mask" in batch:
+                tokens += int(batch["attention_mask"].sum())
+        return float(loss_sum), float(local), tokens
+
+    def apply_update(self, loss_sum: float) -> tuple[float | None, bool]:
+        """Clip, then step optimizer and schedule unless loss or gradients are non-finite.
+
+        Returns:
+            The pre-clip gradient norm (None without clipping) and whether a
+            step was taken.
+        """
+        grad_norm = self._clip()
+        finite = math.isfinite(loss_sum) and (grad_norm is None or math.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            log.warning("non-finite loss or gradient at step %d: step skipped", self.result.steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, finite
+
+    def _clip(self) -> float | None:
+        """Clip by global norm; returns the pre-clip norm (None when clipping is off)."""
+        max_norm = self.cfg.optim.max_grad_norm
+        if max_norm is None:
+            return None
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return float(self.acc.clip_grad_norm_(params, max_norm))
+
+    # -- evaluation -----------------------------------------------------------
+    def evaluate(self) -> dict[str, Any] | None:
+        """Evaluate on validation, log, track the best, decide early stopping."""
+        if not len(self.val_set):
+            return None
+        res = self.result
+        self._last_eval_step = res.steps
+        metrics, _ = evaluate_dataset(
+            self.model,
+            self.task,
+            self.val_set,
+            self.collator,
+            self.labels,
+            self.cfg.train.eval_batch_size or 2 * self.cfg.train.batch_size,
+            accelerator=self.acc,
+        )
+        res.last_validation = metrics
+        self.metrics_log.write(
+            {"step": res.steps, "epoch": round(res.epochs, 4), "split": "validation", **metrics}
+        )
+        value = metrics[self.cfg.eval.metric]
+        if self.stopper.update(value, res.steps):
+            res.best_metric, res.best_step = value, res.steps
+            if self.on_best is not None:
+                self.on_best(self.acc.unwrap_model(self.model), metrics)
+        if self.stopper.should_stop:
+            res.stopped_early = True
+            log.info(
+                "early stopping at step %d: %s has not improved for %d evaluations (best %.4f "
+                "at step %d)",
+                res.steps,
+                self.cfg.eval.metric,
+                self.stopper.bad_evals,
+                self.stopper.best,
+                self.stopper.best_step,
+            )
+        if self.acc.is_main_process:
+            log.info("step %d validation: %s", res.steps, _short(metrics, self.task.metric_names))
+        return metrics
+
+    # -- helpers ------------------------------------------------------------
+    def _first_group(self) -> str:
+        return self.optimizer.param_groups[0]["name"]
+
+    def _train_record(self, loss: float, tok_s: float, stats: StepStats) -> dict[str, Any]:
+        res = self.result
+        record: dict[str, Any] = {
+            "step": res.steps,
+            "epoch": round(res.epochs, 4),
+            "split": "train",
+            "loss": loss,
+        }
+        for group in self.optimizer.param_groups:
+            record[f"lr/{group['name']}"] = group["lr"]
+        if stats.grad_norm is not None:
+            record["grad_norm"] = stats.grad_norm
+        record["tokens_per_s"] = tok_s
+        record["rss_mb"] = round(rss_mb(), 1)
+        return record
+
+
+def _windows(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
+    """Group micro-batches into accumulation windows (the last may be shorter)."""
+    it = iter(batches)
+    while window := list(itertools.islice(it, size)):
+        yield window
+
+
+def _short(metrics: dict[str, Any], names: tuple[str, ...]) -> str:
+    keys = ["loss", *names]
+    return ", ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)

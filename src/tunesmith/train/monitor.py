@@ -1,0 +1,50 @@
+"""Metrics logging: one JSON object per line, plus process memory.
+
+``metrics.jsonl`` is the record every later tool reads (reports, compare,
+plots); lines carry ``step``, ``epoch``, ``split`` and flat metric keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+def rss_mb() -> float:
+    """Resident memory of this process in MiB."""
+    return psutil.Process().memory_info().rss / 2**20
+
+
+class MetricsLog:
+    """Appends metric records to ``metrics.jsonl`` (flushed per line, crash-safe)."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+        self.records: list[dict[str, Any]] = []
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record (non-finite floats become null: JSON has no NaN)."""
+        clean = {k: _jsonable(v) for k, v in record.items()}
+        clean.setdefault("time", round(time.time(), 3))
+        self.records.append(clean)
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(clean) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 8) if math.isfinite(value) else None
+    return value
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl`` file."""
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]

@@ -1,0 +1,65 @@
+"""Choosing the numeric precision for this machine.
+
+bf16 autocast is a real speed-up only where the hardware runs bf16 natively
+(recent GPUs; CPUs with AVX-512-BF16/AMX). On an AVX2-only CPU a bf16 matmul
+runs ~90x slower than fp32, so ``auto`` never picks it there, and asking for it
+explicitly gets a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tunesmith.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (oneDNN's own check)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_capability() -> str:
+    """The SIMD level torch dispatches to on this CPU ("AVX2", "AVX512", ...)."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except AttributeError:
+        return "unknown"
+
+
+def resolve_precision(requested: str, *, cuda: bool | None = None) -> str:
+    """Map ``train.precision`` to accelerate's ``mixed_precision`` (no | bf16 | fp16).
+
+    Args:
+        requested: auto | fp32 | bf16 | fp16.
+        cuda: Whether training runs on a CUDA GPU (default: detected).
+
+    Raises:
+        ConfigError: fp16 without a GPU (CPU autocast has no fp16 loss scaling).
+    """
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if requested == "fp32":
+        return "no"
+    if requested == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_bf16_native() else "no"
+    if requested == "fp16":
+        if not cuda:
+            raise ConfigError(
+                "train.precision: fp16 needs a CUDA GPU; use fp32 or bf16 (or auto) on CPU"
+            )
+        return "fp16"
+    if not cuda and not cpu_bf16_native():
+        log.warning(
+            "bf16 requested but this CPU (%s) has no native bf16: expect training to be "
+            "many times slower than fp32 (set train.precision=auto)",
+            cpu_capability(),
+        )
+    return "bf16"

@@ -1,0 +1,39 @@
+"""Every example config validates, and runs one training step on the real model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tunesmith.api import train
+from tunesmith.config import Config
+from tunesmith.demo import demo_settings
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+
+
+def test_there_are_examples():
+    assert EXAMPLES
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_validates_and_runs_one_step(path: Path, tmp_path: Path):
+    cfg = Config.load(
+        path,
+        [
+            f"train.output_dir={tmp_path / 'run'}",
+            "train.max_steps=1",
+            "data.max_train_samples=64",
+            "train.eval_steps=1",
+        ],
+    )
+    result = train(cfg, progress=False)
+    assert result.loop.steps == 1
+    assert (result.final_dir / "model.safetensors").is_file()
+
+
+def test_sentiment_example_is_the_demo():
+    example = Config.load(Path(__file__).parent.parent / "examples" / "sentiment.yaml")
+    demo = Config.from_dict(demo_settings("runs/sentiment"))
+    assert example.model_dump() == demo.model_dump()
