@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
 
 from conftest import tiny_config, toy_rows, write_csv
 from tunesmith.config import Config
@@ -23,6 +22,7 @@ from tunesmith.optim import build_optimizer
 from tunesmith.tasks.base import get_task
 from tunesmith.train.loop import Trainer
 from tunesmith.train.monitor import MetricsLog
+from tunesmith.train.precision import new_accelerator
 
 
 def _trainer(cfg: Config, model: torch.nn.Module, features: list, collator: Collator, tmp: Path):
@@ -35,7 +35,7 @@ def _trainer(cfg: Config, model: torch.nn.Module, features: list, collator: Coll
         task,
         model,
         optimizer,
-        Accelerator(cpu=True),
+        new_accelerator("no"),
         FeatureDataset(features),
         FeatureDataset([]),
         collator,

@@ -285,7 +285,7 @@ def test_registries_are_read_at_validation_time(monkeypatch: pytest.MonkeyPatch)
     from tunesmith.methods import base
 
     base.method_names()  # load the built-in methods first
-    monkeypatch.setitem(base._REGISTRY, "lora", base.Method)
+    monkeypatch.setitem(base.METHODS._entries, "lora", base.Method)
     cfg = Config.from_dict(
         {"model": {"name_or_path": "m"}, "data": {"train": "t"}, "method": {"name": "lora"}}
     )

@@ -35,7 +35,7 @@ from tunesmith.tasks.base import Task, get_task
 from tunesmith.train.checkpoint import read_manifest, save_model_folder
 from tunesmith.train.loop import LoopResult, Trainer
 from tunesmith.train.monitor import MetricsLog
-from tunesmith.train.precision import resolve_precision
+from tunesmith.train.precision import new_accelerator, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,6 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
     Writes ``config.yaml``, ``splits.json``, ``metrics.jsonl``, ``best/`` and
     ``final/`` under ``cfg.train.output_dir``.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     quiet_transformers()
@@ -72,7 +71,7 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
     task = get_task(cfg)
     _check_metric(cfg, task)
     check_model_source(cfg.model.name_or_path, allow_unsafe_weights=cfg.model.allow_unsafe_weights)
-    accelerator = Accelerator(mixed_precision=resolve_precision(t.precision))
+    accelerator = new_accelerator(resolve_precision(t.precision))
     out = _prepare_output_dir(Path(t.output_dir), t.overwrite, accelerator.is_main_process)
 
     splits = task.load_splits()

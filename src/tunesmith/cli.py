@@ -160,7 +160,7 @@ def _report(result: Any) -> None:
             + _metrics_text(result.validation_metrics, compact=True)
         )
     if result.test_metrics:
-        lines.append("test: " + _metrics_text(result.test_metrics, compact=True))
+        lines.append("test (held out, best checkpoint):\n" + _metrics_text(result.test_metrics))
     lines.append(f"best model: {result.best_dir or result.final_dir}")
     typer.echo("\n".join(lines))
 

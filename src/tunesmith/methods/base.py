@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from tunesmith.errors import ConfigError
+from tunesmith.registry import Registry
 
 if TYPE_CHECKING:
     from tunesmith.config import Config
@@ -53,35 +53,13 @@ class Method(ABC):
         return [ParamGroup("all", params)]
 
 
-_REGISTRY: dict[str, type[Method]] = {}
-
-
-def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator adding a method to the registry under ``cls.name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__qualname__} has no registry name")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def method_names() -> list[str]:
-    """Names of every registered method."""
-    _load_builtin_methods()
-    return sorted(_REGISTRY)
+METHODS: Registry[type[Method]] = Registry("method.name", ["tunesmith.methods.full"])
+#: Class decorator adding a method to the registry under ``cls.name``.
+register_method = METHODS.register
+#: Names of every registered method.
+method_names = METHODS.names
 
 
 def get_method(cfg: Config) -> Method:
     """Instantiate the method named by ``cfg.method.name``."""
-    _load_builtin_methods()
-    try:
-        cls = _REGISTRY[cfg.method.name]
-    except KeyError:
-        raise ConfigError(
-            f"method.name: unknown method '{cfg.method.name}' "
-            f"(available: {', '.join(sorted(_REGISTRY))})"
-        ) from None
-    return cls(cfg)
-
-
-def _load_builtin_methods() -> None:
-    from tunesmith.methods import full  # noqa: F401
+    return METHODS.get(cfg.method.name)(cfg)

@@ -10,13 +10,13 @@ only ever talks to this interface, so adding a task is one module plus one
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tunesmith.errors import ConfigError
+from tunesmith.registry import Registry
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -138,36 +138,13 @@ class Task(ABC):
         return {k: v for k, v in batch.items() if k not in ("labels", "index")}
 
 
-TaskFactory = Callable[["Config"], Task]
-_REGISTRY: dict[str, type[Task]] = {}
-
-
-def register_task(cls: type[Task]) -> type[Task]:
-    """Class decorator adding a task to the registry under ``cls.name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__qualname__} has no registry name")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def task_names() -> list[str]:
-    """Names of every registered task."""
-    _load_builtin_tasks()
-    return sorted(_REGISTRY)
+TASKS: Registry[type[Task]] = Registry("task.type", ["tunesmith.tasks.classification"])
+#: Class decorator adding a task to the registry under ``cls.name``.
+register_task = TASKS.register
+#: Names of every registered task.
+task_names = TASKS.names
 
 
 def get_task(cfg: Config) -> Task:
     """Instantiate the task named by ``cfg.task.type``."""
-    _load_builtin_tasks()
-    try:
-        cls = _REGISTRY[cfg.task.type]
-    except KeyError:
-        raise ConfigError(
-            f"task.type: unknown task '{cfg.task.type}' (available: {', '.join(sorted(_REGISTRY))})"
-        ) from None
-    return cls(cfg)
-
-
-def _load_builtin_tasks() -> None:
-    """Import the modules whose ``@register_task`` fill the registry."""
-    from tunesmith.tasks import classification  # noqa: F401
+    return TASKS.get(cfg.task.type)(cfg)

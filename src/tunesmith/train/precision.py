@@ -9,6 +9,7 @@ explicitly gets a warning.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -63,3 +64,22 @@ def resolve_precision(requested: str, *, cuda: bool | None = None) -> str:
             cpu_capability(),
         )
     return "bf16"
+
+
+def new_accelerator(mixed_precision: str) -> Any:
+    """An ``accelerate.Accelerator`` for one run, even when an earlier run used another precision.
+
+    accelerate keeps its state in process-wide singletons and refuses a second
+    Accelerator with a different ``mixed_precision`` (a notebook training twice
+    hits this). The per-run parts (AcceleratorState, GradientState) are reset;
+    the process-group part (PartialState) is kept, so ``accelerate launch``
+    runs are unaffected.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    for state in (AcceleratorState, GradientState):
+        reset = getattr(state, "_reset_state", None)
+        if callable(reset):
+            reset()
+    return Accelerator(mixed_precision=mixed_precision)
