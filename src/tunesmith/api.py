@@ -98,7 +98,8 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
     method = get_method(cfg)
     model = method.apply(task.build_model(splits.labels, tokenizer))
     groups = method.param_groups(model)
-    table = parameter_table(model, groups, cfg.optim.lr)
+    layer_groups = method.layer_groups(model)
+    table = parameter_table(layer_groups, groups, cfg.optim.lr)
     log.info("trainable parameters:\n%s", format_parameter_table(table))
     optimizer = build_optimizer(groups, cfg.optim)
 
@@ -127,6 +128,9 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
         MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process),
         on_best=save_best,
         progress=progress,
+        grad_groups=layer_groups,
+        hooks=method.hooks(),
+        lr_factor=method.lr_factor,
     )
     loop = trainer.run()
     accelerator.wait_for_everyone()

@@ -17,7 +17,6 @@ working directory, like any other command-line path.
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import os
 import re
@@ -28,9 +27,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from tunesmith.config_base import Section, check_choice, suggest
 from tunesmith.errors import ConfigError
+from tunesmith.methods.settings import MethodConfig
 
 # Keys holding input paths that may be written relative to the config file.
 _PATH_KEYS = {"model": ("name_or_path",), "data": ("train", "validation", "test")}
@@ -51,35 +52,7 @@ def known_tasks() -> tuple[str, ...]:
     return tuple(task_names())
 
 
-def known_methods() -> tuple[str, ...]:
-    """Return the method names ``method.name`` accepts: the method registry's."""
-    from tunesmith.methods.base import method_names
-
-    return tuple(method_names())
-
-
-def _suggest(word: str, choices: Iterable[str], prefix: str = "") -> str:
-    """Return `` (did you mean '<prefix><closest>'?)`` or ``""`` when nothing is close."""
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
-
-
-def _check_choice(kind: str, value: str, allowed: Sequence[str]) -> str:
-    """Validate ``value`` against ``allowed`` with an error that lists and suggests."""
-    if value not in allowed:
-        raise ValueError(
-            f"unknown {kind} {value!r}{_suggest(value, allowed)}; allowed: {', '.join(allowed)}"
-        )
-    return value
-
-
-class _Section(BaseModel):
-    """Base of every section: unknown keys are errors, so typos cannot go unnoticed."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """The pretrained model to fine-tune."""
 
     name_or_path: str = Field(..., min_length=1, description="Local transformers model folder.")
@@ -91,7 +64,7 @@ class ModelConfig(_Section):
     )
 
 
-class TaskConfig(_Section):
+class TaskConfig(Section):
     """What the model learns to do; picks the head, the loss and the metrics."""
 
     type: str = Field("sequence_classification", description="Task type.")
@@ -99,10 +72,10 @@ class TaskConfig(_Section):
     @field_validator("type")
     @classmethod
     def _known_type(cls, value: str) -> str:
-        return _check_choice("task type", value, known_tasks())
+        return check_choice("task type", value, known_tasks())
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     """Where the examples are and how to read them."""
 
     train: str = Field(..., min_length=1, description="Training file (csv, jsonl, parquet).")
@@ -158,18 +131,7 @@ class DataConfig(_Section):
         return self
 
 
-class MethodConfig(_Section):
-    """How the weights are updated (full fine-tuning, adapters, ...)."""
-
-    name: str = Field("full", description="Fine-tuning method; full: update every weight.")
-
-    @field_validator("name")
-    @classmethod
-    def _known_name(cls, value: str) -> str:
-        return _check_choice("method", value, known_methods())
-
-
-class OptimConfig(_Section):
+class OptimConfig(Section):
     """AdamW and the learning-rate schedule."""
 
     lr: float = Field(5e-5, gt=0, description="Peak learning rate.")
@@ -184,6 +146,9 @@ class OptimConfig(_Section):
         None, ge=0, description="Warmup steps; overrides warmup_ratio."
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient-norm clip; null: none.")
+    clip_mode: Literal["global", "per_group"] = Field(
+        "global", description="Clip the norm of all gradients together, or of each layer group."
+    )
 
     @field_validator("betas")
     @classmethod
@@ -193,7 +158,7 @@ class OptimConfig(_Section):
         return value
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """Length, batching, precision and output of the training loop."""
 
     epochs: int = Field(2, ge=1, description="Passes over the training split.")
@@ -210,6 +175,12 @@ class TrainConfig(_Section):
         3, ge=1, description="Evaluations without improvement before stopping; null disables."
     )
     log_steps: int = Field(10, gt=0, description="Log training metrics every N steps.")
+    grad_norm_steps: int | None = Field(
+        None, gt=0, description="Log per-layer-group gradient norms every N steps; null: log_steps."
+    )
+    max_bad_steps: int = Field(
+        3, ge=1, description="Stop after this many consecutive non-finite steps (each skipped)."
+    )
     num_threads: int | None = Field(None, gt=0, description="Torch CPU threads; null: default.")
     output_dir: str = Field(
         "runs/my-run", min_length=1, description="Run folder; relative to the working directory."
@@ -222,7 +193,7 @@ class TrainConfig(_Section):
         return self.eval_batch_size or 2 * self.batch_size
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     """Which metric selects the best checkpoint and drives early stopping."""
 
     metric: str = Field("accuracy", min_length=1, description="Metric that picks the best model.")
@@ -238,7 +209,7 @@ class EvalConfig(_Section):
         return not ("loss" in name or "perplexity" in name)
 
 
-class Config(_Section):
+class Config(Section):
     """A complete run: every section, validated together."""
 
     model: ModelConfig = Field(..., description="The pretrained model to fine-tune.")
@@ -443,7 +414,7 @@ def _resolve_assets(data: dict[str, Any]) -> dict[str, Any]:
                 name = value.removeprefix("asset:")
                 if name not in ASSETS:
                     raise ConfigError(
-                        f"{section}.{key}: unknown asset '{name}'{_suggest(name, ASSETS)} "
+                        f"{section}.{key}: unknown asset '{name}'{suggest(name, ASSETS)} "
                         f"(known: {', '.join(ASSETS)})"
                     )
                 values[key] = str(locate(ASSETS[name]))
@@ -476,7 +447,7 @@ def _describe(exc: ValidationError, source: str, lines: _Lines, origins: _Origin
     elif kind == "extra_forbidden":
         model = _section_model(loc[:-1])
         prefix = ".".join(loc[:-1]) + "." if len(loc) > 1 else ""
-        hint = _suggest(loc[-1], model.model_fields, prefix) if model is not None else ""
+        hint = suggest(loc[-1], model.model_fields, prefix) if model is not None else ""
         if not hint and model is not None:
             hint = f" (allowed: {', '.join(model.model_fields)})"
         message = f"unknown key '{key}'{hint}"
@@ -489,7 +460,7 @@ def _describe(exc: ValidationError, source: str, lines: _Lines, origins: _Origin
         model = _section_model(loc[:-1])
         field = model.model_fields.get(loc[-1]) if model is not None and loc else None
         if kind == "literal_error" and field is not None:
-            message += _suggest(str(value), [str(a) for a in typing.get_args(field.annotation)])
+            message += suggest(str(value), [str(a) for a in typing.get_args(field.annotation)])
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more)"
     return f"{_where(loc, kind, source, lines, origins)}: {message}"
@@ -542,6 +513,7 @@ def field_docs(model_cls: type[BaseModel], prefix: str = "") -> list[tuple[str, 
             rows.extend(field_docs(annotation, f"{key}."))
             continue
         kind = _type_name(annotation)
-        kind += " (required)" if field.is_required() else f" = {json.dumps(field.default)}"
+        default = field.get_default(call_default_factory=True)
+        kind += " (required)" if field.is_required() else f" = {json.dumps(default, default=str)}"
         rows.append((key, kind, field.description or ""))
     return rows

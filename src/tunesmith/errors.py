@@ -11,7 +11,6 @@ from __future__ import annotations
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
-EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -38,6 +37,8 @@ class AssetError(TunesmithError):
 
 
 class TrainingDiverged(TunesmithError):
-    """Loss or gradients became non-finite and the run was stopped."""
+    """Loss or gradients stayed non-finite for several steps and the run was stopped.
 
-    exit_code = EXIT_DIVERGED
+    Exit code 2 like other input problems: the usual cause is a learning rate
+    or data the user controls.
+    """

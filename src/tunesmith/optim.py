@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -38,6 +38,7 @@ def optimizer_groups(groups: Sequence[ParamGroup], cfg: OptimConfig) -> list[dic
                         "initial_lr": lr,
                         "weight_decay": wd,
                         "name": group.name + suffix,
+                        "group": group.name,
                         "lr_multiplier": group.lr_multiplier,
                     }
                 )
@@ -82,11 +83,32 @@ def schedule_factor(step: int, *, total: int, warmup: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total: int) -> LambdaLR:
-    """The configured schedule as a LambdaLR over every group."""
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    cfg: OptimConfig,
+    total: int,
+    group_factor: Callable[[str], Callable[[int], float] | None] | None = None,
+) -> LambdaLR:
+    """The configured schedule as a LambdaLR, one lambda per optimizer group.
+
+    Args:
+        optimizer: Built by ``build_optimizer`` (groups carry their method ``group``).
+        cfg: The optim section.
+        total: Optimizer steps of the run.
+        group_factor: Per method group, an extra factor of the step (progressive
+            unfreezing holds a group at 0 until its turn), or None.
+    """
     warm = warmup_steps(cfg, total)
 
-    def factor(step: int) -> float:
-        return schedule_factor(step, total=total, warmup=warm, kind=cfg.scheduler)
+    def make(extra: Callable[[int], float] | None) -> Callable[[int], float]:
+        def factor(step: int) -> float:
+            base = schedule_factor(step, total=total, warmup=warm, kind=cfg.scheduler)
+            return base * extra(step) if extra is not None else base
 
-    return LambdaLR(optimizer, factor)
+        return factor
+
+    lambdas = [
+        make(group_factor(g.get("group", g["name"])) if group_factor else None)
+        for g in optimizer.param_groups
+    ]
+    return LambdaLR(optimizer, lambdas)

@@ -9,8 +9,9 @@ gets the same optimizer, schedule and logging without its own loop.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -39,6 +40,8 @@ class Method(ABC):
     """How a model is adapted: what trains, and in which groups."""
 
     name: str = ""
+    #: The ``method.*`` keys (besides ``name``) this method reads; others are config errors.
+    keys: frozenset[str] = frozenset()
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -52,8 +55,22 @@ class Method(ABC):
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         return [ParamGroup("all", params)]
 
+    def layer_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        """Parameters by layer group, for per-group gradient norms and reports."""
+        return {"all": list(model.parameters())}
 
-METHODS: Registry[type[Method]] = Registry("method.name", ["tunesmith.methods.full"])
+    def lr_factor(self, group: str) -> Callable[[int], float] | None:
+        """An extra per-step LR factor for a parameter group (None: always 1)."""
+        return None
+
+    def hooks(self) -> list[Any]:
+        """Training-loop hooks this method needs (``on_train_start``/``on_step_start``)."""
+        return []
+
+
+METHODS: Registry[type[Method]] = Registry(
+    "method.name", ["tunesmith.methods.full", "tunesmith.methods.freeze"]
+)
 #: Class decorator adding a method to the registry under ``cls.name``.
 register_method = METHODS.register
 #: Names of every registered method.

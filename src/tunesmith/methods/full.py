@@ -1,19 +1,19 @@
-"""Full fine-tuning: every parameter trains at the configured learning rate."""
+"""Full fine-tuning: every parameter trains (LR shaping and unfreezing still apply)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from tunesmith.methods.base import Method, register_method
+from tunesmith.methods.base import register_method
+from tunesmith.methods.layers import LayerMap
+from tunesmith.methods.selection import LayeredMethod
 
 
 @register_method
-class FullFineTuning(Method):
+class FullFineTuning(LayeredMethod):
     """Train everything; the baseline every other method is compared with."""
 
     name = "full"
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
+    def select(self, model: nn.Module, layers: LayerMap) -> set[str]:
+        return {n for n, _ in model.named_parameters()}

@@ -40,9 +40,6 @@ from tunesmith.train.monitor import MetricsLog, rss_mb
 
 log = logging.getLogger(__name__)
 
-#: Consecutive non-finite steps after which the run is declared diverged.
-MAX_BAD_STEPS = 3
-
 
 @dataclass
 class LoopResult:
@@ -72,6 +69,8 @@ class StepStats:
     real_tokens: int
     grad_norm: float | None
     skipped: bool
+    group_norms: dict[str, float] = field(default_factory=dict)
+    bad_where: str = ""
 
 
 class Trainer:
@@ -90,6 +89,11 @@ class Trainer:
         metrics_log: Where metric records go.
         on_best: Called with the (unwrapped) model and metrics at each new best.
         progress: Show a progress bar.
+        grad_groups: Parameters by layer group, for per-group gradient norms,
+            per-group clipping and naming the group that went non-finite.
+        hooks: Objects with ``on_train_start(trainer)`` and/or
+            ``on_step_start(trainer, step)`` (e.g. progressive unfreezing).
+        lr_factor: Extra per-step LR factor per method group (see ``build_scheduler``).
     """
 
     def __init__(
@@ -106,6 +110,9 @@ class Trainer:
         metrics_log: MetricsLog,
         on_best: Callable[[torch.nn.Module, dict[str, Any]], None] | None = None,
         progress: bool = True,
+        grad_groups: dict[str, list[torch.nn.Parameter]] | None = None,
+        hooks: list[Any] | None = None,
+        lr_factor: Callable[[str], Callable[[int], float] | None] | None = None,
     ) -> None:
         self.cfg, self.task, self.labels = cfg, task, labels
         self.acc = accelerator
@@ -124,7 +131,15 @@ class Trainer:
         self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
         self.steps_per_epoch = max(1, math.ceil(len(self.loader) / t.grad_accum))
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps, lr_factor)
+        optimized = [p for g in self.optimizer.param_groups for p in g["params"]]
+        ids = {id(p) for p in optimized}
+        by_group = {
+            name: [p for p in params if id(p) in ids]
+            for name, params in (grad_groups or {}).items()
+        }
+        self.grad_groups = {k: v for k, v in by_group.items() if v} or {"all": optimized}
+        self.hooks = list(hooks or [])
         self.stopper = EarlyStopping(
             cfg.eval.higher_is_better(), patience=t.early_stopping_patience
         )
@@ -147,21 +162,23 @@ class Trainer:
         )
         window_loss, window_targets, window_tokens, window_seconds = 0.0, 0.0, 0, 0.0
         bad_steps, epoch = 0, 0
+        self._call_hooks("on_train_start")
         while res.steps < self.total_steps and not res.stopped_early:
             self.sampler.set_epoch(epoch)
             mark = time.perf_counter()  # training time counts batching, not evaluation
             for window in _windows(self.loader, t.grad_accum):
+                self._call_hooks("on_step_start", res.steps)
                 stats = self.train_step(window)
                 seconds = time.perf_counter() - mark
                 res.train_seconds += seconds
                 window_seconds += seconds
                 if stats.skipped:
                     bad_steps += 1
-                    if bad_steps >= MAX_BAD_STEPS:
+                    if bad_steps >= t.max_bad_steps:
                         raise TrainingDiverged(
                             f"training diverged: non-finite loss or gradients in {bad_steps} "
-                            f"consecutive steps (step {res.steps}); lower optim.lr or check "
-                            "the data"
+                            f"consecutive steps (last at step {res.steps}, "
+                            f"{stats.bad_where}); lower optim.lr or check the data"
                         )
                     mark = time.perf_counter()
                     continue
@@ -180,11 +197,17 @@ class Trainer:
                     )
                     self.metrics_log.write(record)
                     bar.set_postfix(
+                        refresh=False,
                         loss=f"{record['loss']:.4f}",
                         lr=f"{record[f'lr/{self._first_group()}']:.2e}",
                         tok_s=f"{record['tokens_per_s']:.0f}",
                     )
                     window_loss, window_targets, window_tokens, window_seconds = 0.0, 0.0, 0, 0.0
+                elif stats.group_norms:
+                    self.metrics_log.write(
+                        {"step": res.steps, "epoch": round(res.epochs, 4), "split": "train"}
+                        | {f"grad_norm/{k}": v for k, v in stats.group_norms.items()}
+                    )
                 bar.update(1)
                 if t.eval_steps and res.steps % t.eval_steps == 0:
                     self.evaluate()
@@ -202,8 +225,10 @@ class Trainer:
     def train_step(self, window: list[Batch]) -> StepStats:
         """One optimizer step over the micro-batches of ``window``."""
         loss_sum, targets, tokens = self.accumulate(window)
-        grad_norm, stepped = self.apply_update(loss_sum)
-        return StepStats(loss_sum, targets, tokens, grad_norm, not stepped)
+        want_norms = (self.result.steps + 1) % self._grad_norm_every == 0
+        norms = self.group_grad_norms() if want_norms or not math.isfinite(loss_sum) else {}
+        grad_norm, stepped, bad_where = self.apply_update(loss_sum)
+        return StepStats(loss_sum, targets, tokens, grad_norm, not stepped, norms, bad_where)
 
     def accumulate(self, window: list[Batch]) -> tuple[float, float, int]:
         """Forward/backward every micro-batch; gradients end up as for one big batch.
@@ -230,30 +255,72 @@ class Trainer:
                 tokens += int(batch["attention_mask"].sum())
         return float(loss_sum), float(local), tokens
 
-    def apply_update(self, loss_sum: float) -> tuple[float | None, bool]:
+    def apply_update(self, loss_sum: float) -> tuple[float | None, bool, str]:
         """Clip, then step optimizer and schedule unless loss or gradients are non-finite.
 
         Returns:
-            The pre-clip gradient norm (None without clipping) and whether a
-            step was taken.
+            The pre-clip global gradient norm (None without clipping), whether a
+            step was taken and, for a skipped step, which loss/groups were bad.
         """
         grad_norm = self._clip()
         finite = math.isfinite(loss_sum) and (grad_norm is None or math.isfinite(grad_norm))
+        bad_where = ""
+        if finite and grad_norm is None:
+            finite = all(math.isfinite(v) for v in self.group_grad_norms().values())
         if finite:
             self.optimizer.step()
             self.scheduler.step()
         else:
-            log.warning("non-finite loss or gradient at step %d: step skipped", self.result.steps)
+            bad_where = self._describe_non_finite(loss_sum)
+            log.warning(
+                "non-finite values at step %d (%s): step skipped", self.result.steps, bad_where
+            )
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, finite
+        return grad_norm, finite, bad_where
+
+    def group_grad_norms(self) -> dict[str, float]:
+        """L2 norm of the gradients of each layer group (groups without gradients omitted)."""
+        norms = {}
+        for name, params in self.grad_groups.items():
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                norms[name] = float(
+                    torch.linalg.vector_norm(
+                        torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
+                    )
+                )
+        return norms
+
+    def _describe_non_finite(self, loss_sum: float) -> str:
+        bad = [name for name, value in self.group_grad_norms().items() if not math.isfinite(value)]
+        if not math.isfinite(loss_sum):
+            return "loss is " + str(loss_sum) + (f"; gradients of {', '.join(bad)}" if bad else "")
+        return "non-finite gradients in layer group(s) " + ", ".join(bad or ["?"])
 
     def _clip(self) -> float | None:
-        """Clip by global norm; returns the pre-clip norm (None when clipping is off)."""
+        """Clip by global norm or per layer group; returns the pre-clip global norm."""
         max_norm = self.cfg.optim.max_grad_norm
         if max_norm is None:
             return None
+        if self.cfg.optim.clip_mode == "per_group":
+            norms = [
+                float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                for params in self.grad_groups.values()
+                if any(p.grad is not None for p in params)
+            ]
+            return math.sqrt(sum(n * n for n in norms))
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         return float(self.acc.clip_grad_norm_(params, max_norm))
+
+    def _call_hooks(self, event: str, *args: Any) -> None:
+        for hook in self.hooks:
+            method = getattr(hook, event, None)
+            if method is not None:
+                method(self, *args)
+
+    @property
+    def _grad_norm_every(self) -> int:
+        return self.cfg.train.grad_norm_steps or self.cfg.train.log_steps
 
     # -- evaluation -----------------------------------------------------------
     def evaluate(self) -> dict[str, Any] | None:
@@ -311,6 +378,8 @@ class Trainer:
             record[f"lr/{group['name']}"] = group["lr"]
         if stats.grad_norm is not None:
             record["grad_norm"] = stats.grad_norm
+        for name, value in stats.group_norms.items():
+            record[f"grad_norm/{name}"] = value
         record["tokens_per_s"] = tok_s
         record["rss_mb"] = round(rss_mb(), 1)
         return record
