@@ -26,6 +26,8 @@ def test_example_validates_and_runs_one_step(path: Path, tmp_path: Path):
             "train.max_steps=1",
             "data.max_train_samples=64",
             "train.eval_steps=1",
+            "data.validation_fraction=0.02",
+            "data.test_fraction=0.02",
         ],
     )
     result = train(cfg, progress=False)

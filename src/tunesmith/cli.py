@@ -116,6 +116,22 @@ def predict(
 
 
 @app.command()
+def analyze(
+    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    overrides: Overrides = None,
+    batches: Annotated[int, typer.Option(min=1, help="Training batches measured.")] = 8,
+    probe_steps: Annotated[int, typer.Option(min=1, help="AdamW steps per probe.")] = 10,
+) -> None:
+    """Per-layer-group gradient norms, Fisher importance and a probe; suggests what to train."""
+    from tunesmith.analyze import analyze as run_analyze
+    from tunesmith.analyze import render
+    from tunesmith.config import Config
+
+    cfg = Config.load(config, overrides or [])
+    typer.echo(render(run_analyze(cfg, batches=batches, probe_steps=probe_steps)))
+
+
+@app.command()
 def doctor() -> None:
     """Versions, threads, bf16 support and whether the offline demo assets are installed."""
     from tunesmith.doctor import collect, render
@@ -151,7 +167,7 @@ def _report(result: Any) -> None:
     loop = result.loop
     lines = [
         f"steps: {loop.steps} ({loop.epochs:.2f} epochs) in {loop.train_seconds:.0f} s, "
-        f"{loop.tokens_per_s:.0f} real tokens/s"
+        f"{loop.tokens_per_s:.0f} real tokens/s, peak memory {loop.peak_rss_mb:.0f} MiB"
         + (" (stopped early)" if loop.stopped_early else ""),
     ]
     if result.validation_metrics:

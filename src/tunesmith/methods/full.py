@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from tunesmith.methods.base import register_method
-from tunesmith.methods.layers import LayerMap
-from tunesmith.methods.selection import LayeredMethod
+from tunesmith.methods.layers import EMBEDDINGS, LayerMap
+from tunesmith.methods.selection import SHAPING_KEYS, LayeredMethod
 
 
 @register_method
@@ -14,6 +14,8 @@ class FullFineTuning(LayeredMethod):
     """Train everything; the baseline every other method is compared with."""
 
     name = "full"
+    keys = SHAPING_KEYS | {"freeze_embeddings"}
 
     def select(self, model: nn.Module, layers: LayerMap) -> set[str]:
-        return {n for n, _ in model.named_parameters()}
+        skip = EMBEDDINGS if self.cfg.method.freeze_embeddings else None
+        return {n for n, _ in model.named_parameters() if layers.group_of[n] != skip}

@@ -78,6 +78,7 @@ class MethodConfig(Section):
         None, ge=0, description="freeze: train the top N blocks of each stack plus the head."
     )
     train_embeddings: bool = Field(False, description="freeze: also train the embeddings.")
+    freeze_embeddings: bool = Field(False, description="full: keep the embeddings frozen.")
     train_biases: bool = Field(False, description="freeze: also train every bias (BitFit).")
     train_norms: bool = Field(False, description="freeze: also train every normalisation layer.")
     include: list[str] = Field(

@@ -36,7 +36,7 @@ from tunesmith.evaluate.runner import evaluate_dataset
 from tunesmith.optim import build_scheduler
 from tunesmith.tasks.base import Batch, Task
 from tunesmith.train.early_stop import EarlyStopping
-from tunesmith.train.monitor import MetricsLog, rss_mb
+from tunesmith.train.monitor import MetricsLog, peak_rss_mb, rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class LoopResult:
     best_metric: float | None = None
     best_step: int | None = None
     stopped_early: bool = False
+    peak_rss_mb: float = 0.0
     last_validation: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -220,6 +221,7 @@ class Trainer:
         if self._last_eval_step != res.steps and not res.stopped_early:
             self.evaluate()  # the final weights are always a candidate for best/
         bar.close()
+        res.peak_rss_mb = round(peak_rss_mb(), 1)
         return res
 
     def train_step(self, window: list[Batch]) -> StepStats:
@@ -364,7 +366,8 @@ class Trainer:
 
     # -- helpers ------------------------------------------------------------
     def _first_group(self) -> str:
-        return self.optimizer.param_groups[0]["name"]
+        group = self.optimizer.param_groups[-1]  # the head's, usually the largest LR
+        return group.get("group", group["name"])
 
     def _train_record(self, loss: float, tok_s: float, stats: StepStats) -> dict[str, Any]:
         res = self.result
@@ -374,8 +377,8 @@ class Trainer:
             "split": "train",
             "loss": loss,
         }
-        for group in self.optimizer.param_groups:
-            record[f"lr/{group['name']}"] = group["lr"]
+        for group in self.optimizer.param_groups:  # decay/no-decay halves share one LR
+            record.setdefault(f"lr/{group.get('group', group['name'])}", group["lr"])
         if stats.grad_norm is not None:
             record["grad_norm"] = stats.grad_norm
         for name, value in stats.group_norms.items():
