@@ -14,35 +14,15 @@ import pytest
 import torch
 
 from conftest import tiny_config, toy_rows, write_csv
+from helpers import make_trainer
 from tunesmith.config import Config
-from tunesmith.data.batching import Collator, FeatureDataset
-from tunesmith.methods.base import get_method
+from tunesmith.data.batching import Collator
 from tunesmith.modeling import load_tokenizer
-from tunesmith.optim import build_optimizer
 from tunesmith.tasks.base import get_task
-from tunesmith.train.loop import Trainer
-from tunesmith.train.monitor import MetricsLog
-from tunesmith.train.precision import new_accelerator
 
 
-def _trainer(cfg: Config, model: torch.nn.Module, features: list, collator: Collator, tmp: Path):
-    task = get_task(cfg)
-    method = get_method(cfg)
-    model = method.apply(model)
-    optimizer = build_optimizer(method.param_groups(model), cfg.optim)
-    return Trainer(
-        cfg,
-        task,
-        model,
-        optimizer,
-        new_accelerator("no"),
-        FeatureDataset(features),
-        FeatureDataset([]),
-        collator,
-        ["neg", "pos"],
-        MetricsLog(tmp / "metrics.jsonl", enabled=False),
-        progress=False,
-    )
+def _trainer(cfg: Config, model: torch.nn.Module, features: list, tmp: Path):
+    return make_trainer(cfg, features, tmp, model=model)[0]
 
 
 @pytest.fixture
@@ -74,8 +54,8 @@ def test_four_micro_batches_of_8_equal_one_batch_of_32(setup, tmp_path, masked):
             features[i]["labels"] = -100
     big = Config.from_dict({**base, "train": {**base["train"], "batch_size": 32, "grad_accum": 1}})
     small = Config.from_dict({**base, "train": {**base["train"], "batch_size": 8, "grad_accum": 4}})
-    t_big = _trainer(big, copy.deepcopy(model), features, collator, tmp_path)
-    t_small = _trainer(small, copy.deepcopy(model), features, collator, tmp_path)
+    t_big = _trainer(big, copy.deepcopy(model), features, tmp_path)
+    t_small = _trainer(small, copy.deepcopy(model), features, tmp_path)
 
     loss_big, n_big, _ = t_big.accumulate([collator(features)])
     loss_small, n_small, _ = t_small.accumulate(
@@ -108,7 +88,7 @@ def test_per_micro_batch_mean_would_differ(setup, tmp_path):
     for i in (0, 1, 2, 9, 30):
         features[i]["labels"] = -100
     cfg = Config.from_dict({**base, "train": {**base["train"], "batch_size": 32}})
-    reference = _trainer(cfg, copy.deepcopy(model), features, collator, tmp_path)
+    reference = _trainer(cfg, copy.deepcopy(model), features, tmp_path)
     reference.accumulate([collator(features)])
     buggy = copy.deepcopy(model)
     task = get_task(cfg)

@@ -29,7 +29,6 @@ from tunesmith.errors import ConfigError, DataError, ModelError
 from tunesmith.evaluate.runner import evaluate_dataset, make_eval_loader, predict_loader
 from tunesmith.methods.base import get_method
 from tunesmith.modeling import check_model_source, load_tokenizer, quiet_transformers
-from tunesmith.optim import build_optimizer
 from tunesmith.param_table import format_parameter_table, parameter_table
 from tunesmith.tasks.base import Task, get_task
 from tunesmith.train.checkpoint import read_manifest, save_model_folder
@@ -101,7 +100,6 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
     layer_groups = method.layer_groups(model)
     table = parameter_table(layer_groups, groups, cfg.optim.lr)
     log.info("trainable parameters:\n%s", format_parameter_table(table))
-    optimizer = build_optimizer(groups, cfg.optim)
 
     manifest = _manifest(cfg, splits.labels)
     if accelerator.is_main_process:
@@ -115,11 +113,11 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
                 out / "best", unwrapped, tokenizer, {**manifest, "validation": metrics}
             )
 
-    trainer = Trainer(
+    trainer = Trainer.for_method(
         cfg,
         task,
         model,
-        optimizer,
+        method,
         accelerator,
         train_set,
         val_set,
@@ -128,9 +126,6 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
         MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process),
         on_best=save_best,
         progress=progress,
-        grad_groups=layer_groups,
-        hooks=method.hooks(),
-        lr_factor=method.lr_factor,
     )
     loop = trainer.run()
     accelerator.wait_for_everyone()

@@ -58,7 +58,7 @@ class LayerMap:
 
     def top_blocks(self, n: int) -> list[str]:
         """The group names of the top ``n`` blocks of every stack."""
-        return [g for stack in self.blocks for g in stack[len(stack) - n :]] if n else []
+        return [g for stack in self.blocks for g in stack[max(0, len(stack) - n) :]] if n else []
 
     def depth_from_top(self, group: str) -> int:
         """1 for a top block, 2 for the one below, ...; 0 for the head.

@@ -119,4 +119,6 @@ class MethodConfig(Section):
 
 def _is_set(value: Any) -> bool:
     """A key written with its neutral value (null, false, []) does not count as set."""
-    return value not in (None, False, [], {})
+    if value is None or value is False:
+        return False
+    return not (isinstance(value, (list, dict)) and not value)

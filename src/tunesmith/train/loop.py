@@ -33,7 +33,8 @@ from tunesmith.config import Config
 from tunesmith.data.batching import Collator, EpochSampler, FeatureDataset
 from tunesmith.errors import TrainingDiverged
 from tunesmith.evaluate.runner import evaluate_dataset
-from tunesmith.optim import build_scheduler
+from tunesmith.methods.base import Method
+from tunesmith.optim import build_optimizer, build_scheduler
 from tunesmith.tasks.base import Batch, Task
 from tunesmith.train.early_stop import EarlyStopping
 from tunesmith.train.monitor import MetricsLog, peak_rss_mb, rss_mb
@@ -93,7 +94,8 @@ class Trainer:
         grad_groups: Parameters by layer group, for per-group gradient norms,
             per-group clipping and naming the group that went non-finite.
         hooks: Objects with ``on_train_start(trainer)`` and/or
-            ``on_step_start(trainer, step)`` (e.g. progressive unfreezing).
+            ``on_step_start(trainer, step)`` (e.g. progressive unfreezing);
+            ``on_train_start`` runs while the Trainer is built, before the schedule.
         lr_factor: Extra per-step LR factor per method group (see ``build_scheduler``).
     """
 
@@ -132,6 +134,9 @@ class Trainer:
         self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
         self.steps_per_epoch = max(1, math.ceil(len(self.loader) / t.grad_accum))
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        self.hooks = list(hooks or [])
+        # Hooks learn the run's length before the schedule computes its first LR.
+        self._call_hooks("on_train_start")
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps, lr_factor)
         optimized = [p for g in self.optimizer.param_groups for p in g["params"]]
         ids = {id(p) for p in optimized}
@@ -140,12 +145,53 @@ class Trainer:
             for name, params in (grad_groups or {}).items()
         }
         self.grad_groups = {k: v for k, v in by_group.items() if v} or {"all": optimized}
-        self.hooks = list(hooks or [])
         self.stopper = EarlyStopping(
             cfg.eval.higher_is_better(), patience=t.early_stopping_patience
         )
         self.result = LoopResult()
         self._last_eval_step: int | None = None
+
+    @classmethod
+    def for_method(
+        cls,
+        cfg: Config,
+        task: Task,
+        model: torch.nn.Module,
+        method: Method,
+        accelerator: Any,
+        train_set: FeatureDataset,
+        val_set: FeatureDataset,
+        collator: Collator,
+        labels: list[str],
+        metrics_log: MetricsLog,
+        *,
+        on_best: Callable[[torch.nn.Module, dict[str, Any]], None] | None = None,
+        progress: bool = True,
+        hooks: Iterable[Any] = (),
+    ) -> Trainer:
+        """A Trainer for ``model`` as adapted by ``method`` (already applied).
+
+        The one place that wires a method into the loop: its parameter groups
+        become the optimizer, its layer groups the gradient monitoring, its
+        hooks and LR factors the schedule.
+        """
+        return cls(
+            cfg,
+            task,
+            model,
+            build_optimizer(method.param_groups(model), cfg.optim),
+            accelerator,
+            train_set,
+            val_set,
+            collator,
+            labels,
+            metrics_log,
+            on_best=on_best,
+            progress=progress,
+            grad_groups=method.layer_groups(model),
+            hooks=[*method.hooks(), *hooks],
+            lr_factor=method.lr_factor,
+        )
 
     # -- the loop -----------------------------------------------------------
     def run(self) -> LoopResult:
@@ -163,7 +209,6 @@ class Trainer:
         )
         window_loss, window_targets, window_tokens, window_seconds = 0.0, 0.0, 0, 0.0
         bad_steps, epoch = 0, 0
-        self._call_hooks("on_train_start")
         while res.steps < self.total_steps and not res.stopped_early:
             self.sampler.set_epoch(epoch)
             mark = time.perf_counter()  # training time counts batching, not evaluation
@@ -221,16 +266,28 @@ class Trainer:
         if self._last_eval_step != res.steps and not res.stopped_early:
             self.evaluate()  # the final weights are always a candidate for best/
         bar.close()
+        if not self.weights_finite():
+            raise TrainingDiverged(
+                f"training diverged: weights are non-finite after step {res.steps}; "
+                "final/ was not written (lower optim.lr)"
+            )
         res.peak_rss_mb = round(peak_rss_mb(), 1)
         return res
 
     def train_step(self, window: list[Batch]) -> StepStats:
         """One optimizer step over the micro-batches of ``window``."""
         loss_sum, targets, tokens = self.accumulate(window)
+        grad_norm, norms, stepped, bad_where = self.apply_update(loss_sum)
         want_norms = (self.result.steps + 1) % self._grad_norm_every == 0
-        norms = self.group_grad_norms() if want_norms or not math.isfinite(loss_sum) else {}
-        grad_norm, stepped, bad_where = self.apply_update(loss_sum)
-        return StepStats(loss_sum, targets, tokens, grad_norm, not stepped, norms, bad_where)
+        return StepStats(
+            loss_sum,
+            targets,
+            tokens,
+            grad_norm,
+            not stepped,
+            norms if want_norms else {},
+            bad_where,
+        )
 
     def accumulate(self, window: list[Batch]) -> tuple[float, float, int]:
         """Forward/backward every micro-batch; gradients end up as for one big batch.
@@ -257,62 +314,59 @@ class Trainer:
                 tokens += int(batch["attention_mask"].sum())
         return float(loss_sum), float(local), tokens
 
-    def apply_update(self, loss_sum: float) -> tuple[float | None, bool, str]:
-        """Clip, then step optimizer and schedule unless loss or gradients are non-finite.
+    def apply_update(self, loss_sum: float) -> tuple[float, dict[str, float], bool, str]:
+        """Measure and clip gradients, then step unless loss or gradients are non-finite.
 
         Returns:
-            The pre-clip global gradient norm (None without clipping), whether a
-            step was taken and, for a skipped step, which loss/groups were bad.
+            The global gradient norm and the norm of each layer group (both
+            before clipping), whether a step was taken and, for a skipped step,
+            what was non-finite.
         """
-        grad_norm = self._clip()
-        finite = math.isfinite(loss_sum) and (grad_norm is None or math.isfinite(grad_norm))
+        self.acc.unscale_gradients()  # fp16: measure and clip true gradients
+        norms = self.group_grad_norms()
+        total = math.sqrt(sum(v * v for v in norms.values()))
+        finite = math.isfinite(loss_sum) and math.isfinite(total)
         bad_where = ""
-        if finite and grad_norm is None:
-            finite = all(math.isfinite(v) for v in self.group_grad_norms().values())
         if finite:
+            self._clip(norms, total)
             self.optimizer.step()
             self.scheduler.step()
         else:
-            bad_where = self._describe_non_finite(loss_sum)
+            bad_where = _describe_non_finite(loss_sum, norms)
             log.warning(
                 "non-finite values at step %d (%s): step skipped", self.result.steps, bad_where
             )
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, finite, bad_where
+        return total, norms, finite, bad_where
 
     def group_grad_norms(self) -> dict[str, float]:
         """L2 norm of the gradients of each layer group (groups without gradients omitted)."""
         norms = {}
         for name, params in self.grad_groups.items():
-            grads = [p.grad for p in params if p.grad is not None]
+            grads = [p.grad.detach() for p in params if p.grad is not None]
             if grads:
-                norms[name] = float(
-                    torch.linalg.vector_norm(
-                        torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
-                    )
-                )
+                norms[name] = float(torch.nn.utils.get_total_norm(grads))
         return norms
 
-    def _describe_non_finite(self, loss_sum: float) -> str:
-        bad = [name for name, value in self.group_grad_norms().items() if not math.isfinite(value)]
-        if not math.isfinite(loss_sum):
-            return "loss is " + str(loss_sum) + (f"; gradients of {', '.join(bad)}" if bad else "")
-        return "non-finite gradients in layer group(s) " + ", ".join(bad or ["?"])
-
-    def _clip(self) -> float | None:
-        """Clip by global norm or per layer group; returns the pre-clip global norm."""
+    def _clip(self, norms: dict[str, float], total: float) -> None:
+        """Clip by the global norm, or each layer group by its own, with norms already known."""
         max_norm = self.cfg.optim.max_grad_norm
         if max_norm is None:
-            return None
+            return
+        if self.acc.distributed_type == "FSDP":  # sharded gradients: only FSDP knows the norm
+            self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
+            return
         if self.cfg.optim.clip_mode == "per_group":
-            norms = [
-                float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-                for params in self.grad_groups.values()
-                if any(p.grad is not None for p in params)
-            ]
-            return math.sqrt(sum(n * n for n in norms))
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        return float(self.acc.clip_grad_norm_(params, max_norm))
+            for name, norm in norms.items():
+                params = [p for p in self.grad_groups[name] if p.grad is not None]
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm))
+        else:
+            params = [p for ps in self.grad_groups.values() for p in ps if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(total))
+
+    def weights_finite(self) -> bool:
+        """Whether every trained weight is finite (checked before anything is saved)."""
+        return all(bool(torch.isfinite(p).all()) for ps in self.grad_groups.values() for p in ps)
 
     def _call_hooks(self, event: str, *args: Any) -> None:
         for hook in self.hooks:
@@ -344,6 +398,11 @@ class Trainer:
         self.metrics_log.write(
             {"step": res.steps, "epoch": round(res.epochs, 4), "split": "validation", **metrics}
         )
+        if not (math.isfinite(metrics.get("loss", 0.0)) and self.weights_finite()):
+            raise TrainingDiverged(
+                f"training diverged: weights or validation loss are non-finite at step "
+                f"{res.steps}; nothing was saved from this point (lower optim.lr)"
+            )
         value = metrics[self.cfg.eval.metric]
         if self.stopper.update(value, res.steps):
             res.best_metric, res.best_step = value, res.steps
@@ -386,6 +445,15 @@ class Trainer:
         record["tokens_per_s"] = tok_s
         record["rss_mb"] = round(rss_mb(), 1)
         return record
+
+
+def _describe_non_finite(loss_sum: float, norms: dict[str, float]) -> str:
+    """Which part went non-finite: the loss and/or named layer groups."""
+    bad = [name for name, value in norms.items() if not math.isfinite(value)]
+    groups = ", ".join(bad)
+    if not math.isfinite(loss_sum):
+        return f"loss is {loss_sum}" + (f"; gradients of {groups}" if bad else "")
+    return f"non-finite gradients in layer group(s) {groups or '?'}"
 
 
 def _windows(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:

@@ -1,0 +1,205 @@
+"""Builders shared by the tests: tiny models of several architectures and a wired Trainer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from conftest import tiny_config, toy_rows, write_csv
+from tunesmith.config import Config
+from tunesmith.data.batching import Collator, FeatureDataset
+from tunesmith.methods.base import Method, get_method
+from tunesmith.modeling import load_tokenizer
+from tunesmith.tasks.base import get_task
+from tunesmith.train.loop import Trainer
+from tunesmith.train.monitor import MetricsLog
+from tunesmith.train.precision import new_accelerator
+
+VOCAB = 54
+
+
+def build_model(kind: str, layers: int = 2, *, decoder_layers: int | None = None) -> nn.Module:
+    """A tiny random ``*ForSequenceClassification`` model of the given architecture."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "bert":
+        cfg = tf.BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            pad_token_id=0,
+        )
+        return tf.BertForSequenceClassification(cfg)
+    if kind == "distilbert":
+        cfg = tf.DistilBertConfig(
+            vocab_size=VOCAB,
+            dim=16,
+            n_layers=layers,
+            n_heads=2,
+            hidden_dim=32,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+            seq_classif_dropout=0.0,
+            pad_token_id=0,
+        )
+        return tf.DistilBertForSequenceClassification(cfg)
+    if kind == "llama":
+        cfg = tf.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
+        return tf.LlamaForSequenceClassification(cfg)
+    if kind == "gpt2":
+        cfg = tf.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=16,
+            n_layer=layers,
+            n_head=2,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
+        return tf.GPT2ForSequenceClassification(cfg)
+    if kind == "t5":
+        cfg = tf.T5Config(
+            vocab_size=VOCAB,
+            d_model=16,
+            d_kv=8,
+            d_ff=32,
+            num_layers=layers,
+            num_decoder_layers=decoder_layers if decoder_layers is not None else layers,
+            num_heads=2,
+            dropout_rate=0.0,
+            classifier_dropout=0.0,
+            pad_token_id=0,
+            eos_token_id=3,
+            decoder_start_token_id=0,
+        )
+        return tf.T5ForSequenceClassification(cfg)
+    raise ValueError(kind)
+
+
+LABELS = ["neg", "pos"]
+
+
+def bert_config(model: Path, tmp: Path, **sections: dict) -> Config:
+    """A config for the Trainer-level tests: fp32, constant LR unless overridden."""
+    data = write_csv(tmp / "d.csv", toy_rows(8))  # the Trainer gets its features directly
+    base = {
+        "optim": {"lr": 1e-2, "warmup_ratio": 0.0, "scheduler": "constant"},
+        "train": {"batch_size": 8, "precision": "fp32", "epochs": 1},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return Config.from_dict(tiny_config(model, data, tmp / "run", **base))
+
+
+def bert_features(model: Path, n: int = 32, seed: int = 5) -> list[dict[str, Any]]:
+    """Tokenised toy rows for ``Trainer`` (no splitting, no validation)."""
+    data_cfg = Config.from_dict(tiny_config(model, Path("x.csv"), Path("run")))
+    task = get_task(data_cfg)
+    return task.encode(
+        toy_rows(n, seed=seed), load_tokenizer(str(model)), {lab: i for i, lab in enumerate(LABELS)}
+    )
+
+
+def make_trainer(
+    cfg: Config,
+    features: Sequence[dict[str, Any]],
+    tmp: Path,
+    *,
+    model: torch.nn.Module | None = None,
+    hooks: Sequence[Any] = (),
+    log_metrics: bool = False,
+) -> tuple[Trainer, Method]:
+    """A Trainer wired by ``Trainer.for_method`` like ``api.train`` does (no validation)."""
+    task = get_task(cfg)
+    if model is None:
+        tok = load_tokenizer(cfg.model.name_or_path)
+        torch.manual_seed(0)
+        model = task.build_model(LABELS, tok)
+    method = get_method(cfg)
+    model = method.apply(model)
+    trainer = Trainer.for_method(
+        cfg,
+        task,
+        model,
+        method,
+        new_accelerator("no"),
+        FeatureDataset(list(features)),
+        FeatureDataset([]),
+        Collator(0),
+        LABELS,
+        MetricsLog(tmp / "metrics.jsonl", enabled=log_metrics),
+        progress=False,
+        hooks=hooks,
+    )
+    return trainer, method
+
+
+@dataclass
+class Update:
+    """What the optimizer saw at one update."""
+
+    step: int
+    lr: dict[str, float]
+    with_grad: set[str]
+    weights: dict[str, torch.Tensor]
+
+
+@dataclass
+class Recorder:
+    """Wraps ``trainer.optimizer.step``; also a hook recording ``requires_grad`` per step."""
+
+    updates: list[Update] = field(default_factory=list)
+    trainable_at_start: dict[int, set[str]] = field(default_factory=dict)
+
+    def attach(self, trainer: Trainer) -> Recorder:
+        # The torch optimizer inside accelerate's wrapper: the LR scheduler keeps its
+        # own patch of the outer ``step``.
+        inner = trainer.optimizer.optimizer
+        original = inner.step
+        model = trainer.model
+
+        def step(*args, **kwargs):
+            self.updates.append(
+                Update(
+                    step=trainer.result.steps,
+                    lr={g["name"]: g["lr"] for g in trainer.optimizer.param_groups},
+                    with_grad={n for n, p in model.named_parameters() if p.grad is not None},
+                    weights={n: p.detach().clone() for n, p in model.named_parameters()},
+                )
+            )
+            return original(*args, **kwargs)
+
+        inner.step = step
+        return self
+
+    def on_step_start(self, trainer: Trainer, step: int) -> None:
+        self.trainable_at_start[step] = {
+            n for n, p in trainer.model.named_parameters() if p.requires_grad
+        }
