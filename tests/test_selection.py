@@ -208,7 +208,7 @@ def test_key_the_method_does_not_use_is_a_config_error(name, key, value):
     with pytest.raises(ConfigError) as info:
         method_config(name=name, **{key: value})
     message = str(info.value)
-    assert f"'{key}' does not apply to method '{name}'" in message
+    assert f"method.{key}: does not apply to method '{name}'" in message
 
 
 def test_neutral_values_of_unused_keys_are_accepted():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from tunesmith.config_base import Section, check_choice
 
@@ -103,18 +103,22 @@ class MethodConfig(Section):
     def _known_name(cls, value: str) -> str:
         return check_choice("method", value, known_methods())
 
-    @model_validator(mode="after")
-    def _keys_fit_the_method(self) -> MethodConfig:
+    @field_validator("*")
+    @classmethod
+    def _key_fits_the_method(cls, value: Any, info: ValidationInfo) -> Any:
+        """A key the chosen method does not read is an error, not a silent no-op."""
+        name = info.data.get("name")
+        if info.field_name == "name" or name is None or not _is_set(value):
+            return value
         from tunesmith.methods.base import METHODS
 
-        accepted = METHODS.get(self.name).keys
-        for key in sorted(self.model_fields_set - {"name"}):
-            if key not in accepted and _is_set(getattr(self, key)):
-                raise ValueError(
-                    f"'{key}' does not apply to method '{self.name}' "
-                    f"(it takes: {', '.join(sorted(accepted)) or 'no options'})"
-                )
-        return self
+        accepted = METHODS.get(name).keys
+        if info.field_name not in accepted:
+            raise ValueError(
+                f"does not apply to method '{name}' "
+                f"(it takes: {', '.join(sorted(accepted)) or 'no options'})"
+            )
+        return value
 
 
 def _is_set(value: Any) -> bool:
