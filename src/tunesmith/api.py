@@ -27,7 +27,7 @@ from tunesmith.data.labels import check_labels
 from tunesmith.data.pipeline import select_by_source
 from tunesmith.errors import ConfigError, DataError, ModelError
 from tunesmith.evaluate.runner import evaluate_dataset, make_eval_loader, predict_loader
-from tunesmith.methods.base import get_method
+from tunesmith.methods.base import METHODS, get_method
 from tunesmith.modeling import check_model_source, load_tokenizer, quiet_transformers
 from tunesmith.param_table import format_parameter_table, parameter_table
 from tunesmith.tasks.base import Task, get_task
@@ -86,6 +86,9 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
     tokenizer = load_tokenizer(
         cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code
     )
+    method = get_method(cfg)
+    if method.padding_side is not None:  # saved with the tokenizer, so eval/predict agree
+        tokenizer.padding_side = method.padding_side
     label2id = {lab: i for i, lab in enumerate(splits.labels)}
     train_set, val_set, test_set = (
         FeatureDataset(task.encode(recs, tokenizer, label2id))
@@ -94,7 +97,6 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
     collator = Collator(tokenizer.pad_token_id, tokenizer.padding_side)
 
     set_seed(t.seed)
-    method = get_method(cfg)
     model = method.apply(task.build_model(splits.labels, tokenizer))
     groups = method.param_groups(model)
     layer_groups = method.layer_groups(model)
@@ -110,7 +112,10 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
     def save_best(unwrapped: torch.nn.Module, metrics: dict[str, Any]) -> None:
         if accelerator.is_main_process:
             save_model_folder(
-                out / "best", unwrapped, tokenizer, {**manifest, "validation": metrics}
+                out / "best",
+                lambda folder: method.save_weights(unwrapped, folder),
+                tokenizer,
+                {**manifest, "validation": metrics},
             )
 
     trainer = Trainer.for_method(
@@ -133,7 +138,10 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
     unwrapped = accelerator.unwrap_model(trainer.model)
     if accelerator.is_main_process:
         save_model_folder(
-            final_dir, unwrapped, tokenizer, {**manifest, "validation": loop.last_validation}
+            final_dir,
+            lambda folder: method.save_weights(unwrapped, folder),
+            tokenizer,
+            {**manifest, "validation": loop.last_validation},
         )
     best_dir = out / "best" if (out / "best").is_dir() else None
     result = TrainResult(
@@ -169,9 +177,9 @@ def load_checkpoint(checkpoint: str | Path) -> tuple[Config, Task, Any, Any, lis
         raise ModelError(f"{checkpoint}: not a tunesmith checkpoint (no tunesmith.json)")
     cfg = Config.from_dict(manifest["config"], source=str(folder / "tunesmith.json"))
     task = get_task(cfg)
-    model = task.load_trained(str(folder))
     tokenizer = load_tokenizer(str(folder))
     labels = list(manifest.get("labels", []))
+    model = task.load_trained(str(folder), labels, tokenizer)
     return cfg, task, model, tokenizer, labels
 
 
@@ -271,6 +279,7 @@ def _manifest(cfg: Config, labels: list[str]) -> dict[str, Any]:
         "tunesmith_version": __version__,
         "task": cfg.task.type,
         "method": cfg.method.name,
+        "adapter": METHODS.get(cfg.method.name).saves_adapter,
         "base_model": cfg.model.name_or_path,
         "labels": labels,
         "config": json.loads(json.dumps(cfg.model_dump(mode="json"))),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -66,6 +67,30 @@ class Method(ABC):
     def hooks(self) -> list[Any]:
         """Training-loop hooks this method needs (``on_train_start``/``on_step_start``)."""
         return []
+
+    # -- checkpoints --------------------------------------------------------------
+    #: True when checkpoints hold only adapter + head weights (loading needs the base).
+    saves_adapter: bool = False
+    #: Padding side the method needs, or None for the tokenizer's own.
+    padding_side: str | None = None
+
+    def save_weights(self, model: nn.Module, folder: Path) -> None:
+        """Write the trained weights into ``folder`` (a plain transformers folder by default)."""
+        model.save_pretrained(folder, safe_serialization=True)
+
+    @classmethod
+    def load_saved(cls, base: nn.Module, folder: Path) -> nn.Module:
+        """Rebuild the trained model from ``base`` plus what ``save_weights`` wrote.
+
+        Only called for methods with ``saves_adapter``; others load as plain
+        transformers folders.
+        """
+        raise NotImplementedError(f"method {cls.name} saves whole models")
+
+    @classmethod
+    def merged(cls, model: nn.Module) -> nn.Module | None:
+        """A plain transformers model with the adaptation folded in, or None if impossible."""
+        return model
 
 
 METHODS: Registry[type[Method]] = Registry(

@@ -199,3 +199,18 @@ def _head_excluded_prefix(model: nn.Module) -> str | None:
     if prefix and isinstance(getattr(model, prefix, None), nn.Module):
         return prefix + "."
     return None
+
+
+def head_module_names(model: nn.Module) -> list[str]:
+    """Top-level modules outside the base model that hold parameters (the task head).
+
+    ``classifier`` for BERT, ``score`` for Llama, ``classification_head`` for T5,
+    ``pre_classifier`` + ``classifier`` for DistilBERT. Adapter methods keep
+    these trainable and save them with the adapter.
+    """
+    prefix = getattr(model, "base_model_prefix", "")
+    return [
+        name
+        for name, child in model.named_children()
+        if name != prefix and any(True for _ in child.parameters())
+    ]

@@ -9,7 +9,7 @@ ignores is an error that says so, instead of a silent no-op.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -73,7 +73,11 @@ class UnfreezeConfig(Section):
 class MethodConfig(Section):
     """How the weights are updated (full fine-tuning, freezing, ...)."""
 
-    name: str = Field("full", description="Fine-tuning method: full | freeze.")
+    name: str = Field(
+        "full",
+        description="Fine-tuning method: full | freeze | lora | dora | ia3 | prefix | prompt | "
+        "bottleneck.",
+    )
     train_layers: int | None = Field(
         None, ge=0, description="freeze: train the top N blocks of each stack plus the head."
     )
@@ -97,6 +101,34 @@ class MethodConfig(Section):
         None, gt=0, le=1, description="Layer-wise LR decay: block k from the top gets lr*llrd^k."
     )
     unfreeze: UnfreezeConfig | None = Field(None, description="Progressive unfreezing.")
+    # -- adapters (lora, dora, ia3, prefix, prompt, bottleneck) --------------------
+    target_modules: list[str] | None = Field(
+        None,
+        description="lora/dora/ia3: module name patterns to adapt; null: per-architecture "
+        "default (query/value projections; IA3 adds key and the FFN output).",
+    )
+    r: int = Field(8, ge=1, description="lora/dora: rank of the update.")
+    alpha: float | None = Field(None, gt=0, description="lora/dora: scaling alpha; null: 2*r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="lora/dora: dropout on the adapter input.")
+    rslora: bool = Field(False, description="lora/dora: rank-stabilised scaling alpha/sqrt(r).")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="lora/dora: LoRA+ learning-rate ratio of B over A (e.g. 16)."
+    )
+    num_virtual_tokens: int = Field(20, ge=1, description="prefix/prompt: virtual tokens.")
+    prefix_projection: bool = Field(
+        False, description="prefix: reparameterise the prefix through an MLP."
+    )
+    reduction_factor: int = Field(
+        16, ge=1, description="bottleneck: hidden size / adapter bottleneck size."
+    )
+    placement: Literal["houlsby", "pfeiffer"] = Field(
+        "pfeiffer",
+        description="bottleneck: pfeiffer = after each block's FFN; houlsby = after the "
+        "attention and after the FFN.",
+    )
+    activation: Literal["relu", "gelu", "tanh", "silu"] = Field(
+        "relu", description="bottleneck: non-linearity between the down and up projections."
+    )
 
     @field_validator("name")
     @classmethod
@@ -109,6 +141,9 @@ class MethodConfig(Section):
         """A key the chosen method does not read is an error, not a silent no-op."""
         name = info.data.get("name")
         if info.field_name == "name" or name is None or not _is_set(value):
+            return value
+        default = cls.model_fields[info.field_name].get_default(call_default_factory=True)
+        if value == default:  # resolved configs spell out every default
             return value
         from tunesmith.methods.base import METHODS
 

@@ -88,10 +88,22 @@ class Task(ABC):
     def auto_class(self) -> Any:
         """The transformers ``AutoModelFor*`` class of this task's models."""
 
-    def load_trained(self, path: str) -> PreTrainedModel:
-        """Load a folder this task saved (``best/``, ``final/``) for eval or predict."""
+    def load_trained(
+        self, path: str, labels: Sequence[str], tokenizer: PreTrainedTokenizerBase
+    ) -> PreTrainedModel:
+        """Load a folder this task saved (``best/``, ``final/``) for eval or predict.
+
+        Adapter checkpoints hold only adapter and head weights: the base model
+        named in the config is built first and the method puts them back.
+        """
+        from pathlib import Path
+
+        from tunesmith.methods.base import METHODS
         from tunesmith.modeling import load_pretrained
 
+        method = METHODS.get(self.cfg.method.name)
+        if method.saves_adapter:
+            return method.load_saved(self.build_model(labels, tokenizer), Path(path))
         return load_pretrained(
             self.auto_class(),
             path,

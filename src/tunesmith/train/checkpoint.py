@@ -39,23 +39,35 @@ def atomic_dir_write(target: Path, write: Callable[[Path], None]) -> Path:
 
 def save_model_folder(
     target: Path,
-    model: Any,
+    save_weights: Callable[[Path], None],
     tokenizer: Any,
     manifest: Mapping[str, Any],
 ) -> Path:
-    """Save a plain transformers folder (safetensors + config + tokenizer) plus our manifest.
+    """Save weights (via the method), tokenizer and our manifest into ``target``, atomically.
 
-    The folder loads with ``AutoModelFor*.from_pretrained`` without tunesmith;
-    ``tunesmith.json`` adds what transformers does not keep (task, data
-    columns, max length, the metrics at save time).
+    Full and freeze runs give a plain transformers folder that loads with
+    ``AutoModelFor*.from_pretrained`` without tunesmith; adapter methods give
+    a peft-style adapter folder. ``tunesmith.json`` adds what neither keeps
+    (task, data columns, labels, base model, metrics, size).
     """
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_weights(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        size = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
+        meta = {
+            **manifest,
+            "weights_mb": round(_weights_bytes(tmp) / 2**20, 3),
+            "folder_mb": round(size / 2**20, 3),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
     return atomic_dir_write(target, write)
+
+
+def _weights_bytes(folder: Path) -> int:
+    """Bytes of the weight files (``*.safetensors``) in ``folder``."""
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
