@@ -87,23 +87,23 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
         cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code
     )
     method = get_method(cfg)
-    if method.padding_side is not None:  # saved with the tokenizer, so eval/predict agree
-        tokenizer.padding_side = method.padding_side
     label2id = {lab: i for i, lab in enumerate(splits.labels)}
     train_set, val_set, test_set = (
         FeatureDataset(task.encode(recs, tokenizer, label2id))
         for recs in (splits.train, splits.validation, splits.test)
     )
-    collator = Collator(tokenizer.pad_token_id, tokenizer.padding_side)
-
     set_seed(t.seed)
     model = method.apply(task.build_model(splits.labels, tokenizer))
+    if method.padding_side is not None:  # recorded in the manifest for eval/predict
+        tokenizer.padding_side = method.padding_side
+    collator = Collator(tokenizer.pad_token_id, tokenizer.padding_side)
     groups = method.param_groups(model)
     layer_groups = method.layer_groups(model)
     table = parameter_table(layer_groups, groups, cfg.optim.lr)
     log.info("trainable parameters:\n%s", format_parameter_table(table))
 
-    manifest = _manifest(cfg, splits.labels)
+    # transformers does not save a padding side changed after loading: keep it ourselves.
+    manifest = {**_manifest(cfg, splits.labels), "padding_side": tokenizer.padding_side}
     if accelerator.is_main_process:
         cfg.save(out / "config.yaml")
         (out / "splits.json").write_text(json.dumps(splits.provenance) + "\n")
@@ -164,6 +164,8 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
                 **result.test_metrics,
             }
         )
+    if accelerator.is_main_process:
+        _write_summary(result)
     accelerator.end_training()
     return result
 
@@ -178,6 +180,7 @@ def load_checkpoint(checkpoint: str | Path) -> tuple[Config, Task, Any, Any, lis
     cfg = Config.from_dict(manifest["config"], source=str(folder / "tunesmith.json"))
     task = get_task(cfg)
     tokenizer = load_tokenizer(str(folder))
+    tokenizer.padding_side = manifest.get("padding_side", tokenizer.padding_side)
     labels = list(manifest.get("labels", []))
     model = task.load_trained(str(folder), labels, tokenizer)
     return cfg, task, model, tokenizer, labels
@@ -228,12 +231,30 @@ def predict(
 ) -> list[dict[str, Any]]:
     """Predictions of a saved checkpoint for texts or an (unlabelled) data file."""
     _cfg, task, model, tokenizer, labels = load_checkpoint(checkpoint)
+    records = input_records(task, texts, input_path)
+    return predict_records(model, task, tokenizer, labels, records, batch_size)
+
+
+def input_records(
+    task: Task, texts: list[str] | None, input_path: str | None
+) -> list[dict[str, Any]]:
+    """Records to predict from texts or an unlabelled file (the task's column mapping)."""
     if input_path is not None:
-        records = task.load_records(input_path, labelled=False)
-    elif texts:
-        records = [{"text": t, "source": f"text {i}"} for i, t in enumerate(texts)]
-    else:
-        raise DataError("nothing to predict: give texts or an input file")
+        return task.load_records(input_path, labelled=False)
+    if texts:
+        return [{"text": t, "source": f"text {i}"} for i, t in enumerate(texts)]
+    raise DataError("nothing to predict: give texts or an input file")
+
+
+def predict_records(
+    model: torch.nn.Module,
+    task: Task,
+    tokenizer: Any,
+    labels: list[str],
+    records: list[dict[str, Any]],
+    batch_size: int = 64,
+) -> list[dict[str, Any]]:
+    """One prediction row per record (``text`` plus the task's outputs), in order."""
     dataset = FeatureDataset(task.encode(records, tokenizer, None))
     loader = make_eval_loader(
         task, dataset, Collator(tokenizer.pad_token_id, tokenizer.padding_side), batch_size
@@ -244,6 +265,30 @@ def predict(
 
 
 # -- helpers ----------------------------------------------------------------
+def _write_summary(result: TrainResult) -> None:
+    """``summary.json``: the run's headline numbers, for reports and method comparisons."""
+    loop = result.loop
+    chosen = result.best_dir or result.final_dir
+    summary = {
+        "steps": loop.steps,
+        "epochs": round(loop.epochs, 4),
+        "train_seconds": round(loop.train_seconds, 2),
+        "seconds_per_epoch": round(loop.train_seconds / loop.epochs, 2) if loop.epochs else None,
+        "real_tokens_per_s": round(loop.tokens_per_s, 1),
+        "peak_rss_mb": loop.peak_rss_mb,
+        "stopped_early": loop.stopped_early,
+        "best_step": loop.best_step,
+        "trainable_parameters": result.parameters[-1]["trainable"],
+        "total_parameters": result.parameters[-1]["parameters"],
+        "trainable_percent": round(result.parameters[-1]["percent"], 4),
+        "checkpoint": str(chosen),
+        "checkpoint_weights_mb": read_manifest(chosen).get("weights_mb"),
+        "validation": result.validation_metrics,
+        "test": result.test_metrics,
+    }
+    (result.output_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
 def _check_metric(cfg: Config, task: Task) -> None:
     allowed = ("loss", *task.metric_names)
     if cfg.eval.metric not in allowed:

@@ -26,6 +26,11 @@ app = typer.Typer(
 )
 config_app = typer.Typer(no_args_is_help=True, help="Validate or show a config file.")
 app.add_typer(config_app, name="config")
+adapters_app = typer.Typer(
+    no_args_is_help=True, help="A library of per-task adapters sharing one base model."
+)
+app.add_typer(adapters_app, name="adapters")
+Library = Annotated[Path, typer.Option("--library", help="Adapter library folder.")]
 
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="Dotted overrides, e.g. optim.lr=3e-5 train.epochs=2")
@@ -93,19 +98,44 @@ def eval_(
 
 @app.command()
 def predict(
-    checkpoint: Annotated[Path, typer.Argument(help="A best/ or final/ folder.")],
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="A best/ or final/ folder (or use --adapter).")
+    ] = None,
     text: Annotated[list[str] | None, typer.Option(help="Text to classify (repeatable).")] = None,
     input: Annotated[str | None, typer.Option(help="Data file with a text column.")] = None,
     output: Annotated[Path | None, typer.Option(help="JSONL output (default: stdout).")] = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(help="Adapter of the --library to use (repeatable: one base, switched)."),
+    ] = None,
+    library: Library = Path("adapters"),
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
 ) -> None:
-    """Predict labels (with probabilities) for --text or an --input file, as JSONL."""
+    """Predict labels (with probabilities) for --text or an --input file, as JSONL.
+
+    With --adapter NAME (repeatable) the base model of the adapter library is
+    loaded once and each named adapter predicts in turn.
+    """
     from tunesmith.api import predict as run_predict
     from tunesmith.errors import DataError
 
     if (text is None) == (input is None):
         raise DataError("give either --text (repeatable) or --input FILE")
-    rows = run_predict(checkpoint, text, input_path=input, batch_size=batch_size)
+    if (checkpoint is None) == (not adapter):
+        raise DataError("give either a CHECKPOINT or --adapter NAME (with --library)")
+    if adapter:
+        from tunesmith.adapters import AdapterLibrary
+
+        predictor = AdapterLibrary(library).predictor()
+        rows = [
+            row
+            for name in adapter
+            for row in predictor.predict(
+                text, adapter=name, input_path=input, batch_size=batch_size
+            )
+        ]
+    else:
+        rows = run_predict(checkpoint, text, input_path=input, batch_size=batch_size)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if output is None:
         sys.stdout.write(lines)
@@ -131,12 +161,63 @@ def analyze(
     typer.echo(render(run_analyze(cfg, batches=batches, probe_steps=probe_steps)))
 
 
+@app.command("export")
+def export_(
+    checkpoint: Annotated[Path, typer.Argument(help="A best/ or final/ folder.")],
+    output: Annotated[Path, typer.Argument(help="New folder to write.")],
+    merge: Annotated[
+        bool, typer.Option("--merge", help="Fold LoRA/DoRA/IA3 into the base weights.")
+    ] = False,
+) -> None:
+    """Export a checkpoint; --merge gives a plain transformers model for LoRA/DoRA/IA3.
+
+    Bottleneck adapters export unmerged: the non-linearity between their down
+    and up projections cannot be folded into the base's linear weights. Prefix
+    and prompt tuning export unmerged too: their virtual tokens are inputs.
+    """
+    from tunesmith.export import export
+
+    typer.echo(f"exported to {export(checkpoint, output, merge=merge)}")
+
+
 @app.command()
 def doctor() -> None:
     """Versions, threads, bf16 support and whether the offline demo assets are installed."""
     from tunesmith.doctor import collect, render
 
     typer.echo(render(collect()))
+
+
+@adapters_app.command("add")
+def adapters_add(
+    name: Annotated[str, typer.Argument(help="Name to predict with.")],
+    checkpoint: Annotated[Path, typer.Argument(help="An adapter run's best/ or final/.")],
+    library: Library = Path("adapters"),
+) -> None:
+    """Copy an adapter checkpoint into the library (same base model as the others)."""
+    from tunesmith.adapters import AdapterLibrary
+
+    typer.echo(f"added {name}: {AdapterLibrary(library).add(name, checkpoint)}")
+
+
+@adapters_app.command("list")
+def adapters_list(library: Library = Path("adapters")) -> None:
+    """The adapters in the library, with method, task, size and labels."""
+    from tunesmith.adapters import AdapterLibrary, describe
+
+    typer.echo(describe(AdapterLibrary(library).info()))
+
+
+@adapters_app.command("delete")
+def adapters_delete(
+    name: Annotated[str, typer.Argument(help="Adapter to remove.")],
+    library: Library = Path("adapters"),
+) -> None:
+    """Remove an adapter from the library."""
+    from tunesmith.adapters import AdapterLibrary
+
+    AdapterLibrary(library).delete(name)
+    typer.echo(f"deleted {name}")
 
 
 @config_app.command("validate")

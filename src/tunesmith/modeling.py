@@ -25,10 +25,16 @@ _UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 def quiet_transformers() -> None:
     """Silence transformers' own load reports and progress bars; we log what matters."""
+    import warnings
+
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # peft still calls a renamed transformers property while saving; not the user's concern.
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+    )
 
 
 def check_model_source(name_or_path: str, *, allow_unsafe_weights: bool = False) -> None:

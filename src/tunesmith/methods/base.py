@@ -87,6 +87,9 @@ class Method(ABC):
         """
         raise NotImplementedError(f"method {cls.name} saves whole models")
 
+    #: Why ``merged`` returns None for this method (shown by ``export --merge``).
+    merge_blocker: str = ""
+
     @classmethod
     def merged(cls, model: nn.Module) -> nn.Module | None:
         """A plain transformers model with the adaptation folded in, or None if impossible."""
@@ -94,7 +97,13 @@ class Method(ABC):
 
 
 METHODS: Registry[type[Method]] = Registry(
-    "method.name", ["tunesmith.methods.full", "tunesmith.methods.freeze"]
+    "method.name",
+    [
+        "tunesmith.methods.full",
+        "tunesmith.methods.freeze",
+        "tunesmith.methods.peft_methods",
+        "tunesmith.methods.bottleneck",
+    ],
 )
 #: Class decorator adding a method to the registry under ``cls.name``.
 register_method = METHODS.register

@@ -75,6 +75,16 @@ class LayerMap:
                 return len(stack) - stack.index(group)
         raise KeyError(group)
 
+    def group_for(self, name: str) -> str | None:
+        """Group of a parameter or module name, also for names added after discovery.
+
+        Adapters inserted into a block (``...layer.3.attention.self.query.lora_A``)
+        belong to that block; unknown names outside every block give None.
+        """
+        if name in self.group_of:
+            return self.group_of[name]
+        return _block_of(name, self.stacks, self.blocks)
+
     def position(self, group: str) -> float:
         """Relative height of a block in its stack: 0.0 bottom ... 1.0 top."""
         for stack in self.blocks:

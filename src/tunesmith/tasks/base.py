@@ -55,6 +55,8 @@ class Task(ABC):
     name: str = ""
     #: Metric names this task reports (``eval.metric`` must be one of them or ``loss``).
     metric_names: tuple[str, ...] = ()
+    #: ``peft.TaskType`` name for adapter methods.
+    peft_task_type: str = "SEQ_CLS"
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
