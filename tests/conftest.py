@@ -77,6 +77,17 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run many times faster on one thread on a busy machine; restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def toy_csv(tmp_path: Path) -> Path:
     """A learnable 2-class CSV of 240 short sentences."""

@@ -41,16 +41,10 @@ TARGETS = {
 ADAPTER_MARKS = ("lora", "ia3", "base_layer", "modules_to_save", "original_module", "base_model")
 
 #: peft still reads a renamed transformers property (not what these tests are about).
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run many times faster on one thread on a busy machine; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @dataclass

@@ -44,16 +44,10 @@ def method_config(**method: Any) -> Config:
 
 
 #: peft still reads a renamed transformers property (not what these tests are about).
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run many times faster on one thread on a busy machine; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 # -- end-to-end runs, shared by the tests of this module ------------------------------------
