@@ -32,9 +32,21 @@ from tunesmith.modeling import check_model_source, load_tokenizer, quiet_transfo
 from tunesmith.param_table import format_parameter_table, parameter_table
 from tunesmith.tasks.base import Task, get_task
 from tunesmith.train.checkpoint import read_manifest, save_model_folder
+from tunesmith.train.interrupt import GracefulInterrupt
 from tunesmith.train.loop import LoopResult, Trainer
 from tunesmith.train.monitor import MetricsLog
 from tunesmith.train.precision import new_accelerator, resolve_precision
+from tunesmith.train.resume import (
+    Checkpointer,
+    check_disk_space,
+    check_resumable,
+    data_fingerprint,
+    estimate_checkpoint_mb,
+    read_state,
+    resolve_checkpoint,
+    restore_training_state,
+    run_dir_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +67,27 @@ class TrainResult:
     parameters: list[dict[str, Any]] = field(default_factory=list)
 
 
-def train(cfg: Config, *, progress: bool = True) -> TrainResult:
+def train(
+    cfg: Config,
+    *,
+    progress: bool = True,
+    resume: str | Path | None = None,
+    force: bool = False,
+) -> TrainResult:
     """Fine-tune ``cfg.model`` on ``cfg.data`` as configured; returns the result.
 
-    Writes ``config.yaml``, ``splits.json``, ``metrics.jsonl``, ``best/`` and
-    ``final/`` under ``cfg.train.output_dir``.
+    Writes ``config.yaml``, ``splits.json``, ``metrics.jsonl``, ``best/``,
+    ``final/`` and resumable ``checkpoints/`` under ``cfg.train.output_dir``.
+
+    Args:
+        cfg: The run's config.
+        progress: Show progress bars.
+        resume: ``latest``, a run folder or a checkpoint folder: continue that run
+            so that the final weights equal those of an uninterrupted run.
+        force: Resume even though the config or data changed (results differ).
+
+    Raises:
+        TrainingInterrupted: SIGINT/SIGTERM; a resumable checkpoint was written.
     """
     from accelerate.utils import set_seed
 
@@ -71,7 +99,11 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
     _check_metric(cfg, task)
     check_model_source(cfg.model.name_or_path, allow_unsafe_weights=cfg.model.allow_unsafe_weights)
     accelerator = new_accelerator(resolve_precision(t.precision))
-    out = _prepare_output_dir(Path(t.output_dir), t.overwrite, accelerator.is_main_process)
+    checkpoint = resolve_checkpoint(resume, t.output_dir) if resume is not None else None
+    if checkpoint is not None:
+        out = run_dir_of(checkpoint)
+    else:
+        out = _prepare_output_dir(Path(t.output_dir), t.overwrite, accelerator.is_main_process)
 
     splits = task.load_splits()
     for note in splits.notes:
@@ -104,7 +136,13 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
 
     # transformers does not save a padding side changed after loading: keep it ourselves.
     manifest = {**_manifest(cfg, splits.labels), "padding_side": tokenizer.padding_side}
+    fingerprint = data_fingerprint(train_set.features)
+    if checkpoint is not None:
+        check_resumable(checkpoint, cfg, fingerprint, force=force)
+    metrics_log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process)
     if accelerator.is_main_process:
+        if checkpoint is not None:  # records written after the checkpoint are redone
+            metrics_log.truncate_after(read_state(checkpoint)["step"])
         cfg.save(out / "config.yaml")
         (out / "splits.json").write_text(json.dumps(splits.provenance) + "\n")
         (out / "parameters.json").write_text(json.dumps(table, indent=1) + "\n")
@@ -118,21 +156,31 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
                 {**manifest, "validation": metrics},
             )
 
-    trainer = Trainer.for_method(
-        cfg,
-        task,
-        model,
-        method,
-        accelerator,
-        train_set,
-        val_set,
-        collator,
-        splits.labels,
-        MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process),
-        on_best=save_best,
-        progress=progress,
+    checkpointer = Checkpointer(
+        out, t.save_steps, t.save_minutes, t.save_total_limit, fingerprint=fingerprint
     )
-    loop = trainer.run()
+    with GracefulInterrupt() as interrupt:
+        trainer = Trainer.for_method(
+            cfg,
+            task,
+            model,
+            method,
+            accelerator,
+            train_set,
+            val_set,
+            collator,
+            splits.labels,
+            metrics_log,
+            on_best=save_best,
+            progress=progress,
+            checkpointer=checkpointer,
+            interrupt=interrupt,
+        )
+        if accelerator.is_main_process:  # room for a checkpoint, best/ and final/
+            check_disk_space(out, 3 * estimate_checkpoint_mb(trainer), "this run's outputs")
+        if checkpoint is not None:
+            restore_training_state(trainer, checkpoint)
+        loop = trainer.run()
     accelerator.wait_for_everyone()
     final_dir = out / "final"
     unwrapped = accelerator.unwrap_model(trainer.model)

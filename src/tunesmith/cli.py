@@ -17,7 +17,12 @@ from typing import Annotated, Any
 import click
 import typer
 
-from tunesmith.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, TunesmithError
+from tunesmith.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    TrainingInterrupted,
+    TunesmithError,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -52,13 +57,28 @@ def train(
     config: Annotated[Path, typer.Argument(help="YAML config file.")],
     overrides: Overrides = None,
     no_progress: NoProgress = False,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            help="Continue an interrupted run: 'latest' (of train.output_dir), a run folder "
+            "or a checkpoints/step-N folder.",
+            metavar="latest|PATH",
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Resume even if the config or data changed.")
+    ] = False,
 ) -> None:
-    """Fine-tune a model as CONFIG says; outputs go to train.output_dir."""
+    """Fine-tune a model as CONFIG says; outputs go to train.output_dir.
+
+    SIGINT/SIGTERM stop after the current step with a resumable checkpoint
+    (a second signal aborts at once); --resume latest continues bit-identically.
+    """
     from tunesmith.api import train as run_train
     from tunesmith.config import Config
 
     cfg = Config.load(config, overrides or [])
-    _report(run_train(cfg, progress=not no_progress))
+    _report(run_train(cfg, progress=not no_progress, resume=resume, force=force))
 
 
 @app.command()
@@ -313,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     except TunesmithError as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        kind = "interrupted" if isinstance(err, TrainingInterrupted) else "error"
+        print(f"{kind}: {err}", file=sys.stderr)
         return err.exit_code
     except click.exceptions.Exit as err:
         return err.exit_code

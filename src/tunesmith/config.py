@@ -182,6 +182,15 @@ class TrainConfig(Section):
         3, ge=1, description="Stop after this many consecutive non-finite steps (each skipped)."
     )
     num_threads: int | None = Field(None, gt=0, description="Torch CPU threads; null: default.")
+    save_steps: int | None = Field(
+        None, gt=0, description="Write a resumable checkpoint every N optimizer steps."
+    )
+    save_minutes: float | None = Field(
+        30.0, gt=0, description="Write a resumable checkpoint every N minutes; null: never."
+    )
+    save_total_limit: int = Field(
+        2, ge=1, description="Resumable checkpoints kept (the newest, plus the best step's)."
+    )
     output_dir: str = Field(
         "runs/my-run", min_length=1, description="Run folder; relative to the working directory."
     )

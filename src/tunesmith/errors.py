@@ -42,3 +42,20 @@ class TrainingDiverged(TunesmithError):
     Exit code 2 like other input problems: the usual cause is a learning rate
     or data the user controls.
     """
+
+
+class CheckpointError(TunesmithError):
+    """A checkpoint cannot be written (disk space) or resumed from (missing, incompatible)."""
+
+
+class TrainingInterrupted(TunesmithError):
+    """SIGINT/SIGTERM stopped the run after a resumable checkpoint was written.
+
+    The exit code is the shell's convention for death by that signal
+    (128 + signal number: 130 for SIGINT, 143 for SIGTERM), so job schedulers
+    see an interruption, not a failure of the input.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum

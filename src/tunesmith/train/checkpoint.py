@@ -3,6 +3,8 @@
 A folder is written to ``<name>.tmp`` first; only a complete folder is renamed
 into place (the previous one is moved aside and deleted afterwards), so a
 crash at any moment leaves a whole old or a whole new folder, never a mix.
+A crash in the instant between the two renames leaves only ``<name>.old``;
+``recover_dir`` (run by every writer and reader) puts it back.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ MANIFEST = "tunesmith.json"
 
 def atomic_dir_write(target: Path, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp_dir)`` then swap ``tmp_dir`` into ``target``."""
-    target = Path(target)
+    target = recover_dir(Path(target))
     tmp = target.with_name(target.name + ".tmp")
     old = target.with_name(target.name + ".old")
     for stale in (tmp, old):
@@ -34,6 +36,15 @@ def atomic_dir_write(target: Path, write: Callable[[Path], None]) -> Path:
     _fsync_dir(target.parent)
     if old.exists():
         shutil.rmtree(old)
+    return target
+
+
+def recover_dir(target: Path) -> Path:
+    """Put ``<target>.old`` back when a crash left it without a ``target`` to replace it."""
+    target = Path(target)
+    old = target.with_name(target.name + ".old")
+    if not target.exists() and old.is_dir():
+        old.rename(target)
     return target
 
 
@@ -72,7 +83,7 @@ def _weights_bytes(folder: Path) -> int:
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     """The ``tunesmith.json`` of a saved folder, or an empty dict for foreign folders."""
-    path = Path(folder) / MANIFEST
+    path = recover_dir(Path(folder)) / MANIFEST
     if not path.is_file():
         return {}
     return json.loads(path.read_text())

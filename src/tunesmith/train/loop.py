@@ -31,13 +31,15 @@ from tqdm.auto import tqdm
 
 from tunesmith.config import Config
 from tunesmith.data.batching import Collator, EpochSampler, FeatureDataset
-from tunesmith.errors import TrainingDiverged
+from tunesmith.errors import TrainingDiverged, TrainingInterrupted
 from tunesmith.evaluate.runner import evaluate_dataset
 from tunesmith.methods.base import Method
 from tunesmith.optim import build_optimizer, build_scheduler
 from tunesmith.tasks.base import Batch, Task
 from tunesmith.train.early_stop import EarlyStopping
+from tunesmith.train.interrupt import GracefulInterrupt
 from tunesmith.train.monitor import MetricsLog, peak_rss_mb, rss_mb
+from tunesmith.train.resume import Checkpointer, restore_rng
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,12 @@ class Trainer:
             ``on_step_start(trainer, step)`` (e.g. progressive unfreezing);
             ``on_train_start`` runs while the Trainer is built, before the schedule.
         lr_factor: Extra per-step LR factor per method group (see ``build_scheduler``).
+        checkpointer: Writes resumable checkpoints (None: never).
+        interrupt: Set by SIGINT/SIGTERM; the loop then checkpoints and stops.
+
+    The loop's position (``epoch``, ``batches_in_epoch``) and counters are
+    attributes, so a checkpoint can store them and ``restore_training_state``
+    can put a fresh Trainer exactly where an interrupted one was.
     """
 
     def __init__(
@@ -116,6 +124,8 @@ class Trainer:
         grad_groups: dict[str, list[torch.nn.Parameter]] | None = None,
         hooks: list[Any] | None = None,
         lr_factor: Callable[[str], Callable[[int], float] | None] | None = None,
+        checkpointer: Checkpointer | None = None,
+        interrupt: GracefulInterrupt | None = None,
     ) -> None:
         self.cfg, self.task, self.labels = cfg, task, labels
         self.acc = accelerator
@@ -149,7 +159,14 @@ class Trainer:
             cfg.eval.higher_is_better(), patience=t.early_stopping_patience
         )
         self.result = LoopResult()
-        self._last_eval_step: int | None = None
+        self.checkpointer, self.interrupt = checkpointer, interrupt
+        # Position and counters: all a checkpoint needs besides weights, optimizer, RNG.
+        self.epoch = 0
+        self.batches_in_epoch = 0  # micro-batches of the current epoch already consumed
+        self.bad_steps = 0
+        self.window = [0.0, 0.0, 0, 0.0]  # loss, targets, tokens, seconds since last log
+        self.last_eval_step: int | None = None
+        self.pending_rng: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None
 
     @classmethod
     def for_method(
@@ -168,6 +185,8 @@ class Trainer:
         on_best: Callable[[torch.nn.Module, dict[str, Any]], None] | None = None,
         progress: bool = True,
         hooks: Iterable[Any] = (),
+        checkpointer: Checkpointer | None = None,
+        interrupt: GracefulInterrupt | None = None,
     ) -> Trainer:
         """A Trainer for ``model`` as adapted by ``method`` (already applied).
 
@@ -191,6 +210,8 @@ class Trainer:
             grad_groups=method.layer_groups(model),
             hooks=[*method.hooks(), *hooks],
             lr_factor=method.lr_factor,
+            checkpointer=checkpointer,
+            interrupt=interrupt,
         )
 
     # -- the loop -----------------------------------------------------------
@@ -200,6 +221,7 @@ class Trainer:
         self.model.train()
         bar = tqdm(
             total=self.total_steps,
+            initial=res.steps,
             desc="train",
             unit="step",
             disable=not (self.progress and self.acc.is_main_process),
@@ -207,63 +229,25 @@ class Trainer:
             # Redrawing every step floods logs when stderr is not a terminal.
             mininterval=0.5 if sys.stderr.isatty() else 30.0,
         )
-        window_loss, window_targets, window_tokens, window_seconds = 0.0, 0.0, 0, 0.0
-        bad_steps, epoch = 0, 0
+        self._stop_if_interrupted()
         while res.steps < self.total_steps and not res.stopped_early:
-            self.sampler.set_epoch(epoch)
-            mark = time.perf_counter()  # training time counts batching, not evaluation
-            for window in _windows(self.loader, t.grad_accum):
-                self._call_hooks("on_step_start", res.steps)
-                stats = self.train_step(window)
-                seconds = time.perf_counter() - mark
-                res.train_seconds += seconds
-                window_seconds += seconds
-                if stats.skipped:
-                    bad_steps += 1
-                    if bad_steps >= t.max_bad_steps:
-                        raise TrainingDiverged(
-                            f"training diverged: non-finite loss or gradients in {bad_steps} "
-                            f"consecutive steps (last at step {res.steps}, "
-                            f"{stats.bad_where}); lower optim.lr or check the data"
-                        )
-                    mark = time.perf_counter()
-                    continue
-                bad_steps = 0
-                res.steps += 1
-                res.real_tokens += stats.real_tokens
-                window_loss += stats.loss_sum
-                window_targets += stats.targets
-                window_tokens += stats.real_tokens
-                res.epochs = res.steps / self.steps_per_epoch
-                if res.steps % t.log_steps == 0 or res.steps == self.total_steps:
-                    record = self._train_record(
-                        window_loss / max(window_targets, 1.0),
-                        window_tokens / max(window_seconds, 1e-9),
-                        stats,
-                    )
-                    self.metrics_log.write(record)
-                    bar.set_postfix(
-                        refresh=False,
-                        loss=f"{record['loss']:.4f}",
-                        lr=f"{record[f'lr/{self._first_group()}']:.2e}",
-                        tok_s=f"{record['tokens_per_s']:.0f}",
-                    )
-                    window_loss, window_targets, window_tokens, window_seconds = 0.0, 0.0, 0, 0.0
-                elif stats.group_norms:
-                    self.metrics_log.write(
-                        {"step": res.steps, "epoch": round(res.epochs, 4), "split": "train"}
-                        | {f"grad_norm/{k}": v for k, v in stats.group_norms.items()}
-                    )
-                bar.update(1)
+            for window in self._epoch_windows():
+                self.batches_in_epoch += len(window)
+                self.step_once(window, bar)
                 if t.eval_steps and res.steps % t.eval_steps == 0:
                     self.evaluate()
                 if res.stopped_early or res.steps >= self.total_steps:
                     break
-                mark = time.perf_counter()
-            epoch += 1
-            if not t.eval_steps and not res.stopped_early:
-                self.evaluate()
-        if self._last_eval_step != res.steps and not res.stopped_early:
+                if self.checkpointer is not None and self.checkpointer.due(res.steps):
+                    self.checkpointer.save(self)
+                self._stop_if_interrupted()
+            else:  # the epoch ran out (not stopped): the next one starts
+                self.epoch, self.batches_in_epoch = self.epoch + 1, 0
+                if not t.eval_steps and not res.stopped_early:
+                    self.evaluate()
+                continue
+            break
+        if self.last_eval_step != res.steps and not res.stopped_early:
             self.evaluate()  # the final weights are always a candidate for best/
         bar.close()
         if not self.weights_finite():
@@ -273,6 +257,87 @@ class Trainer:
             )
         res.peak_rss_mb = round(peak_rss_mb(), 1)
         return res
+
+    def _epoch_windows(self) -> Iterator[list[Batch]]:
+        """Accumulation windows of the current epoch, from the current position.
+
+        A resumed run re-creates the epoch's iterator, skips the micro-batches
+        already consumed and only then restores the RNG states, because
+        creating a DataLoader iterator draws from the global generator.
+        """
+        if hasattr(self.loader, "set_epoch"):  # accelerate re-seeds the sampler with this
+            self.loader.set_epoch(self.epoch)
+        self.sampler.set_epoch(self.epoch)
+        batches = iter(self.loader)
+        for _ in range(self.batches_in_epoch):
+            next(batches, None)
+        if self.pending_rng is not None:
+            restore_rng(*self.pending_rng)
+            self.pending_rng = None
+        mark = time.perf_counter()  # training time counts batching, not evaluation
+        for window in _windows(batches, self.cfg.train.grad_accum):
+            self._window_started = mark
+            yield window
+            mark = time.perf_counter()
+
+    def step_once(self, window: list[Batch], bar: Any) -> None:
+        """One optimizer step over ``window`` with its bookkeeping and logging."""
+        t, res = self.cfg.train, self.result
+        self._call_hooks("on_step_start", res.steps)
+        stats = self.train_step(window)
+        seconds = time.perf_counter() - self._window_started
+        res.train_seconds += seconds
+        self.window[3] += seconds
+        if stats.skipped:
+            self.bad_steps += 1
+            if self.bad_steps >= t.max_bad_steps:
+                raise TrainingDiverged(
+                    f"training diverged: non-finite loss or gradients in {self.bad_steps} "
+                    f"consecutive steps (last at step {res.steps}, "
+                    f"{stats.bad_where}); lower optim.lr or check the data"
+                )
+            return
+        self.bad_steps = 0
+        res.steps += 1
+        res.real_tokens += stats.real_tokens
+        self.window[0] += stats.loss_sum
+        self.window[1] += stats.targets
+        self.window[2] += stats.real_tokens
+        res.epochs = res.steps / self.steps_per_epoch
+        if res.steps % t.log_steps == 0 or res.steps == self.total_steps:
+            loss, targets, tokens, secs = self.window
+            record = self._train_record(
+                loss / max(targets, 1.0), tokens / max(secs, 1e-9), stats
+            )
+            self.metrics_log.write(record)
+            bar.set_postfix(
+                refresh=False,
+                loss=f"{record['loss']:.4f}",
+                lr=f"{record[f'lr/{self._first_group()}']:.2e}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+            )
+            self.window = [0.0, 0.0, 0, 0.0]
+        elif stats.group_norms:
+            self.metrics_log.write(
+                {"step": res.steps, "epoch": round(res.epochs, 4), "split": "train"}
+                | {f"grad_norm/{k}": v for k, v in stats.group_norms.items()}
+            )
+        bar.update(1)
+
+    def _stop_if_interrupted(self) -> None:
+        """After SIGINT/SIGTERM: write a resumable checkpoint (if any step ran) and stop."""
+        if self.interrupt is None or self.interrupt.requested is None:
+            return
+        name, steps = self.interrupt.signal_name, self.result.steps
+        if steps and self.checkpointer is not None:
+            where = self.checkpointer.save(self)
+            message = (
+                f"training interrupted by {name} after step {steps}: resumable checkpoint "
+                f"written to {where}; continue with --resume latest"
+            )
+        else:
+            message = f"training interrupted by {name} before any step; nothing to resume"
+        raise TrainingInterrupted(message, self.interrupt.requested)
 
     def train_step(self, window: list[Batch]) -> StepStats:
         """One optimizer step over the micro-batches of ``window``."""
@@ -384,7 +449,7 @@ class Trainer:
         if not len(self.val_set):
             return None
         res = self.result
-        self._last_eval_step = res.steps
+        self.last_eval_step = res.steps
         metrics, _ = evaluate_dataset(
             self.model,
             self.task,

@@ -47,6 +47,21 @@ class MetricsLog:
                 fh.write(json.dumps(clean) + "\n")
 
 
+    def truncate_after(self, step: int) -> None:
+        """Drop records after optimizer step ``step`` (and test results): a resumed run
+        redoes them, so the file reads as if the run had never stopped."""
+        if not self.path.is_file():
+            return
+        kept = [
+            r
+            for r in read_metrics(self.path)
+            if r.get("step", 0) <= step and r.get("split") != "test"
+        ]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        tmp.replace(self.path)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float):
         return round(value, 8) if math.isfinite(value) else None
