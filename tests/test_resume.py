@@ -39,6 +39,7 @@ CASES = {
     "full": {"train": {"grad_accum": 1}},
     "full-accum": {"train": {"grad_accum": 2}},
     "lora-accum": {"train": {"grad_accum": 2}, "method": {"name": "lora", "r": 4}},
+    "progressive": {"method": {"unfreeze": {"every_steps": 4, "warmup_steps": 2}}},
 }
 
 
@@ -70,7 +71,7 @@ def run_config(model: Path, data: Path, out: Path, case: str, **train: Any) -> d
             "num_threads": 1,
             "precision": "fp32",
             **SAVE_ALL,
-            **extra["train"],
+            **extra.get("train", {}),
             **train,
         },
     )
@@ -150,7 +151,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(
 ):
     out = tmp_path / "run"
     cfg = run_config(dropout_bert, data_csv, out, case)
-    accum = cfg["train"]["grad_accum"]
+    accum = cfg["train"].get("grad_accum", 1)
     per_epoch = -(-14 // accum)
     rng = random.Random(f"{case}-{os.getpid()}")
     # A step strictly inside an epoch (not its last), after the first evaluation.
@@ -331,3 +332,19 @@ def test_atomic_folder_write_never_leaves_a_mix(tmp_path):
     atomic_dir_write(target, writer("3"))
     assert read_manifest(target) == {"v": "3"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_checkpoints_are_due_by_steps_or_by_minutes(tmp_path, monkeypatch):
+    from tunesmith.train.resume import Checkpointer
+
+    now = [1000.0]
+    monkeypatch.setattr(resume_mod.time, "monotonic", lambda: now[0])
+    by_steps = Checkpointer(tmp_path, every_steps=5, every_minutes=None)
+    assert [s for s in range(1, 16) if by_steps.due(s)] == [5, 10, 15]
+    by_time = Checkpointer(tmp_path, every_steps=None, every_minutes=2.0)
+    assert not by_time.due(1)
+    now[0] += 119.0
+    assert not by_time.due(2)
+    now[0] += 2.0
+    assert by_time.due(3)
+    assert not Checkpointer(tmp_path).due(7)  # nothing configured
