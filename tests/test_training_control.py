@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -129,6 +131,15 @@ def test_precision_resolution(monkeypatch):
     assert precision.resolve_precision("auto", cuda=False) == "bf16"
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         precision.resolve_precision("fp16", cuda=False)
+
+
+def test_bf16_without_native_support_warns_with_the_measured_slowdown(monkeypatch, caplog):
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: False)
+    monkeypatch.setattr(logging.getLogger("tunesmith"), "propagate", True)  # the CLI turns it off
+    with caplog.at_level(logging.WARNING, logger="tunesmith"):
+        assert precision.resolve_precision("bf16", cuda=False) == "bf16"
+    assert re.search(r"a bf16 matmul just ran \d+x slower than fp32 here", caplog.text)
+    assert precision.bf16_slowdown((64, 64, 64), repeats=1) > 0
 
 
 def test_bf16_run_trains(tiny_bert, data, tmp_path):
