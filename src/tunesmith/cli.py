@@ -99,6 +99,17 @@ def demo(
     _report(run_train(cfg, progress=not no_progress))
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def bench(ctx: typer.Context) -> None:
+    """HF Trainer (+ peft) vs tunesmith on the demo model and data; --help for options."""
+    from tunesmith.bench import main as run_bench
+
+    raise typer.Exit(run_bench(list(ctx.args)))
+
+
 @app.command("eval")
 def eval_(
     checkpoint: Annotated[Path, typer.Argument(help="A best/ or final/ folder.")],
