@@ -111,3 +111,19 @@ def tiny_config(model: Path, data_file: Path, out: Path, **sections: dict) -> di
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``best/`` of a one-epoch full, LoRA and bottleneck run on the tiny BERT, by method."""
+    from tunesmith.api import train
+    from tunesmith.config import Config
+
+    tmp = tmp_path_factory.mktemp("tiny-runs")
+    data = write_csv(tmp / "train.csv", toy_rows(40))
+    out = {}
+    for method in ("full", "lora", "bottleneck"):
+        cfg = tiny_config(tiny_bert, data, tmp / method, method={"name": method})
+        cfg["train"]["epochs"] = 1
+        out[method] = train(Config.from_dict(cfg), progress=False).best_dir
+    return out

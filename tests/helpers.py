@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from conftest import tiny_config, toy_rows, write_csv
+from tunesmith.cli import main
 from tunesmith.config import Config
 from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.methods.base import Method, get_method
@@ -203,3 +205,24 @@ class Recorder:
         self.trainable_at_start[step] = {
             n for n, p in trainer.model.named_parameters() if p.requires_grad
         }
+
+
+def write_config(tmp: Path, cfg: dict, name: str = "cfg.yaml") -> Path:
+    """Write a config dict as a YAML file for the command line."""
+    path = tmp / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def cli_fails(capsys: Any, args: list[str], *fragments: str) -> str:
+    """Run the CLI expecting exit 2 and one ``error:`` line (the last) holding ``fragments``."""
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), err
+    assert sum(line.startswith("error: ") for line in lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[-1], (fragment, lines[-1])
+    return lines[-1]

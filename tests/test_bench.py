@@ -18,6 +18,9 @@ from tunesmith import bench
 from tunesmith.bench import PAIRS, RunSpec, TokenCounter, flops_per_token, trainable_names
 from tunesmith.data.batching import Collator
 
+#: peft still reads a renamed transformers property (not what these tests are about).
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+
 
 @pytest.fixture(scope="module")
 def bert4(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -11,25 +11,9 @@ import pytest
 import yaml
 
 from conftest import tiny_config, toy_rows, write_csv
+from helpers import cli_fails as _fails_cleanly
+from helpers import write_config as _config_file
 from tunesmith.cli import main
-
-
-def _config_file(tmp_path: Path, cfg: dict) -> Path:
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _fails_cleanly(capsys, args: list[str], *fragments: str) -> str:
-    code = main(args)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error: "), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[-1], (fragment, lines[-1])
-    return lines[-1]
 
 
 @pytest.fixture

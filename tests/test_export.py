@@ -276,5 +276,5 @@ def test_cli_export_errors_are_one_line(runs, tmp_path, capsys):
     fails_cleanly(
         capsys,
         ["export", str(tmp_path / "nope"), str(tmp_path / "q")],
-        "not a tunesmith checkpoint",
+        "checkpoint not found",
     )

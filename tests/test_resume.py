@@ -348,3 +348,40 @@ def test_checkpoints_are_due_by_steps_or_by_minutes(tmp_path, monkeypatch):
     now[0] += 2.0
     assert by_time.due(3)
     assert not Checkpointer(tmp_path).due(7)  # nothing configured
+
+
+def test_a_bad_input_with_overwrite_keeps_the_previous_run(dropout_bert, data_csv, tmp_path):
+    from tunesmith.errors import DataError
+
+    out = tmp_path / "run"
+    cfg = run_config(dropout_bert, data_csv, out, "full", max_steps=2)
+    train(Config.from_dict(cfg), progress=False)
+    before = sorted(p.name for p in out.iterdir())
+    broken = tmp_path / "broken.csv"
+    broken.write_text("text,label\n")  # a header and no rows
+    bad = {**cfg, "data": {**cfg["data"], "train": str(broken)}, "train": {**cfg["train"]}}
+    bad["train"]["overwrite"] = True
+    with pytest.raises(DataError):
+        train(Config.from_dict(bad), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.mark.parametrize("where", ["inside-run", "holds-data"])
+def test_output_dir_cannot_reach_into_other_runs_or_inputs(
+    where, dropout_bert, data_csv, tmp_path
+):
+    from tunesmith.errors import ConfigError
+
+    first = tmp_path / "runs" / "a"
+    cfg = run_config(dropout_bert, data_csv, first, "full", max_steps=1)
+    train(Config.from_dict(cfg), progress=False)
+    if where == "inside-run":
+        target, needle = tmp_path / "runs" / "b" / ".." / "a" / "nested", "inside the run folder"
+    else:  # the data was kept in the run folder it would replace
+        target, needle = first, "contains data.train"
+        cfg["data"]["train"] = str(shutil.copy(data_csv, first / "kept.csv"))
+    cfg["train"].update(output_dir=str(target), overwrite=True)
+    with pytest.raises(ConfigError, match=needle):
+        train(Config.from_dict(cfg), progress=False)
+    assert (first / "final" / "model.safetensors").is_file()
+    assert Path(cfg["data"]["train"]).is_file()

@@ -20,15 +20,22 @@ import torch
 from safetensors import safe_open
 
 from tunesmith.config import Config
-from tunesmith.errors import ConfigError, ModelError
+from tunesmith.errors import ConfigError
 from tunesmith.methods.base import METHODS
-from tunesmith.methods.peft_methods import PeftMethod
-from tunesmith.modeling import load_tokenizer, quiet_transformers
+from tunesmith.methods.peft_methods import PeftMethod, adapter_load_errors
+from tunesmith.modeling import (
+    check_base_model,
+    check_weights,
+    checkpoint_manifest,
+    load_tokenizer,
+    quiet_transformers,
+)
 from tunesmith.tasks.base import get_task
 from tunesmith.train.checkpoint import read_manifest
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PROMPT_LEARNING = {"prefix", "prompt"}
+_SAFETENSORS_ONLY = "the adapter library holds safetensors adapters only; convert them"
 
 
 class AdapterLibrary:
@@ -70,26 +77,37 @@ class AdapterLibrary:
         Raises:
             ConfigError: Bad or taken name, not a peft adapter checkpoint, or a
                 base model / method family different from the library's.
+            ModelError: Not a checkpoint folder, pickle-only weights, or its base
+                model is missing or no longer the architecture it was trained on.
         """
         if not _NAME.match(name):
             raise ConfigError(f"adapter name '{name}': use letters, digits, '.', '_' or '-'")
         target = self.root / name
         if target.exists():
             raise ConfigError(f"adapter '{name}' already exists in {self.root}; delete it first")
-        manifest = read_manifest(checkpoint)
-        if not manifest:
-            raise ModelError(f"{checkpoint}: not a tunesmith checkpoint (no tunesmith.json)")
+        manifest = checkpoint_manifest(checkpoint)
         method = METHODS.get(manifest["method"])
         if not (method.saves_adapter and issubclass(method, PeftMethod)):
             raise ConfigError(
                 f"{checkpoint}: method '{manifest['method']}' is not a peft adapter "
                 "(the library holds lora, dora, ia3, prefix or prompt checkpoints)"
             )
+        check_weights(Path(checkpoint), hint=_SAFETENSORS_ONLY)
+        check_base_model(checkpoint, manifest)
         for other in self.info():
             if other["base_model"] != manifest["base_model"]:
                 raise ConfigError(
                     f"{checkpoint}: base model {manifest['base_model']} differs from the "
                     f"library's ({other['base_model']}); adapters must share one base"
+                )
+            theirs = read_manifest(self.root / other["name"]).get("base_signature")
+            ours = manifest.get("base_signature")
+            if theirs and ours and theirs != ours:
+                changed = ", ".join(k for k in ours if theirs.get(k) != ours[k])
+                raise ConfigError(
+                    f"{checkpoint}: trained on another version of {manifest['base_model']} "
+                    f"than the library's adapter '{other['name']}' (differs in: {changed}); "
+                    "adapters must share one base"
                 )
             if (other["method"] in _PROMPT_LEARNING) != (manifest["method"] in _PROMPT_LEARNING):
                 raise ConfigError(
@@ -134,17 +152,23 @@ class MultiAdapterPredictor:
         self.padding: dict[str, str | None] = {}
         first, *rest = self.folders
         for name, folder in self.folders.items():
-            manifest = read_manifest(folder)
+            manifest = checkpoint_manifest(folder)
             cfg = Config.from_dict(manifest["config"], source=str(folder / "tunesmith.json"))
+            check_weights(folder, hint=_SAFETENSORS_ONLY)
+            check_base_model(folder, manifest)
             self.tasks[name] = get_task(cfg)
             self.labels[name] = list(manifest["labels"])
             self.padding[name] = manifest.get("padding_side")
         self.tokenizer = load_tokenizer(str(self.folders[first]))
         base = self.tasks[first].build_model(self.labels[first], self.tokenizer)
-        self.model = PeftModel.from_pretrained(base, str(self.folders[first]), adapter_name=first)
+        with adapter_load_errors(self.folders[first]):
+            self.model = PeftModel.from_pretrained(
+                base, str(self.folders[first]), adapter_name=first
+            )
         for name in rest:
-            _shape_heads_for(self.model, self.folders[name], name)
-            self.model.load_adapter(str(self.folders[name]), adapter_name=name)
+            with adapter_load_errors(self.folders[name]):
+                _shape_heads_for(self.model, self.folders[name], name)
+                self.model.load_adapter(str(self.folders[name]), adapter_name=name)
         self.model.eval()
 
     @property

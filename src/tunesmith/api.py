@@ -20,15 +20,23 @@ from typing import Any
 
 import torch
 
-from tunesmith import __version__
+from tunesmith import __version__, paths
 from tunesmith.config import Config
 from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.data.labels import check_labels
 from tunesmith.data.pipeline import select_by_source
-from tunesmith.errors import ConfigError, DataError, ModelError
+from tunesmith.errors import ConfigError, DataError
 from tunesmith.evaluate.runner import evaluate_dataset, make_eval_loader, predict_loader
 from tunesmith.methods.base import METHODS, get_method
-from tunesmith.modeling import check_model_source, load_tokenizer, quiet_transformers
+from tunesmith.modeling import (
+    base_signature,
+    check_base_model,
+    check_model_source,
+    check_weights,
+    checkpoint_manifest,
+    load_tokenizer,
+    quiet_transformers,
+)
 from tunesmith.param_table import format_parameter_table, parameter_table
 from tunesmith.tasks.base import Task, get_task
 from tunesmith.train.checkpoint import read_manifest, save_model_folder
@@ -102,8 +110,12 @@ def train(
     checkpoint = resolve_checkpoint(resume, t.output_dir) if resume is not None else None
     if checkpoint is not None:
         out = run_dir_of(checkpoint)
+        if out != Path(t.output_dir).resolve():
+            log.info("resuming the run in %s (not train.output_dir %s)", out, t.output_dir)
     else:
-        out = _prepare_output_dir(Path(t.output_dir), t.overwrite, accelerator.is_main_process)
+        out = Path(t.output_dir)
+        _check_output_dir(out, t.overwrite)
+        _check_not_inside_inputs_or_runs(out, cfg)
 
     splits = task.load_splits()
     for note in splits.notes:
@@ -136,6 +148,8 @@ def train(
 
     # transformers does not save a padding side changed after loading: keep it ourselves.
     manifest = {**_manifest(cfg, splits.labels), "padding_side": tokenizer.padding_side}
+    if checkpoint is None:  # only now, with data, tokenizer and model known to be good
+        _prepare_output_dir(out, t.overwrite, accelerator.is_main_process)
     fingerprint = data_fingerprint(train_set.features)
     if checkpoint is not None:
         check_resumable(checkpoint, cfg, fingerprint, force=force)
@@ -202,7 +216,12 @@ def train(
     )
     if len(test_set) and accelerator.is_main_process:
         chosen = best_dir or final_dir
-        result.test_metrics = evaluate(chosen, records=splits.test)
+        result.test_metrics = evaluate(
+            chosen,
+            records=splits.test,
+            trust_remote_code=cfg.model.trust_remote_code,
+            allow_unsafe_weights=cfg.model.allow_unsafe_weights,
+        )
         trainer.metrics_log.write(
             {
                 "step": loop.steps,
@@ -218,15 +237,28 @@ def train(
     return result
 
 
-def load_checkpoint(checkpoint: str | Path) -> tuple[Config, Task, Any, Any, list[str]]:
-    """Config, task, model, tokenizer and labels of a saved ``best/``/``final/`` folder."""
+def load_checkpoint(
+    checkpoint: str | Path, *, trust_remote_code: bool = False, allow_unsafe_weights: bool = False
+) -> tuple[Config, Task, Any, Any, list[str]]:
+    """Config, task, model, tokenizer and labels of a saved ``best/``/``final/`` folder.
+
+    The two permissions come from the caller, never from the checkpoint's own
+    manifest: a folder received from someone else must not be able to switch
+    on remote code or pickle loading by saying so in its ``tunesmith.json``.
+    """
     quiet_transformers()
     folder = Path(checkpoint)
-    manifest = read_manifest(folder)
-    if not manifest:
-        raise ModelError(f"{checkpoint}: not a tunesmith checkpoint (no tunesmith.json)")
-    cfg = Config.from_dict(manifest["config"], source=str(folder / "tunesmith.json"))
+    manifest = checkpoint_manifest(folder)
+    saved = Config.from_dict(manifest["config"], source=str(folder / "tunesmith.json"))
+    permissions = {
+        "trust_remote_code": trust_remote_code,
+        "allow_unsafe_weights": allow_unsafe_weights,
+    }
+    cfg = saved.model_copy(update={"model": saved.model.model_copy(update=permissions)})
     task = get_task(cfg)
+    check_weights(folder, allow_unsafe_weights=cfg.model.allow_unsafe_weights)
+    if METHODS.get(cfg.method.name).saves_adapter:
+        check_base_model(folder, manifest)
     tokenizer = load_tokenizer(str(folder))
     tokenizer.padding_side = manifest.get("padding_side", tokenizer.padding_side)
     labels = list(manifest.get("labels", []))
@@ -241,6 +273,8 @@ def evaluate(
     split: str | None = None,
     records: list[dict[str, Any]] | None = None,
     batch_size: int = 64,
+    trust_remote_code: bool = False,
+    allow_unsafe_weights: bool = False,
 ) -> dict[str, Any]:
     """Metrics of a saved checkpoint on a file, on a split of its run, or on records.
 
@@ -251,8 +285,12 @@ def evaluate(
             checkpoint came from (as recorded in ``splits.json``).
         records: Already loaded records (used by ``train`` for the test split).
         batch_size: Evaluation batch size.
+        trust_remote_code: Run the model folder's own code (only for folders you trust).
+        allow_unsafe_weights: Accept pickle weights (loaded with ``weights_only=True``).
     """
-    cfg, task, model, tokenizer, labels = load_checkpoint(checkpoint)
+    cfg, task, model, tokenizer, labels = load_checkpoint(
+        checkpoint, trust_remote_code=trust_remote_code, allow_unsafe_weights=allow_unsafe_weights
+    )
     if records is None:
         records = _records_for(task, cfg, checkpoint, data, split)
     check_labels(records, {lab: i for i, lab in enumerate(labels)}, split or "evaluation")
@@ -276,9 +314,16 @@ def predict(
     *,
     input_path: str | None = None,
     batch_size: int = 64,
+    trust_remote_code: bool = False,
+    allow_unsafe_weights: bool = False,
 ) -> list[dict[str, Any]]:
-    """Predictions of a saved checkpoint for texts or an (unlabelled) data file."""
-    _cfg, task, model, tokenizer, labels = load_checkpoint(checkpoint)
+    """Predictions of a saved checkpoint for texts or an (unlabelled) data file.
+
+    The permissions are as for ``evaluate``: the caller's, never the checkpoint's.
+    """
+    _cfg, task, model, tokenizer, labels = load_checkpoint(
+        checkpoint, trust_remote_code=trust_remote_code, allow_unsafe_weights=allow_unsafe_weights
+    )
     records = input_records(task, texts, input_path)
     return predict_records(model, task, tokenizer, labels, records, batch_size)
 
@@ -346,8 +391,13 @@ def _check_metric(cfg: Config, task: Task) -> None:
         )
 
 
-def _prepare_output_dir(out: Path, overwrite: bool, main: bool) -> Path:
-    """Create the run folder; never replace a previous run without ``overwrite``."""
+def _check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a run folder that may not be replaced.
+
+    Raises:
+        ConfigError: It holds a previous run and ``overwrite`` is off, or it
+            holds files that are not a tunesmith run.
+    """
     if out.exists() and any(out.iterdir()):
         is_run = any((out / m).exists() for m in RUN_MARKERS)
         if not overwrite:
@@ -360,8 +410,44 @@ def _prepare_output_dir(out: Path, overwrite: bool, main: bool) -> Path:
                 f"train.output_dir: {out} holds files that are not a tunesmith run; "
                 "refusing to delete them even with train.overwrite=true"
             )
-        if main:
-            shutil.rmtree(out)
+
+
+def _check_not_inside_inputs_or_runs(out: Path, cfg: Config) -> None:
+    """The run folder may not sit inside another run, nor hold the model or the data.
+
+    ``..`` in a path cannot smuggle one run's outputs into another's folder,
+    and ``train.overwrite`` can never delete the inputs of the run itself.
+
+    Raises:
+        ConfigError: Naming the folder it collides with.
+    """
+    target = out.resolve()
+    for parent in target.parents:
+        if any((parent / m).is_file() for m in RUN_MARKERS):
+            raise ConfigError(
+                f"train.output_dir: {out} lies inside the run folder {parent}; "
+                "choose a folder outside other runs"
+            )
+    d = cfg.data
+    inputs = {"model.name_or_path": cfg.model.name_or_path}
+    inputs |= {f"data.{k}": getattr(d, k, None) for k in ("train", "validation", "test")}
+    for key, value in inputs.items():
+        if value and paths.exists(Path(value)) and Path(value).resolve().is_relative_to(target):
+            raise ConfigError(
+                f"train.output_dir: {out} contains {key} ({value}); a run folder is replaced "
+                "on overwrite, so keep models and data outside it"
+            )
+
+
+def _prepare_output_dir(out: Path, overwrite: bool, main: bool) -> Path:
+    """Create the run folder, replacing a previous run only with ``overwrite``.
+
+    Called after the data, tokenizer and model loaded, so a bad input never
+    costs the previous run.
+    """
+    _check_output_dir(out, overwrite)
+    if main and out.exists() and any(out.iterdir()):
+        shutil.rmtree(out)
     if main:
         out.mkdir(parents=True, exist_ok=True)
     return out
@@ -374,6 +460,8 @@ def _manifest(cfg: Config, labels: list[str]) -> dict[str, Any]:
         "method": cfg.method.name,
         "adapter": METHODS.get(cfg.method.name).saves_adapter,
         "base_model": cfg.model.name_or_path,
+        # Adapter checkpoints are refused on a base of another architecture or size.
+        "base_signature": base_signature(cfg.model.name_or_path),
         "labels": labels,
         "config": json.loads(json.dumps(cfg.model_dump(mode="json"))),
     }
@@ -390,12 +478,16 @@ def _records_for(
     prov_path = run_dir / "splits.json"
     if not prov_path.is_file():
         raise DataError(f"{prov_path}: not found; give the data file instead of --split")
-    provenance = json.loads(prov_path.read_text())
-    if split not in provenance["rows"] or not provenance["rows"][split]:
+    try:
+        provenance = json.loads(prov_path.read_text(encoding="utf-8"))
+        rows, files = provenance["rows"], list(provenance["files"].values())
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise DataError(f"{prov_path}: unreadable ({err}); give the data file instead") from None
+    if split not in rows or not rows[split]:
         raise DataError(f"{prov_path}: the run has no '{split}' split")
-    files = [p for p in provenance["files"].values() if p]
+    files = [p for p in files if p]
     missing = [p for p in files if not os.path.exists(p)]
     if missing:
         raise DataError(f"data file of the run not found: {missing[0]}")
     pool = [r for p in files for r in task.load_records(p, dropped=[])]
-    return select_by_source(pool, provenance["rows"][split])
+    return select_by_source(pool, rows[split])

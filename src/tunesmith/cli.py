@@ -41,6 +41,19 @@ Overrides = Annotated[
     list[str] | None, typer.Argument(help="Dotted overrides, e.g. optim.lr=3e-5 train.epochs=2")
 ]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")]
+TrustRemoteCode = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Run the checkpoint's own model code (never taken from the checkpoint itself).",
+    ),
+]
+AllowUnsafeWeights = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unsafe-weights", help="Accept pickle weights (loaded with weights_only=True)."
+    ),
+]
 
 
 @app.callback()
@@ -119,11 +132,20 @@ def eval_(
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_unsafe_weights: AllowUnsafeWeights = False,
 ) -> None:
     """Evaluate a saved checkpoint on a data file or on its run's validation/test split."""
     from tunesmith.api import evaluate
 
-    metrics = evaluate(checkpoint, data, split=split, batch_size=batch_size)
+    metrics = evaluate(
+        checkpoint,
+        data,
+        split=split,
+        batch_size=batch_size,
+        trust_remote_code=trust_remote_code,
+        allow_unsafe_weights=allow_unsafe_weights,
+    )
     typer.echo(json.dumps(metrics, indent=1) if as_json else _metrics_text(metrics))
 
 
@@ -141,6 +163,8 @@ def predict(
     ] = None,
     library: Library = Path("adapters"),
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_unsafe_weights: AllowUnsafeWeights = False,
 ) -> None:
     """Predict labels (with probabilities) for --text or an --input file, as JSONL.
 
@@ -166,7 +190,14 @@ def predict(
             )
         ]
     else:
-        rows = run_predict(checkpoint, text, input_path=input, batch_size=batch_size)
+        rows = run_predict(
+            checkpoint,
+            text,
+            input_path=input,
+            batch_size=batch_size,
+            trust_remote_code=trust_remote_code,
+            allow_unsafe_weights=allow_unsafe_weights,
+        )
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if output is None:
         sys.stdout.write(lines)

@@ -16,6 +16,7 @@ working directory, like any other command-line path.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -29,6 +30,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from tunesmith import paths
 from tunesmith.config_base import Section, check_choice, suggest
 from tunesmith.errors import ConfigError
 from tunesmith.methods.settings import MethodConfig
@@ -249,8 +251,14 @@ class Config(Section):
             raise ConfigError(f"config file not found: {source}") from None
         except IsADirectoryError:
             raise ConfigError(f"config path is a folder, not a YAML file: {source}") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {source}: {exc}") from None
+        except UnicodeDecodeError as exc:
+            line = exc.object.count(b"\n", 0, exc.start) + 1
+            raise ConfigError(
+                f"{source}:{line}: not valid UTF-8 text (byte 0x{exc.object[exc.start]:02x}); "
+                "save the config as UTF-8 text"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {source}: {exc.strerror or exc}") from None
         data, lines = _parse_yaml(text, source)
         return cls._build(_resolve_paths(data, path.parent), source, overrides, lines)
 
@@ -314,7 +322,9 @@ def apply_overrides(d: Mapping[str, Any], overrides: Iterable[str]) -> dict[str,
                 child = node[part] = {}
             elif not isinstance(child, dict):
                 where = ".".join(path[:depth])
-                raise ConfigError(f"override '{text}': '{where}' is a value, not a section")
+                raise ConfigError(
+                    f"override '{_show(text)}': '{_show(where)}' is a value, not a section"
+                )
             node = child
         node[path[-1]] = value
     return result
@@ -325,15 +335,24 @@ def _parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     key, sep, raw = str(text).partition("=")
     path = tuple(part.strip() for part in key.split("."))
     if not sep or not all(path):
-        raise ConfigError(f"override '{text}': {_OVERRIDE_FORM}")
+        raise ConfigError(f"override '{_show(text)}': {_OVERRIDE_FORM}")
     try:
-        value = yaml.safe_load(raw)
+        value = _construct(raw)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': invalid YAML value: {_yaml_problem(exc)}") from None
+        raise ConfigError(
+            f"override '{_show(text)}': invalid YAML value: {_yaml_problem(exc)}"
+        ) from None
     quoted = raw.strip().startswith(("'", '"'))
     if isinstance(value, str) and not quoted and _NUMBER.fullmatch(value.strip()):
-        value = float(value)
+        with contextlib.suppress(ValueError):  # "1_e5": not a float; validation says so
+            value = float(value)
     return path, value
+
+
+def _show(text: Any) -> str:
+    """User text inside a message, with line breaks and control characters escaped."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -342,25 +361,69 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return " ".join(str(problem).split())
 
 
+def _at_end(problem: str) -> bool:
+    """True when PyYAML ran into the end of the file (an unclosed bracket or quote)."""
+    return "<stream end>" in problem or "end of stream" in problem
+
+
 def _not_a_mapping(value: Any) -> str:
     found = "an empty file" if value is None else f"a {type(value).__name__}"
     return f"expected a mapping of sections (model:, data:, ...) at the top level, got {found}"
 
 
+class _Loader(yaml.SafeLoader):
+    """``SafeLoader`` whose failures on bad scalars (``2020-13-45``, ``!!int x``) are YAML errors.
+
+    PyYAML's constructors raise plain ``ValueError``/``TypeError`` for such values;
+    turning them into ``ConstructorError`` at the node gives them a line number.
+    """
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ArithmeticError, AttributeError, LookupError, TypeError, ValueError) as exc:
+            kind = str(node.tag).rsplit(":", 1)[-1]
+            shown = repr(node.value)[:60] if isinstance(node, yaml.ScalarNode) else "the value"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {shown} as a {kind} ({exc})", node.start_mark
+            ) from None
+
+
+def _construct(text: str) -> Any:
+    """``yaml.safe_load`` with :class:`_Loader`: every failure is a ``yaml.YAMLError``."""
+    try:
+        loader = _Loader(text)  # the reader rejects control characters right here
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+
+
 def _parse_yaml(text: str, source: str) -> tuple[dict[str, Any], _Lines]:
     """Parse YAML once into data plus a map from key path to 1-based line number."""
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = _Loader(text)  # the reader rejects control characters right here
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
+        if exc.context_mark is not None and _at_end(str(exc.problem)):
+            mark = exc.context_mark  # an unclosed bracket or quote: where it opened
         line = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{source}{line}: invalid YAML: {_yaml_problem(exc)}") from None
+    except yaml.reader.ReaderError as exc:  # a control character: no mark, only an offset
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError(f"{source}:{line}: invalid YAML: {_yaml_problem(exc)}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: invalid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {_not_a_mapping(data)}")
     lines: _Lines = {}
@@ -383,7 +446,7 @@ def _collect_lines(
             child = (*path, key_node.value)
             line = key_node.start_mark.line + 1
             if key_node.value in seen:
-                raise ConfigError(f"{source}:{line}: duplicate key '{'.'.join(child)}'")
+                raise ConfigError(f"{source}:{line}: duplicate key '{_show('.'.join(child))}'")
             seen.add(key_node.value)
             lines[child] = line
             _collect_lines(value_node, child, lines, source, active)
@@ -402,9 +465,10 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
             value = values.get(key)
             if isinstance(value, str) and value and not Path(value).is_absolute():
                 candidate = base / value
-                if candidate.exists():
+                if paths.exists(candidate):
                     values[key] = os.path.abspath(candidate)
     return data
+
 
 
 def _resolve_assets(data: dict[str, Any]) -> dict[str, Any]:
@@ -423,7 +487,7 @@ def _resolve_assets(data: dict[str, Any]) -> dict[str, Any]:
                 name = value.removeprefix("asset:")
                 if name not in ASSETS:
                     raise ConfigError(
-                        f"{section}.{key}: unknown asset '{name}'{suggest(name, ASSETS)} "
+                        f"{section}.{key}: unknown asset '{_show(name)}'{suggest(name, ASSETS)} "
                         f"(known: {', '.join(ASSETS)})"
                     )
                 values[key] = str(locate(ASSETS[name]))
@@ -448,7 +512,7 @@ def _describe(exc: ValidationError, source: str, lines: _Lines, origins: _Origin
     errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
     error = errors[0]
     loc = tuple(str(part) for part in error["loc"])
-    key = ".".join(loc)
+    key = _show(".".join(loc))
     kind = error["type"]
     value = error.get("input")
     if kind == "missing":
@@ -462,6 +526,8 @@ def _describe(exc: ValidationError, source: str, lines: _Lines, origins: _Origin
         message = f"unknown key '{key}'{hint}"
     else:
         text = error["msg"].removeprefix("Value error, ")
+        if kind == "model_type":  # pydantic names the class: "instance of ModelConfig"
+            text = "expected a section of settings (indented key: value lines)"
         message = f"{key}: {text}" if key else text
         if kind not in ("value_error", "assertion_error") and not isinstance(value, dict):
             shown = repr(value)
@@ -480,12 +546,12 @@ def _where(loc: tuple[str, ...], kind: str, source: str, lines: _Lines, origins:
     latest_first = list(reversed(origins.items()))
     for path, text in latest_first:  # the override set this key or a section holding it
         if loc[: len(path)] == path:
-            return f"override '{text}'"
+            return f"override '{_show(text)}'"
     if loc in lines and kind != "missing":
         return f"{source}:{lines[loc]}"
     for path, text in latest_first:  # the override wrote below this key (optim.lr.x=1)
         if path[: len(loc)] == loc and loc:
-            return f"override '{text}'"
+            return f"override '{_show(text)}'"
     if kind != "missing":  # a missing key has no line; its section's line would mislead
         for end in range(len(loc) - 1, 0, -1):
             if loc[:end] in lines:

@@ -16,10 +16,12 @@ import io
 import json
 import lzma
 import re
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tunesmith import paths
 from tunesmith.data.labels import normalise_label
 from tunesmith.errors import DataError
 
@@ -33,7 +35,9 @@ _CONFIG_KEYS = {
     "label": "data.label_column",
 }
 _BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _SPACE = re.compile(r"[ \t\r\n]*")
+_NUMERIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def load_records(
@@ -43,6 +47,7 @@ def load_records(
     text_pair_column: str | None = None,
     label_column: str | None = "label",
     dropped: list[str] | None = None,
+    check_label_kinds: bool = True,
 ) -> list[dict[str, Any]]:
     """Load a data set file (or ``save_to_disk`` folder) into records.
 
@@ -56,6 +61,9 @@ def load_records(
         dropped: When given, rows with an empty text or label are skipped and
             their sources appended here (real data has such rows); when None,
             such a row is an error.
+        check_label_kinds: Refuse a label column mixing numbers and names (``1``
+            and ``"pos"``, also ``"1"`` and ``"pos"`` in a CSV): almost always a
+            data bug. Off when the user lists the labels to keep (``data.labels``).
 
     Returns:
         Records ``{"text", ["text_pair"], "label", "source"}`` in file order.
@@ -64,7 +72,7 @@ def load_records(
         DataError: On any missing, malformed or inconsistent input.
     """
     path = Path(path)
-    if not path.exists():
+    if not paths.exists(path):
         raise DataError(_not_found_message(path))
     wanted = {"text": text_column, "text_pair": text_pair_column, "label": label_column}
     wanted = {key: col for key, col in wanted.items() if col is not None}
@@ -74,13 +82,21 @@ def load_records(
         columns, rows = _read_file(path)
     _check_columns(path.name, columns, wanted)
     records = []
+    kinds: dict[str, tuple[int, str, Any]] = {}  # label kind -> (rows, first source, value)
     for source, raw in rows:
         if dropped is not None and _is_empty_row(raw, wanted):
             dropped.append(source)
             continue
-        records.append(_make_record(source, raw, wanted))
+        record = _make_record(source, raw, wanted)
+        records.append(record)
+        if record["label"] is not None:
+            kind = "number" if _NUMERIC.fullmatch(record["label"]) else "text"
+            count, first, example = kinds.get(kind, (0, source, raw.get(wanted["label"])))
+            kinds[kind] = (count + 1, first, example)
     if not records:
         raise DataError(f"{path.name}: no rows (only a header); add data rows")
+    if check_label_kinds and len(kinds) > 1:
+        raise _mixed_labels_error(wanted["label"], kinds)
     return records
 
 
@@ -105,6 +121,27 @@ def filter_labels(
         else:
             dropped[label] = dropped.get(label, 0) + 1
     return kept, dropped
+
+
+def _mixed_labels_error(column: str, kinds: Mapping[str, tuple[int, str, Any]]) -> DataError:
+    """Name the first row of the rarest label kind and an example of the commonest."""
+    order = sorted(kinds, key=lambda kind: kinds[kind][0])
+    rare, common = order[0], order[-1]
+    count, source, value = kinds[rare]
+    others, other_source, other_value = kinds[common]
+    rows = "1 row" if count == 1 else f"{count} rows"
+    return DataError(
+        f"{source}: label {_short(value)} is {'a number' if rare == 'number' else 'text'}, "
+        f"but column {column!r} also holds "
+        f"{common} labels ({others} rows, e.g. {_short(other_value)} at {other_source}; "
+        f"{rows} with {rare} labels); use one kind of label throughout, or list the labels "
+        "to keep in data.labels"
+    )
+
+
+def _short(value: Any) -> str:
+    text = _one_line(json.dumps(value) if not isinstance(value, str) else repr(value))
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _not_found_message(path: Path) -> str:
@@ -140,7 +177,7 @@ def _read_bytes(path: Path, compression: str | None) -> bytes:
         return data
     try:
         return COMPRESSIONS[compression](data)
-    except (OSError, EOFError, ValueError, lzma.LZMAError) as err:
+    except (OSError, EOFError, ValueError, lzma.LZMAError, zlib.error) as err:
         raise DataError(
             f"{path.name}: cannot decompress {compression} data ({_one_line(err)}); "
             "check the file is complete and its suffix matches its compression"
@@ -148,10 +185,16 @@ def _read_bytes(path: Path, compression: str | None) -> bytes:
 
 
 def _decode(name: str, data: bytes) -> str:
-    """Decode UTF-8 (dropping a BOM), naming the line of the first bad byte."""
+    """Decode UTF-8 (dropping a BOM), naming the line of the first bad or NUL byte.
+
+    A NUL byte is valid UTF-8 but never text: the file is binary, or UTF-16
+    (whose ASCII characters each carry a NUL byte).
+    """
+    if data.startswith(_UTF16_BOMS):
+        raise DataError(f"{name}:1: the file is UTF-16 text; re-save it as UTF-8")
     skip = len(_BOM) if data.startswith(_BOM) else 0
     try:
-        return data[skip:].decode("utf-8")
+        text = data[skip:].decode("utf-8")
     except UnicodeDecodeError as err:
         offset = skip + err.start
         line = data.count(b"\n", 0, offset) + 1
@@ -159,6 +202,14 @@ def _decode(name: str, data: bytes) -> str:
             f"{name}:{line}: not valid UTF-8 text (byte 0x{data[offset]:02x} at offset "
             f"{offset}); re-save the file as UTF-8"
         ) from err
+    if "\x00" in text:
+        offset = data.index(b"\x00")
+        line = data.count(b"\n", 0, offset) + 1
+        raise DataError(
+            f"{name}:{line}: NUL byte at offset {offset}: the file is binary or UTF-16, "
+            "not UTF-8 text; re-save it as UTF-8 text"
+        )
+    return text
 
 
 def _read_file(path: Path) -> tuple[list[str], list[Row]]:
@@ -191,8 +242,9 @@ def _read_delimited(name: str, text: str, delimiter: str) -> tuple[list[str], li
                 header = [h.strip() for h in fields]
                 continue
             if len(fields) != len(header):
+                names = _one_line(", ".join(header))
                 raise DataError(
-                    f"{name}:{line}: expected {len(header)} fields ({', '.join(header)}) but "
+                    f"{name}:{line}: expected {len(header)} fields ({names}) but "
                     f"found {len(fields)}; quote values that contain the delimiter or a line "
                     "break, and check for a stray or unclosed quote"
                 )
@@ -212,15 +264,21 @@ def _read_json_lines(name: str, text: str) -> Iterator[Row]:
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as err:
+        except (ValueError, RecursionError) as err:  # ValueError: also huge integers
             raise _json_error(f"{name}:{number}", err) from err
         yield _require_object(f"{name}:{number}", obj)
 
 
-def _json_error(where: str, err: json.JSONDecodeError) -> DataError:
+def _json_error(where: str, err: Exception) -> DataError:
     """Word a JSON syntax error with its location."""
+    if isinstance(err, json.JSONDecodeError):
+        reason = f"{err.msg.removesuffix(' at')} at column {err.colno}"
+    elif isinstance(err, RecursionError):
+        reason = "nested too deeply"
+    else:
+        reason = _one_line(err)
     return DataError(
-        f"{where}: invalid JSON ({err.msg} at column {err.colno}); fix that line (write one "
+        f"{where}: invalid JSON ({reason}); fix that line (write one "
         "object per line, or a single array of objects in a .json file)"
     )
 
@@ -236,6 +294,8 @@ def _read_json_array(name: str, text: str) -> Iterator[Row]:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
             raise _json_error(f"{name}:{err.lineno}", err) from err
+        except (ValueError, RecursionError) as err:
+            raise _json_error(f"{name}:{text.count(chr(10), 0, pos) + 1}", err) from err
         yield _require_object(f"{name}:{text.count(chr(10), 0, pos) + 1}", obj)
         pos = _SPACE.match(text, end).end()
         if text.startswith("]", pos):
@@ -315,7 +375,8 @@ def _check_columns(name: str, columns: list[str], wanted: dict[str, str]) -> Non
     for key, column in wanted.items():
         if column in columns:
             continue
-        listed = ", ".join(columns[:20]) + (", ..." if len(columns) > 20 else "")
+        more = ", ..." if len(columns) > 20 else ""
+        listed = _one_line(", ".join(map(str, columns[:20]))) + more
         close = difflib.get_close_matches(column, columns, n=1, cutoff=0.5)
         guess = f"did you mean {close[0]!r}? " if close else ""
         raise DataError(

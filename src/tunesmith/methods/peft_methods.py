@@ -11,15 +11,20 @@ layer methods, and ``train_layers`` restricts LoRA/IA3 to the top blocks.
 from __future__ import annotations
 
 import logging
+import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from torch import nn
 
-from tunesmith.errors import ConfigError
+from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods.base import Method, ParamGroup, register_method
 from tunesmith.methods.layers import EMBEDDINGS, HEAD, LayerMap, discover_layers, head_module_names
 from tunesmith.methods.selection import lr_multiplier_fn
+from tunesmith.modeling import first_line, unpickling_refused
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +114,8 @@ class PeftMethod(Method):
     def load_saved(cls, base: nn.Module, folder: Path) -> nn.Module:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base, str(folder)).eval()
+        with adapter_load_errors(folder):
+            return PeftModel.from_pretrained(base, str(folder)).eval()
 
     @classmethod
     def merged(cls, model: nn.Module) -> nn.Module | None:
@@ -256,6 +262,24 @@ class PromptTuning(PrefixTuning):
 
 
 # -- helpers ------------------------------------------------------------------
+@contextmanager
+def adapter_load_errors(folder: Path | str) -> Iterator[None]:
+    """Turn peft's failures to load an adapter folder into one-line ``ModelError``s."""
+    try:
+        yield
+    except pickle.UnpicklingError as err:  # peft reads .bin adapters with weights_only=True
+        raise unpickling_refused(folder, err) from err
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        raise ModelError(f"{folder}: cannot load the adapter ({first_line(err)})") from err
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise
+        raise ModelError(
+            f"{folder}: the adapter's tensor shapes do not fit the base model (it was trained "
+            "on another base model)"
+        ) from err
+
+
 def _strip(name: str) -> str:
     for prefix in _PREFIXES:
         if name.startswith(prefix):

@@ -110,6 +110,7 @@ class Task(ABC):
             self.auto_class(),
             path,
             trust_remote_code=self.cfg.model.trust_remote_code,
+            allow_unsafe_weights=self.cfg.model.allow_unsafe_weights,
         )
 
     @abstractmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,6 +15,8 @@ from tunesmith.data.pipeline import assemble_splits
 from tunesmith.evaluate.metrics import classification_metrics
 from tunesmith.modeling import load_pretrained
 from tunesmith.tasks.base import Batch, DataSplits, Feature, Task, register_task
+
+log = logging.getLogger(__name__)
 
 _TOKENIZE_CHUNK = 1024
 
@@ -36,6 +39,7 @@ class SequenceClassification(Task):
             text_pair_column=d.text_pair_column,
             label_column=d.label_column if labelled else None,
             dropped=dropped,
+            check_label_kinds=d.labels is None,
         )
 
     def _read_filtered(self, path: str, notes: list[str]) -> list[dict[str, Any]]:
@@ -77,17 +81,44 @@ class SequenceClassification(Task):
         tokenizer: Any,
         label2id: Mapping[str, int] | None,
     ) -> list[Feature]:
+        limit = self.cfg.data.max_length
+        # The tokenizer's model_max_length is the model's position table (load_tokenizer).
+        positions = getattr(tokenizer, "model_max_length", None)
+        cut = positions if isinstance(positions, int) and 0 < positions < limit else None
         features: list[Feature] = []
+        truncated = 0
         for start in range(0, len(records), _TOKENIZE_CHUNK):
             chunk = records[start : start + _TOKENIZE_CHUNK]
             texts = [r["text"] for r in chunk]
             pairs = [r["text_pair"] for r in chunk] if "text_pair" in chunk[0] else None
-            enc = tokenizer(texts, pairs, truncation=True, max_length=self.cfg.data.max_length)
-            for i, rec in enumerate(chunk):
-                feat = {key: enc[key][i] for key in enc}
+            enc = tokenizer(texts, pairs, truncation=True, max_length=limit)
+            rows = [{key: enc[key][i] for key in enc} for i in range(len(chunk))]
+            if cut is not None:
+                long = [i for i, row in enumerate(rows) if len(row["input_ids"]) > cut]
+                truncated += len(long)
+                if long:  # again at the model's limit, so special tokens stay in place
+                    short = tokenizer(
+                        [texts[i] for i in long],
+                        [pairs[i] for i in long] if pairs is not None else None,
+                        truncation=True,
+                        max_length=cut,
+                    )
+                    for j, i in enumerate(long):
+                        rows[i] = {key: short[key][j] for key in short}
+            for feat, rec in zip(rows, chunk, strict=True):
                 if label2id is not None and rec.get("label") is not None:
                     feat["labels"] = label2id[rec["label"]]
                 features.append(feat)
+        if truncated:
+            log.warning(
+                "%d of %d rows are longer than the model's %d positions (data.max_length is "
+                "%d) and were truncated to %d tokens",
+                truncated,
+                len(records),
+                cut,
+                limit,
+                cut,
+            )
         return features
 
     # -- model --------------------------------------------------------------
