@@ -176,23 +176,17 @@ class Trainer:
         model: torch.nn.Module,
         method: Method,
         accelerator: Any,
-        train_set: FeatureDataset,
-        val_set: FeatureDataset,
-        collator: Collator,
-        labels: list[str],
-        metrics_log: MetricsLog,
-        *,
-        on_best: Callable[[torch.nn.Module, dict[str, Any]], None] | None = None,
-        progress: bool = True,
+        *data: Any,
         hooks: Iterable[Any] = (),
-        checkpointer: Checkpointer | None = None,
-        interrupt: GracefulInterrupt | None = None,
+        **options: Any,
     ) -> Trainer:
         """A Trainer for ``model`` as adapted by ``method`` (already applied).
 
         The one place that wires a method into the loop: its parameter groups
         become the optimizer, its layer groups the gradient monitoring, its
-        hooks and LR factors the schedule.
+        hooks and LR factors the schedule. ``data`` is the constructor's
+        ``train_set, val_set, collator, labels, metrics_log``; ``options`` its
+        keyword arguments (``on_best``, ``progress``, ``checkpointer``, ...).
         """
         return cls(
             cfg,
@@ -200,18 +194,11 @@ class Trainer:
             model,
             build_optimizer(method.param_groups(model), cfg.optim),
             accelerator,
-            train_set,
-            val_set,
-            collator,
-            labels,
-            metrics_log,
-            on_best=on_best,
-            progress=progress,
+            *data,
             grad_groups=method.layer_groups(model),
             hooks=[*method.hooks(), *hooks],
             lr_factor=method.lr_factor,
-            checkpointer=checkpointer,
-            interrupt=interrupt,
+            **options,
         )
 
     # -- the loop -----------------------------------------------------------
