@@ -121,3 +121,28 @@ def test_same_seed_same_weights(tiny_bert: Path, tmp_path: Path):
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
+
+
+def test_trained_model_is_freed_before_the_test_evaluation(tiny_bert, tmp_path, monkeypatch):
+    """The reload for the test split must not sit on top of the trained model and its
+    optimizer state (it would raise the run's peak memory)."""
+    import gc
+
+    import tunesmith.api as api
+
+    alive: list[int] = []
+    real_evaluate = api.evaluate
+
+    def counting(*args, **kwargs):
+        gc.collect()
+        alive.append(
+            sum(isinstance(o, torch.nn.Module) and hasattr(o, "bert") for o in gc.get_objects())
+        )
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(api, "evaluate", counting)
+    data = write_csv(tmp_path / "d.csv", toy_rows(80))
+    cfg = tiny_config(tiny_bert, data, tmp_path / "run", train={"epochs": 1})
+    cfg["data"]["test_fraction"] = 0.2
+    result = train(Config.from_dict(cfg), progress=False)
+    assert result.test_metrics and alive == [0]

@@ -10,6 +10,8 @@ the command line does::
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import logging
 import os
@@ -201,10 +203,17 @@ def train(
     if accelerator.is_main_process:
         save_model_folder(
             final_dir,
-            lambda folder: method.save_weights(unwrapped, folder),
+            functools.partial(method.save_weights, unwrapped),
             tokenizer,
             {**manifest, "validation": loop.last_validation},
         )
+    # The test evaluation reloads the chosen checkpoint: free the trained model and
+    # the optimizer state first, so the reload reuses their memory instead of
+    # raising the process's peak.
+    del unwrapped, model, groups, layer_groups
+    trainer.release()
+    accelerator.free_memory()
+    gc.collect()
     best_dir = out / "best" if (out / "best").is_dir() else None
     result = TrainResult(
         output_dir=out,

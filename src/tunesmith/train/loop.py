@@ -326,6 +326,12 @@ class Trainer:
             message = f"training interrupted by {name} before any step; nothing to resume"
         raise TrainingInterrupted(message, self.interrupt.requested)
 
+    def release(self) -> None:
+        """Drop the model, optimizer state and data loader once training is over."""
+        self.optimizer.state.clear()
+        self.model = self.optimizer = self.scheduler = self.loader = None  # type: ignore[assignment]
+        self.grad_groups, self.hooks = {}, []
+
     def train_step(self, window: list[Batch]) -> StepStats:
         """One optimizer step over the micro-batches of ``window``."""
         loss_sum, targets, tokens = self.accumulate(window)
