@@ -142,14 +142,18 @@ def test_bf16_without_native_support_warns_with_the_measured_slowdown(monkeypatc
     assert precision.bf16_slowdown((64, 64, 64), repeats=1) > 0
 
 
-def test_bf16_run_trains(tiny_bert, data, tmp_path):
-    """bf16 autocast runs end to end on CPU (slow per FLOP on AVX2, but a tiny model)."""
-    cfg = Config.from_dict(
-        tiny_config(tiny_bert, data, tmp_path / "run", train={"precision": "bf16", "epochs": 1})
-    )
-    result = train(cfg, progress=False)
-    assert result.loop.steps == 6
-    assert math.isfinite(result.validation_metrics["loss"])
+def test_bf16_reaches_the_accuracy_of_fp32(tiny_bert, tmp_path):
+    """bf16 autocast (slow per FLOP on AVX2, but a tiny model) learns the toy task as fp32 does."""
+    data = write_csv(tmp_path / "toy.csv", toy_rows(240))
+    accuracy = {}
+    for name in ("fp32", "bf16"):
+        cfg = tiny_config(tiny_bert, data, tmp_path / name, train={"precision": name, "epochs": 6})
+        cfg["data"]["test_fraction"] = 0.25
+        result = train(Config.from_dict(cfg), progress=False)
+        assert math.isfinite(result.validation_metrics["loss"])
+        accuracy[name] = result.test_metrics["accuracy"]
+    assert accuracy["fp32"] >= 0.8, accuracy
+    assert abs(accuracy["bf16"] - accuracy["fp32"]) <= 0.1, accuracy
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -118,6 +118,7 @@ def train(
         out = Path(t.output_dir)
         _check_output_dir(out, t.overwrite)
         _check_not_inside_inputs_or_runs(out, cfg)
+        accelerator.wait_for_everyone()  # every process checked before the main one writes
 
     splits = task.load_splits()
     for note in splits.notes:
@@ -152,6 +153,7 @@ def train(
     manifest = {**_manifest(cfg, splits.labels), "padding_side": tokenizer.padding_side}
     if checkpoint is None:  # only now, with data, tokenizer and model known to be good
         _prepare_output_dir(out, t.overwrite, accelerator.is_main_process)
+        accelerator.wait_for_everyone()
     fingerprint = data_fingerprint(train_set.features)
     if checkpoint is not None:
         check_resumable(checkpoint, cfg, fingerprint, force=force)
@@ -454,8 +456,10 @@ def _prepare_output_dir(out: Path, overwrite: bool, main: bool) -> Path:
     Called after the data, tokenizer and model loaded, so a bad input never
     costs the previous run.
     """
+    if not main:  # checked by every process earlier; only the main one writes
+        return out
     _check_output_dir(out, overwrite)
-    if main and out.exists() and any(out.iterdir()):
+    if out.exists() and any(out.iterdir()):
         shutil.rmtree(out)
     if main:
         out.mkdir(parents=True, exist_ok=True)
