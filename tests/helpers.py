@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import yaml
 from torch import nn
@@ -226,3 +227,12 @@ def cli_fails(capsys: Any, args: list[str], *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[-1], (fragment, lines[-1])
     return lines[-1]
+
+
+#: Marks of the tests that train peft adapters: peft still reads a renamed
+#: transformers property (not what they are about), and tiny models run faster
+#: on one thread.
+PEFT_TEST_MARKS = [
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]

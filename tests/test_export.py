@@ -22,6 +22,7 @@ from torch import nn
 
 import tunesmith.api as api
 from conftest import tiny_config, toy_rows, write_csv
+from helpers import PEFT_TEST_MARKS
 from tunesmith.api import TrainResult, load_checkpoint, predict, train
 from tunesmith.cli import main
 from tunesmith.config import Config
@@ -40,11 +41,7 @@ TARGETS = {
 }
 ADAPTER_MARKS = ("lora", "ia3", "base_layer", "modules_to_save", "original_module", "base_model")
 
-#: peft still reads a renamed transformers property (not what these tests are about).
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning"),
-    pytest.mark.usefixtures("one_thread"),
-]
+pytestmark = PEFT_TEST_MARKS
 
 
 @dataclass

@@ -24,7 +24,7 @@ from torch import nn
 
 import tunesmith.api as api
 from conftest import tiny_config, toy_rows, write_csv
-from helpers import bert_config, bert_features, build_model, make_trainer
+from helpers import PEFT_TEST_MARKS, bert_config, bert_features, build_model, make_trainer
 from tunesmith.api import TrainResult, evaluate, load_checkpoint, predict, train
 from tunesmith.config import Config
 from tunesmith.errors import ConfigError
@@ -43,11 +43,7 @@ def method_config(**method: Any) -> Config:
     )
 
 
-#: peft still reads a renamed transformers property (not what these tests are about).
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning"),
-    pytest.mark.usefixtures("one_thread"),
-]
+pytestmark = PEFT_TEST_MARKS
 
 
 # -- end-to-end runs, shared by the tests of this module ------------------------------------

@@ -97,12 +97,11 @@ def check_model_source(name_or_path: str, *, allow_unsafe_weights: bool = False)
             )
         return  # a hub id; transformers resolves it when online
     if not path.is_dir():
-        if path.name.lower().endswith(_UNSAFE_SUFFIXES):
-            raise ModelError(
-                f"{name_or_path}: a pickle file, not a model folder; give the folder with "
-                "config.json and model.safetensors (pickled .bin/.pt weights inside a folder "
-                "load only with model.allow_unsafe_weights=true)"
-            )
+        _refuse_pickle_file(
+            path,
+            name_or_path,
+            "a model folder; give the folder with config.json and model.safetensors",
+        )
         raise ModelError(f"model path is a file, not a model folder: {name_or_path}")
     if not (path / "config.json").is_file():
         raise ModelError(f"{name_or_path}: not a model folder (no config.json)")
@@ -199,13 +198,12 @@ def checkpoint_manifest(checkpoint: str | Path) -> dict[str, Any]:
     if not paths.exists(path):
         raise ModelError(f"checkpoint not found: {checkpoint}")
     if not path.is_dir():
-        if path.name.lower().endswith(_UNSAFE_SUFFIXES):
-            raise ModelError(
-                f"{checkpoint}: a pickle file, not a checkpoint folder; tunesmith never "
-                "unpickles a file given as a checkpoint (give a best/ or final/ folder; "
-                "pickled weights inside a model folder load only with "
-                "model.allow_unsafe_weights=true)"
-            )
+        _refuse_pickle_file(
+            path,
+            checkpoint,
+            "a checkpoint folder; tunesmith never "
+            "unpickles a file given as a checkpoint (give a best/ or final/ folder)",
+        )
         raise ModelError(f"{checkpoint}: a file, not a checkpoint folder (give best/ or final/)")
     try:
         manifest = read_manifest(path)
@@ -343,3 +341,14 @@ def _is_shape_mismatch(err: RuntimeError) -> bool:
     return "size mismatch" in text or "ignore_mismatched_sizes" in text
 
 
+def _refuse_pickle_file(path: Path, given: Any, wanted: str) -> None:
+    """A pickle file given where a folder belongs: refused by name, never unpickled.
+
+    Raises:
+        ModelError: ``path`` ends like a pickle (``.bin``/``.pt``/...).
+    """
+    if path.name.lower().endswith(_UNSAFE_SUFFIXES):
+        raise ModelError(
+            f"{given}: a pickle file, not {wanted}; pickled .bin/.pt weights inside a model "
+            "folder load only with model.allow_unsafe_weights=true"
+        )
