@@ -385,3 +385,16 @@ def test_output_dir_cannot_reach_into_other_runs_or_inputs(
         train(Config.from_dict(cfg), progress=False)
     assert (first / "final" / "model.safetensors").is_file()
     assert Path(cfg["data"]["train"]).is_file()
+
+
+def test_cli_resume_with_relative_paths(dropout_bert, tmp_path, monkeypatch):
+    from tunesmith.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    write_csv(tmp_path / "toy.csv", toy_rows(60))
+    cfg = run_config(dropout_bert, Path("toy.csv"), Path("run"), "full", max_steps=4, save_steps=2)
+    Path("cfg.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg, default=str))))
+    assert main(["train", "cfg.yaml", "--no-progress"]) == 0
+    assert [s for s, _ in list_checkpoints(Path("run"))] == [2]
+    assert main(["train", "cfg.yaml", "--no-progress", "--resume", "latest"]) == 0
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from tunesmith.config import Config
@@ -184,7 +185,9 @@ def check_resumable(checkpoint: Path, cfg: Config, fingerprint: str, *, force: b
     Raises:
         CheckpointError: One line listing the changed keys.
     """
-    saved = Config.load(checkpoint / "config.yaml")
+    path = checkpoint / "config.yaml"
+    # As saved (paths already resolved): Config.load would re-resolve them from here.
+    saved = Config.from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), source=str(path))
     problems = config_diff(saved, cfg)
     if read_state(checkpoint).get("data_fingerprint") != fingerprint:
         problems.append("training data: the encoded training split differs from the checkpoint's")
