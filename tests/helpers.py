@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,3 +237,13 @@ PEFT_TEST_MARKS = [
     pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning"),
     pytest.mark.usefixtures("one_thread"),
 ]
+
+
+def save_base(folder: Path, model: nn.Module, tokenizer_from: Path) -> Path:
+    """A base model folder with the conftest WordPiece tokenizer (same vocabulary size)."""
+    folder.mkdir(parents=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    for f in tokenizer_from.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
+            shutil.copy(f, folder / f.name)
+    return folder

@@ -11,7 +11,6 @@ the method level: default targets per architecture, pattern errors,
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,14 @@ from torch import nn
 
 import tunesmith.api as api
 from conftest import tiny_config, toy_rows, write_csv
-from helpers import PEFT_TEST_MARKS, bert_config, bert_features, build_model, make_trainer
+from helpers import (
+    PEFT_TEST_MARKS,
+    bert_config,
+    bert_features,
+    build_model,
+    make_trainer,
+    save_base,
+)
 from tunesmith.api import TrainResult, evaluate, load_checkpoint, predict, train
 from tunesmith.config import Config
 from tunesmith.errors import ConfigError
@@ -92,16 +98,6 @@ def train_capturing(cfg: Config) -> Run:
         captured["trainable"],
         captured["padding_side"],
     )
-
-
-def save_base(folder: Path, model: nn.Module, tokenizer_from: Path) -> Path:
-    """A base model folder with the conftest WordPiece tokenizer (same vocabulary size)."""
-    folder.mkdir(parents=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    for f in tokenizer_from.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
-            shutil.copy(f, folder / f.name)
-    return folder
 
 
 @pytest.fixture(scope="module")

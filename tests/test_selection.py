@@ -11,7 +11,6 @@ every optimizer group is checked at every step of a short run against
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config, toy_rows, write_csv
-from helpers import Recorder, bert_config, bert_features, build_model, make_trainer
+from helpers import Recorder, bert_config, bert_features, build_model, make_trainer, save_base
 from tunesmith.api import train
 from tunesmith.config import Config
 from tunesmith.errors import ConfigError
@@ -289,16 +288,6 @@ def test_freeze_top_layer_end_to_end_bert(tiny_bert, tmp_path, monkeypatch):
     assert rows["block.1"]["trainable"] == rows["block.1"]["parameters"] > 0
 
 
-def _save_base(folder: Path, model: torch.nn.Module, tokenizer_from: Path) -> Path:
-    """A base model folder with the conftest WordPiece tokenizer (same vocabulary size)."""
-    folder.mkdir(parents=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    for f in tokenizer_from.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
-            shutil.copy(f, folder / f.name)
-    return folder
-
-
 @pytest.mark.parametrize("kind", ["llama", "t5"])
 def test_freeze_top_layer_end_to_end_other_architectures(kind, tiny_bert, tmp_path, monkeypatch):
     from transformers import AutoModel
@@ -306,7 +295,7 @@ def test_freeze_top_layer_end_to_end_other_architectures(kind, tiny_bert, tmp_pa
     cls_model = build_model(kind)
     base_model = AutoModel.from_config(cls_model.config)  # the bare model, no head
     prefix = cls_model.base_model_prefix + "."
-    base_dir = _save_base(tmp_path / kind, base_model, tiny_bert)
+    base_dir = save_base(tmp_path / kind, base_model, tiny_bert)
     initial = _spy_initial(monkeypatch)
     data = write_csv(tmp_path / "d.csv", toy_rows(48))
     cfg = Config.from_dict(
