@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "examples" / "sentiment.yaml"
+from _runs import ROOT, train_run
 
 #: LoRA on every linear layer of the blocks: within 2 points of full fine-tuning here,
 #: where the default query/value targets stayed 2.4 points behind.
@@ -39,23 +35,7 @@ METHODS: dict[str, list[str]] = {
 
 def run(name: str, out: Path) -> dict:
     """Train one method in a subprocess; returns its summary."""
-    run_dir = out / name
-    cmd = [
-        sys.executable,
-        "-m",
-        "tunesmith",
-        "--quiet",
-        "train",
-        str(CONFIG),
-        *METHODS[name],
-        f"train.output_dir={run_dir}",
-        "train.overwrite=true",
-        "--no-progress",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
-    return json.loads((run_dir / "summary.json").read_text())
+    return train_run(METHODS[name], out / name)
 
 
 def table(results: dict[str, dict]) -> str:

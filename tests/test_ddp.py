@@ -57,8 +57,17 @@ def test_two_processes_equal_one_process_over_the_same_global_batch(tiny_bert, t
     path.write_text(yaml.safe_dump(double))
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "tunesmith", "train",
-         str(path), "--no-progress"],
+        [
+            TORCHRUN,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "tunesmith",
+            "train",
+            str(path),
+            "--no-progress",
+        ],
         env=env,
         capture_output=True,
         text=True,

@@ -31,9 +31,7 @@ TEXT_FORMATS = (".csv", ".tsv", ".jsonl", ".json")
 # Text that survives a UTF-8 round trip (no lone surrogates), biased towards YAML,
 # CSV and JSON syntax so the parsers get past their first character.
 SYNTAX = ":-[]{}\"',\t\n #&*!|>%@`?=.0123456789eE+_\\\x00\x01\r"
-texts = st.text(
-    st.characters(blacklist_categories=("Cs",)) | st.sampled_from(SYNTAX), max_size=200
-)
+texts = st.text(st.characters(blacklist_categories=("Cs",)) | st.sampled_from(SYNTAX), max_size=200)
 # Keys a config really has, mixed with near misses, so validation paths are reached.
 SECTION_KEYS = {
     "model": ["name_or_path", "trust_remote_code", "allow_unsafe_weights"],

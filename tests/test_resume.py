@@ -199,7 +199,7 @@ def test_sigterm_writes_a_resumable_checkpoint(reference, dropout_bert, data_csv
     assert "interrupted: training interrupted by SIGTERM" in stderr
     assert "--resume latest" in stderr
     assert not (out / "final").exists()
-    (step, _), = list_checkpoints(out)
+    ((step, _),) = list_checkpoints(out)
     assert 0 < step < 42
     cfg["train"]["save_steps"] = 1  # checkpoint settings may change on resume
     train(Config.from_dict(cfg), progress=False, resume=str(out))
@@ -291,9 +291,7 @@ def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path, dropout_bert, 
     assert main(["train", str(path), "--resume", str(tmp_path / "nope")]) == 2
 
 
-def test_too_little_disk_space_fails_before_training(
-    dropout_bert, data_csv, tmp_path, monkeypatch
-):
+def test_too_little_disk_space_fails_before_training(dropout_bert, data_csv, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = run_config(dropout_bert, data_csv, out, "full")
     real = shutil.disk_usage
@@ -367,9 +365,7 @@ def test_a_bad_input_with_overwrite_keeps_the_previous_run(dropout_bert, data_cs
 
 
 @pytest.mark.parametrize("where", ["inside-run", "holds-data"])
-def test_output_dir_cannot_reach_into_other_runs_or_inputs(
-    where, dropout_bert, data_csv, tmp_path
-):
+def test_output_dir_cannot_reach_into_other_runs_or_inputs(where, dropout_bert, data_csv, tmp_path):
     from tunesmith.errors import ConfigError
 
     first = tmp_path / "runs" / "a"

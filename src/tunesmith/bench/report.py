@@ -51,9 +51,9 @@ def format_tables(results: dict[str, Any]) -> str:
             )
     rows += [
         "",
-        "| pair | lr | tokens/s ts/HF | train time ts/HF | peak RSS ts/HF train / process "
-        "| accuracy ts-HF | same params | same tokens |",
-        "|---|---|---|---|---|---|---|---|",
+        "| pair | epochs | lr | tokens/s ts/HF | train time ts/HF | peak RSS ts/HF train / "
+        "process | accuracy ts-HF | same params | same tokens |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for pair, e in results["pairs"].items():
         q = e["ratios"]
@@ -68,5 +68,6 @@ def format_tables(results: dict[str, Any]) -> str:
             "-" if ok is None else "yes" if ok else "NO"
             for ok in (e["same_trainable_names"], same_tokens)
         ]
-        rows.append(f"| {pair} | {e['lr']:g} | " + " | ".join(cells + flags) + " |")
+        head = f"| {pair} | {e.get('epochs', '-')} | {e['lr']:g} | "
+        rows.append(head + " | ".join(cells + flags) + " |")
     return "\n".join(rows)

@@ -15,8 +15,17 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
-#: Pad values by feature name; features not listed pad with 0.
-PAD_VALUES = {"labels": -100, "attention_mask": 0, "token_type_ids": 0}
+#: Pad values by feature name; features not listed pad with 0. -100 marks "no value"
+#: where 0 is a real one (label ids, word indices, character offsets).
+PAD_VALUES = {
+    "labels": -100,
+    "attention_mask": 0,
+    "token_type_ids": 0,
+    "word_ids": -100,
+    "word_labels": -100,
+    "char_start": -100,
+    "char_end": -100,
+}
 
 
 class FeatureDataset(Dataset):

@@ -33,6 +33,8 @@ _CONFIG_KEYS = {
     "text": "data.text_column",
     "text_pair": "data.text_pair_column",
     "label": "data.label_column",
+    "tokens": "data.tokens_column",
+    "tags": "data.tags_column",
 }
 _BOM = b"\xef\xbb\xbf"
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
@@ -72,15 +74,10 @@ def load_records(
         DataError: On any missing, malformed or inconsistent input.
     """
     path = Path(path)
-    if not paths.exists(path):
-        raise DataError(_not_found_message(path))
     wanted = {"text": text_column, "text_pair": text_pair_column, "label": label_column}
     wanted = {key: col for key, col in wanted.items() if col is not None}
-    if path.is_dir():
-        columns, rows = _read_datasets_folder(path)
-    else:
-        columns, rows = _read_file(path)
-    _check_columns(path.name, columns, wanted)
+    columns, rows = read_rows(path)
+    check_columns(path.name, columns, wanted)
     records = []
     kinds: dict[str, tuple[int, str, Any]] = {}  # label kind -> (rows, first source, value)
     for source, raw in rows:
@@ -98,6 +95,36 @@ def load_records(
     if check_label_kinds and len(kinds) > 1:
         raise _mixed_labels_error(wanted["label"], kinds)
     return records
+
+
+def read_rows(path: str | Path) -> tuple[list[str], list[Row]]:
+    """Columns and ``(source, values)`` rows of a data file or ``save_to_disk`` folder.
+
+    The one entry point for tabular input, shared by every task, so all of them
+    get the same formats, decompression, encoding checks and error messages.
+
+    Raises:
+        DataError: The path is missing, or the file is unreadable or malformed.
+    """
+    path = Path(path)
+    if not paths.exists(path):
+        raise DataError(_not_found_message(path))
+    return _read_datasets_folder(path) if path.is_dir() else _read_file(path)
+
+
+def read_text(path: str | Path) -> str:
+    """The UTF-8 text of a file in a non-tabular format (e.g. CoNLL), decompressed by suffix.
+
+    Raises:
+        DataError: The file is missing, not decompressible or not UTF-8 text.
+    """
+    path = Path(path)
+    if not paths.exists(path):
+        raise DataError(_not_found_message(path))
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, not a text file")
+    suffix = path.suffix.lower()
+    return _decode(path.name, _read_bytes(path, suffix if suffix in COMPRESSIONS else None))
 
 
 def filter_labels(
@@ -140,7 +167,7 @@ def _mixed_labels_error(column: str, kinds: Mapping[str, tuple[int, str, Any]]) 
 
 
 def _short(value: Any) -> str:
-    text = _one_line(json.dumps(value) if not isinstance(value, str) else repr(value))
+    text = one_line(json.dumps(value) if not isinstance(value, str) else repr(value))
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -179,7 +206,7 @@ def _read_bytes(path: Path, compression: str | None) -> bytes:
         return COMPRESSIONS[compression](data)
     except (OSError, EOFError, ValueError, lzma.LZMAError, zlib.error) as err:
         raise DataError(
-            f"{path.name}: cannot decompress {compression} data ({_one_line(err)}); "
+            f"{path.name}: cannot decompress {compression} data ({one_line(err)}); "
             "check the file is complete and its suffix matches its compression"
         ) from err
 
@@ -242,7 +269,7 @@ def _read_delimited(name: str, text: str, delimiter: str) -> tuple[list[str], li
                 header = [h.strip() for h in fields]
                 continue
             if len(fields) != len(header):
-                names = _one_line(", ".join(header))
+                names = one_line(", ".join(header))
                 raise DataError(
                     f"{name}:{line}: expected {len(header)} fields ({names}) but "
                     f"found {len(fields)}; quote values that contain the delimiter or a line "
@@ -252,7 +279,7 @@ def _read_delimited(name: str, text: str, delimiter: str) -> tuple[list[str], li
     except csv.Error as err:
         raise DataError(
             f"{name}:{start}: malformed {'TSV' if delimiter == chr(9) else 'CSV'} "
-            f"({_one_line(err)}); check quoting on that line"
+            f"({one_line(err)}); check quoting on that line"
         ) from err
     return header or [], rows
 
@@ -276,7 +303,7 @@ def _json_error(where: str, err: Exception) -> DataError:
     elif isinstance(err, RecursionError):
         reason = "nested too deeply"
     else:
-        reason = _one_line(err)
+        reason = one_line(err)
     return DataError(
         f"{where}: invalid JSON ({reason}); fix that line (write one "
         "object per line, or a single array of objects in a .json file)"
@@ -310,7 +337,7 @@ def _require_object(source: str, obj: Any) -> Row:
     """Each JSON row must be an object mapping column names to values."""
     if not isinstance(obj, dict):
         raise DataError(
-            f'{source}: expected a JSON object like {{"text": ...}}, got {_type_name(obj)}'
+            f'{source}: expected a JSON object like {{"text": ...}}, got {type_name(obj)}'
         )
     return source, obj
 
@@ -333,7 +360,7 @@ def _read_parquet(name: str, data: bytes) -> tuple[list[str], list[Row]]:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as err:
         raise DataError(
-            f"{name}: not a readable Parquet file ({_one_line(err)}); re-export it"
+            f"{name}: not a readable Parquet file ({one_line(err)}); re-export it"
         ) from err
     return table.column_names, _column_rows(name, table.column_names, table.to_pydict())
 
@@ -347,7 +374,7 @@ def _read_datasets_folder(path: Path) -> tuple[list[str], list[Row]]:
     except (FileNotFoundError, ValueError, OSError) as err:
         raise DataError(
             f"{path.name}: folder is not a data set written by datasets' save_to_disk "
-            f"({_one_line(err)}); point at a data file or a save_to_disk folder"
+            f"({one_line(err)}); point at a data file or a save_to_disk folder"
         ) from err
     if isinstance(loaded, datasets.DatasetDict):
         splits = ", ".join(loaded)
@@ -359,6 +386,9 @@ def _read_datasets_folder(path: Path) -> tuple[list[str], list[Row]]:
     for column, feature in loaded.features.items():
         if isinstance(feature, datasets.ClassLabel):  # ints -> their class names
             values[column] = [None if v is None else feature.int2str(v) for v in values[column]]
+        elif isinstance(inner := getattr(feature, "feature", None), datasets.ClassLabel):
+            # A list of class labels per row (token tags, e.g. conll2003's ner_tags).
+            values[column] = [None if v is None else inner.int2str(v) for v in values[column]]
     return loaded.column_names, _column_rows(path.name, loaded.column_names, values)
 
 
@@ -368,15 +398,21 @@ def _column_rows(name: str, columns: list[str], values: dict[str, list[Any]]) ->
     return [(f"{name}#row {i}", {col: values[col][i] for col in columns}) for i in range(count)]
 
 
-def _check_columns(name: str, columns: list[str], wanted: dict[str, str]) -> None:
-    """Every configured column must exist; suggest the closest real name."""
+def check_columns(name: str, columns: list[str], wanted: dict[str, str]) -> None:
+    """Every configured column must exist; suggest the closest real name.
+
+    Args:
+        name: File name for the message.
+        columns: The columns the file has.
+        wanted: Record key (``text``, ``label``, ``tokens``, ...) -> configured column.
+    """
     if not columns:
         raise DataError(f"{name}: no rows (the file is empty)")
     for key, column in wanted.items():
         if column in columns:
             continue
         more = ", ..." if len(columns) > 20 else ""
-        listed = _one_line(", ".join(map(str, columns[:20]))) + more
+        listed = one_line(", ".join(map(str, columns[:20]))) + more
         close = difflib.get_close_matches(column, columns, n=1, cutoff=0.5)
         guess = f"did you mean {close[0]!r}? " if close else ""
         raise DataError(
@@ -417,8 +453,8 @@ def _text_value(source: str, column: str, value: Any) -> str:
         raise DataError(f"{source}: empty value in column {column!r}; fill it in or drop the row")
     if not isinstance(value, str):
         raise DataError(
-            f"{source}: column {column!r} must be text, got {_type_name(value)} "
-            f"({_one_line(value)[:40]}); quote it as a string"
+            f"{source}: column {column!r} must be text, got {type_name(value)} "
+            f"({one_line(value)[:40]}); quote it as a string"
         )
     return value
 
@@ -434,12 +470,12 @@ def _label_value(source: str, column: str, raw: Mapping[str, Any]) -> str:
     return label
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     """JSON-flavoured type names read better in messages than Python ones."""
     names = {dict: "object", list: "array", int: "number", float: "number", bool: "boolean"}
     return names.get(type(value), type(value).__name__)
 
 
-def _one_line(value: Any) -> str:
+def one_line(value: Any) -> str:
     """Collapse whitespace so library messages keep our errors on one line."""
     return " ".join(str(value).split())

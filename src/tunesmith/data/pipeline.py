@@ -47,11 +47,13 @@ def assemble_splits(
             train, validation_fraction=want_val, test_fraction=want_test, seed=seed
         )
         parts = {name: [train[i] for i in idx[name]] for name in ("train", "validation", "test")}
+        # Records without a single label (token tags) are split plainly at random.
+        how = "stratified" if any(r.get("label") is not None for r in train) else "random"
         for name, frac in (("validation", want_val), ("test", want_test)):
             if frac:
                 notes.append(
                     f"{name}: {len(parts[name])} rows split off {data.train} "
-                    f"({frac:.0%}, stratified, seed {seed})"
+                    f"({frac:.0%}, {how}, seed {seed})"
                 )
     else:
         parts = {"train": train, "validation": [], "test": []}

@@ -73,6 +73,9 @@ class Method(ABC):
     saves_adapter: bool = False
     #: Padding side the method needs, or None for the tokenizer's own.
     padding_side: str | None = None
+    #: False when the method changes what frozen blocks compute (virtual tokens), so
+    #: their output cannot be cached (``train.feature_cache``).
+    prefix_cacheable: bool = True
 
     def save_weights(self, model: nn.Module, folder: Path) -> None:
         """Write the trained weights into ``folder`` (a plain transformers folder by default)."""

@@ -236,6 +236,7 @@ class PrefixTuning(PeftMethod):
         )
 
     merge_blocker = "its virtual tokens are extra inputs, not changes to weights"
+    prefix_cacheable = False
 
     @classmethod
     def merged(cls, model: nn.Module) -> nn.Module | None:

@@ -81,6 +81,22 @@ class Task(ABC):
     ) -> list[Feature]:
         """Tokenise records into features (lists of ints), without padding."""
 
+    def text_records(self, texts: Sequence[str]) -> list[dict[str, Any]]:
+        """Prediction records for raw texts (``predict --text``); ``text`` is echoed back."""
+        return [{"text": t, "source": f"text {i}"} for i, t in enumerate(texts)]
+
+    def check_labels(
+        self, records: Sequence[Mapping[str, Any]], label2id: Mapping[str, int], split: str
+    ) -> None:
+        """Fail with the first row whose label the model was not trained on.
+
+        Raises:
+            DataError: Naming that row, its label and the training labels.
+        """
+        from tunesmith.data.labels import check_labels
+
+        check_labels(records, label2id, split)
+
     def feature_length(self, feature: Feature) -> int:
         """Length used for length-grouped batching."""
         return len(feature["input_ids"])
@@ -119,6 +135,25 @@ class Task(ABC):
     ) -> PreTrainedModel:
         """Load the configured base model with this task's head."""
 
+    def load_with_head(self, labels: Sequence[str]) -> PreTrainedModel:
+        """The configured base model under ``auto_class`` with a new head for ``labels``.
+
+        The label names go into the model's config (``id2label``), so a saved
+        folder is self-describing for other tools too.
+        """
+        from tunesmith.modeling import load_pretrained
+
+        m = self.cfg.model
+        return load_pretrained(
+            self.auto_class(),
+            m.name_or_path,
+            trust_remote_code=m.trust_remote_code,
+            allow_unsafe_weights=m.allow_unsafe_weights,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={lab: i for i, lab in enumerate(labels)},
+        )
+
     # -- loss and outputs ---------------------------------------------------
     def count_targets(self, batch: Batch) -> torch.Tensor:
         """Number of supervised targets in a batch (the loss normaliser).
@@ -144,16 +179,25 @@ class Task(ABC):
 
     @abstractmethod
     def format_predictions(
-        self, predictions: Mapping[str, torch.Tensor], labels: Sequence[str]
+        self,
+        predictions: Mapping[str, torch.Tensor],
+        labels: Sequence[str],
+        records: Sequence[Mapping[str, Any]],
     ) -> list[dict[str, Any]]:
-        """One JSON-able dict per example, for ``tunesmith predict``."""
+        """One JSON-able dict per example, for ``tunesmith predict``.
+
+        ``records`` are the encoded records, in the same order, for tasks whose
+        output refers back to the input (entity spans as character offsets).
+        """
 
     def model_inputs(self, batch: Batch) -> Batch:
         """The part of a batch that goes into ``model(**inputs)``."""
         return {k: v for k, v in batch.items() if k not in ("labels", "index")}
 
 
-TASKS: Registry[type[Task]] = Registry("task.type", ["tunesmith.tasks.classification"])
+TASKS: Registry[type[Task]] = Registry(
+    "task.type", ["tunesmith.tasks.classification", "tunesmith.tasks.token_classification"]
+)
 #: Class decorator adding a task to the registry under ``cls.name``.
 register_task = TASKS.register
 #: Names of every registered task.

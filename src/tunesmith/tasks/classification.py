@@ -13,12 +13,10 @@ from tunesmith.data.labels import build_label_list, check_labels
 from tunesmith.data.loading import filter_labels, load_records
 from tunesmith.data.pipeline import assemble_splits
 from tunesmith.evaluate.metrics import classification_metrics
-from tunesmith.modeling import load_pretrained
 from tunesmith.tasks.base import Batch, DataSplits, Feature, Task, register_task
+from tunesmith.tasks.encoding import chunks, position_cut
 
 log = logging.getLogger(__name__)
-
-_TOKENIZE_CHUNK = 1024
 
 
 @register_task
@@ -82,13 +80,10 @@ class SequenceClassification(Task):
         label2id: Mapping[str, int] | None,
     ) -> list[Feature]:
         limit = self.cfg.data.max_length
-        # The tokenizer's model_max_length is the model's position table (load_tokenizer).
-        positions = getattr(tokenizer, "model_max_length", None)
-        cut = positions if isinstance(positions, int) and 0 < positions < limit else None
+        cut = position_cut(tokenizer, limit)
         features: list[Feature] = []
         truncated = 0
-        for start in range(0, len(records), _TOKENIZE_CHUNK):
-            chunk = records[start : start + _TOKENIZE_CHUNK]
+        for chunk in chunks(records):
             texts = [r["text"] for r in chunk]
             pairs = [r["text_pair"] for r in chunk] if "text_pair" in chunk[0] else None
             enc = tokenizer(texts, pairs, truncation=True, max_length=limit)
@@ -128,16 +123,7 @@ class SequenceClassification(Task):
         return AutoModelForSequenceClassification
 
     def build_model(self, labels: Sequence[str], tokenizer: Any) -> torch.nn.Module:
-        m = self.cfg.model
-        model = load_pretrained(
-            self.auto_class(),
-            m.name_or_path,
-            trust_remote_code=m.trust_remote_code,
-            allow_unsafe_weights=m.allow_unsafe_weights,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={lab: i for i, lab in enumerate(labels)},
-        )
+        model = self.load_with_head(labels)
         if model.config.pad_token_id is None:
             # Decoder classifiers find the last real token through pad_token_id.
             model.config.pad_token_id = tokenizer.pad_token_id
@@ -160,7 +146,10 @@ class SequenceClassification(Task):
         return classification_metrics(predictions["labels"].tolist(), pred_ids, labels)
 
     def format_predictions(
-        self, predictions: Mapping[str, torch.Tensor], labels: Sequence[str]
+        self,
+        predictions: Mapping[str, torch.Tensor],
+        labels: Sequence[str],
+        records: Sequence[Mapping[str, Any]],
     ) -> list[dict[str, Any]]:
         probs = predictions["logits"].softmax(-1)
         out = []

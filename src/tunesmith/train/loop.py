@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,9 +35,11 @@ from tunesmith.data.batching import Collator, EpochSampler, FeatureDataset
 from tunesmith.errors import TrainingDiverged, TrainingInterrupted
 from tunesmith.evaluate.runner import evaluate_dataset
 from tunesmith.methods.base import Method
+from tunesmith.modeling import enable_gradient_checkpointing
 from tunesmith.optim import build_optimizer, build_scheduler
 from tunesmith.tasks.base import Batch, Task
 from tunesmith.train.early_stop import EarlyStopping
+from tunesmith.train.feature_cache import plan_cache
 from tunesmith.train.interrupt import GracefulInterrupt
 from tunesmith.train.monitor import MetricsLog, peak_rss_mb, rss_mb
 from tunesmith.train.resume import Checkpointer, restore_rng
@@ -57,6 +60,8 @@ class LoopResult:
     stopped_early: bool = False
     peak_rss_mb: float = 0.0
     last_validation: dict[str, Any] = field(default_factory=dict)
+    #: Seconds spent building the feature cache (also counted in ``train_seconds``).
+    cache_seconds: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -101,6 +106,8 @@ class Trainer:
         lr_factor: Extra per-step LR factor per method group (see ``build_scheduler``).
         checkpointer: Writes resumable checkpoints (None: never).
         interrupt: Set by SIGINT/SIGTERM; the loop then checkpoints and stops.
+        cacheable: Whether the method allows caching the frozen blocks' output
+            (``train.feature_cache``; also never with hooks, which may unfreeze).
 
     The loop's position (``epoch``, ``batches_in_epoch``) and counters are
     attributes, so a checkpoint can store them and ``restore_training_state``
@@ -126,6 +133,7 @@ class Trainer:
         lr_factor: Callable[[str], Callable[[int], float] | None] | None = None,
         checkpointer: Checkpointer | None = None,
         interrupt: GracefulInterrupt | None = None,
+        cacheable: bool = True,
     ) -> None:
         self.cfg, self.task, self.labels = cfg, task, labels
         self.acc = accelerator
@@ -141,12 +149,31 @@ class Trainer:
         loader = DataLoader(
             train_set, batch_size=t.batch_size, sampler=self.sampler, collate_fn=collator
         )
+        if t.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        if t.compile:
+            model = torch.compile(model)
         self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
+        # The plain module: the feature cache swaps its submodules during a step.
+        self._plain = accelerator.unwrap_model(self.model, keep_torch_compile=False)
         self.steps_per_epoch = max(1, math.ceil(len(self.loader) / t.grad_accum))
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.hooks = list(hooks or [])
         # Hooks learn the run's length before the schedule computes its first LR.
         self._call_hooks("on_train_start")
+        cache_started = time.perf_counter()
+        self.feature_cache = plan_cache(
+            t.feature_cache,
+            self._plain,
+            train_set,
+            collator,
+            cacheable=cacheable and not self.hooks,
+            batch_size=t.effective_eval_batch_size,
+            folder=Path(t.output_dir) / ".cache",
+            device=accelerator.device,
+            model_inputs=task.model_inputs,
+            progress=progress and accelerator.is_main_process,
+        )
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps, lr_factor)
         optimized = [p for g in self.optimizer.param_groups for p in g["params"]]
         ids = {id(p) for p in optimized}
@@ -159,6 +186,9 @@ class Trainer:
             cfg.eval.higher_is_better(), patience=t.early_stopping_patience
         )
         self.result = LoopResult()
+        if self.feature_cache is not None:  # part of training time: HF pays it every epoch
+            self.result.cache_seconds = time.perf_counter() - cache_started
+            self.result.train_seconds = self.result.cache_seconds
         self.checkpointer, self.interrupt = checkpointer, interrupt
         # Position and counters: all a checkpoint needs besides weights, optimizer, RNG.
         self.epoch = 0
@@ -198,6 +228,7 @@ class Trainer:
             grad_groups=method.layer_groups(model),
             hooks=[*method.hooks(), *hooks],
             lr_factor=method.lr_factor,
+            cacheable=method.prefix_cacheable,
             **options,
         )
 
@@ -262,7 +293,7 @@ class Trainer:
             restore_rng(*self.pending_rng)
             self.pending_rng = None
         mark = time.perf_counter()  # training time counts batching, not evaluation
-        for window in _windows(batches, self.cfg.train.grad_accum):
+        for window in accumulation_windows(batches, self.cfg.train.grad_accum):
             self._window_started = mark
             yield window
             mark = time.perf_counter()
@@ -293,9 +324,7 @@ class Trainer:
         res.epochs = res.steps / self.steps_per_epoch
         if res.steps % t.log_steps == 0 or res.steps == self.total_steps:
             loss, targets, tokens, secs = self.window
-            record = self._train_record(
-                loss / max(targets, 1.0), tokens / max(secs, 1e-9), stats
-            )
+            record = self._train_record(loss / max(targets, 1.0), tokens / max(secs, 1e-9), stats)
             self.metrics_log.write(record)
             bar.set_postfix(
                 refresh=False,
@@ -329,7 +358,11 @@ class Trainer:
     def release(self) -> None:
         """Drop the model, optimizer state and data loader once training is over."""
         self.optimizer.state.clear()
+        if self.feature_cache is not None:
+            self.feature_cache.close()
+            self.feature_cache = None
         self.model = self.optimizer = self.scheduler = self.loader = None  # type: ignore[assignment]
+        self._plain = None  # type: ignore[assignment]
         self.grad_groups, self.hooks = {}, []
 
     def train_step(self, window: list[Batch]) -> StepStats:
@@ -363,7 +396,11 @@ class Trainer:
         tokens = 0
         for i, batch in enumerate(window):
             sync = i == len(window) - 1
-            with nullcontext() if sync else acc.no_sync(self.model), acc.autocast():
+            with (
+                self._replaying(batch),
+                nullcontext() if sync else acc.no_sync(self.model),
+                acc.autocast(),
+            ):
                 outputs = self.model(**task.model_inputs(batch))
                 part = task.loss_sum(outputs, batch)
             acc.backward(part * scale)
@@ -371,6 +408,12 @@ class Trainer:
             if "attention_mask" in batch:
                 tokens += int(batch["attention_mask"].sum())
         return float(loss_sum), float(local), tokens
+
+    def _replaying(self, batch: Batch) -> Any:
+        """Run only the blocks above the cached frozen prefix (when there is a cache)."""
+        if self.feature_cache is None:
+            return nullcontext()
+        return self.feature_cache.replaying(self._plain, batch)
 
     def apply_update(self, loss_sum: float) -> tuple[float, dict[str, float], bool, str]:
         """Measure and clip gradients, then step unless loss or gradients are non-finite.
@@ -514,7 +557,7 @@ def _describe_non_finite(loss_sum: float, norms: dict[str, float]) -> str:
     return f"non-finite gradients in layer group(s) {groups or '?'}"
 
 
-def _windows(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
+def accumulation_windows(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
     """Group micro-batches into accumulation windows (the last may be shorter)."""
     it = iter(batches)
     while window := list(itertools.islice(it, size)):

@@ -46,7 +46,6 @@ class MetricsLog:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(clean) + "\n")
 
-
     def truncate_after(self, step: int) -> None:
         """Drop records after optimizer step ``step`` (and test results): a resumed run
         redoes them, so the file reads as if the run had never stopped."""

@@ -60,6 +60,8 @@ HARMLESS_KEYS = frozenset(
         "train.save_steps",
         "train.save_minutes",
         "train.save_total_limit",
+        "train.gradient_checkpointing",
+        "train.compile",
     }
 )
 

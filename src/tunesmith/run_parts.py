@@ -1,0 +1,70 @@
+"""Everything a run builds before its loop: data, tokenizer, features, adapted model.
+
+Shared by ``train`` and ``estimate`` so an estimate measures exactly the model,
+batches and method the run would use (no second, drifting copy of the steps).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tunesmith.config import Config
+from tunesmith.data.batching import Collator, FeatureDataset
+from tunesmith.methods.base import Method, get_method
+from tunesmith.modeling import load_tokenizer
+from tunesmith.tasks.base import DataSplits, Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunParts:
+    """The built pieces of a run, in the order they are made."""
+
+    splits: DataSplits
+    tokenizer: Any
+    method: Method
+    train_set: FeatureDataset
+    val_set: FeatureDataset
+    test_set: FeatureDataset
+    model: torch.nn.Module
+    collator: Collator
+
+
+def build_run_parts(cfg: Config, task: Task) -> RunParts:
+    """Read and split the data, tokenise it, load the model and apply the method.
+
+    The seed is set just before the model is built, so a new head starts
+    from the same weights in every run with that seed.
+    """
+    from accelerate.utils import set_seed
+
+    splits = task.load_splits()
+    for note in splits.notes:
+        log.info("%s", note)
+    log.info(
+        "data: %d train, %d validation, %d test rows; labels: %s",
+        len(splits.train),
+        len(splits.validation),
+        len(splits.test),
+        ", ".join(splits.labels),
+    )
+    tokenizer = load_tokenizer(
+        cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code
+    )
+    method = get_method(cfg)
+    label2id = {lab: i for i, lab in enumerate(splits.labels)}
+    train_set, val_set, test_set = (
+        FeatureDataset(task.encode(recs, tokenizer, label2id))
+        for recs in (splits.train, splits.validation, splits.test)
+    )
+    set_seed(cfg.train.seed)
+    model = method.apply(task.build_model(splits.labels, tokenizer))
+    if method.padding_side is not None:  # recorded in the manifest for eval/predict
+        tokenizer.padding_side = method.padding_side
+    collator = Collator(tokenizer.pad_token_id, tokenizer.padding_side)
+    return RunParts(splits, tokenizer, method, train_set, val_set, test_set, model, collator)
