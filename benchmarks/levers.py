@@ -23,14 +23,14 @@ _TOP2 = ["method.name=freeze", "method.train_layers=2", "optim.lr=2e-4", "train.
 #: name -> (overrides, the lever's baseline)
 LEVERS: dict[str, tuple[list[str], str | None]] = {
     "full": (_FULL, None),
-    "full, no length grouping": ([*_FULL, "data.group_by_length=false"], "full"),
-    "full, gradient checkpointing": ([*_FULL, "train.gradient_checkpointing=true"], "full"),
-    "full, torch.compile": ([*_FULL, "train.compile=true"], "full"),
-    "top-2 x3 epochs, cache off": ([*_TOP2, "train.feature_cache=off"], None),
-    "top-2 x3 epochs, feature cache": (
+    "full no-grouping": ([*_FULL, "data.group_by_length=false"], "full"),
+    "full checkpointing": ([*_FULL, "train.gradient_checkpointing=true"], "full"),
+    "top2x3 cache-off": ([*_TOP2, "train.feature_cache=off"], None),
+    "top2x3 cache": (
         [*_TOP2, "train.feature_cache=memory"],
-        "top-2 x3 epochs, cache off",
+        "top2x3 cache-off",
     ),
+    "full compile": ([*_FULL, "train.compile=true"], "full"),
 }
 
 

@@ -46,13 +46,25 @@ def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
     return path
 
 
-def build_tiny_bert(folder: Path, *, dropout: float = 0.0, num_layers: int = 2) -> Path:
-    """Save a random-initialised 2-layer BERT (hidden 32) and its tokenizer to ``folder``."""
+def build_tiny_bert(
+    folder: Path,
+    *,
+    dropout: float = 0.0,
+    num_layers: int = 2,
+    vocab: list[str] | None = None,
+) -> Path:
+    """Save a random-initialised BERT (hidden 32) and a WordPiece tokenizer to ``folder``.
+
+    ``vocab`` replaces the sentiment words (special tokens first, as BERT expects).
+    """
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = SPECIAL + sorted(set(POSITIVE + NEGATIVE + FILLER)) + list("abcdefghijklmnopqrstuvwxyz")
+    if vocab is None:
+        vocab = (
+            SPECIAL + sorted(set(POSITIVE + NEGATIVE + FILLER)) + list("abcdefghijklmnopqrstuvwxyz")
+        )
     tokenizer = BertTokenizerFast(vocab={tok: i for i, tok in enumerate(vocab)}, do_lower_case=True)
     tokenizer.save_pretrained(folder)
     torch.manual_seed(1234)

@@ -10,6 +10,7 @@ import torch
 
 from conftest import build_tiny_bert
 from helpers import LABELS, bert_config, bert_features, build_model, make_trainer
+from tunesmith.config import Config
 from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.errors import ConfigError
 from tunesmith.methods.base import get_method
@@ -173,3 +174,14 @@ def test_prefix_tuning_and_progressive_unfreezing_never_cache(
     )
     trainer, _ = make_trainer(cfg, features, tmp_path)
     assert trainer.feature_cache is None
+
+
+def test_yaml_off_means_off(tiny_bert: Path, tmp_path: Path) -> None:
+    """``train.feature_cache=off`` reaches YAML as false; it must not be an error."""
+    cfg = bert_config(tiny_bert, tmp_path)
+    assert (
+        Config.from_dict(
+            cfg.model_dump(), overrides=["train.feature_cache=off"]
+        ).train.feature_cache
+        == "off"
+    )

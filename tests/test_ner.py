@@ -12,9 +12,8 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import SPECIAL
+from conftest import SPECIAL, build_tiny_bert
 from tunesmith.api import TrainResult, evaluate, predict, train
 from tunesmith.cli import main
 from tunesmith.config import Config
@@ -38,25 +37,8 @@ _PEFT_WARNING = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:F
 
 def build_ner_bert(folder: Path) -> Path:
     """A random 2-layer BERT (hidden 32) with a fast WordPiece tokenizer made for NER."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
     vocab = SPECIAL + PEOPLE + FILLER + PIECES + LETTERS + ["##" + c for c in LETTERS]
-    tokenizer = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(1234)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        pad_token_id=0,
-    )
-    BertModel(config).save_pretrained(folder, safe_serialization=True)
-    return folder
+    return build_tiny_bert(folder, vocab=vocab)
 
 
 def ner_sentences(n: int, seed: int = 0) -> list[dict[str, list[str]]]:

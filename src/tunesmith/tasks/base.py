@@ -81,6 +81,21 @@ class Task(ABC):
     ) -> list[Feature]:
         """Tokenise records into features (lists of ints), without padding."""
 
+    def read_dropping_empty(self, path: str, notes: list[str], what: str) -> list[dict[str, Any]]:
+        """Read ``path``; rows lacking what the task needs are dropped and noted, or fail.
+
+        ``data.empty_rows: drop`` (the default) drops them and adds a note
+        naming the first (``what`` says what they lack); ``error`` fails on it.
+        """
+        empty: list[str] | None = [] if self.cfg.data.empty_rows == "drop" else None
+        records = self.load_records(path, dropped=empty)
+        if empty:
+            notes.append(
+                f"{path}: dropped {len(empty)} rows {what} (first: {empty[0]}; "
+                "set data.empty_rows=error to fail instead)"
+            )
+        return records
+
     def text_records(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         """Prediction records for raw texts (``predict --text``); ``text`` is echoed back."""
         return [{"text": t, "source": f"text {i}"} for i, t in enumerate(texts)]

@@ -41,13 +41,7 @@ class SequenceClassification(Task):
         )
 
     def _read_filtered(self, path: str, notes: list[str]) -> list[dict[str, Any]]:
-        empty: list[str] | None = [] if self.cfg.data.empty_rows == "drop" else None
-        records = self.load_records(path, dropped=empty)
-        if empty:
-            notes.append(
-                f"{path}: dropped {len(empty)} rows with an empty text or label "
-                f"(first: {empty[0]}; set data.empty_rows=error to fail instead)"
-            )
+        records = self.read_dropping_empty(path, notes, "with an empty text or label")
         if self.cfg.data.labels:
             records, dropped = filter_labels(records, self.cfg.data.labels)
             if dropped:

@@ -68,16 +68,6 @@ class TokenClassification(Task):
         """Raw texts split into words by ``data.tagged.split_words`` (documented there)."""
         return [text_record(t, f"text {i}") for i, t in enumerate(texts)]
 
-    def _read(self, path: str, notes: list[str]) -> list[dict[str, Any]]:
-        empty: list[str] | None = [] if self.cfg.data.empty_rows == "drop" else None
-        records = self.load_records(path, dropped=empty)
-        if empty:
-            notes.append(
-                f"{path}: dropped {len(empty)} rows without tokens (first: {empty[0]}; "
-                "set data.empty_rows=error to fail instead)"
-            )
-        return records
-
     def load_splits(self) -> DataSplits:
         """Read and split; the tag list comes from the whole training *file*.
 
@@ -91,7 +81,7 @@ class TokenClassification(Task):
         file_tags: set[str] = set()
 
         def read(path: str) -> list[dict[str, Any]]:
-            records = self._read(path, notes)
+            records = self.read_dropping_empty(path, notes, "without tokens")
             self._check_listed(records)
             if path == self.cfg.data.train:
                 file_tags.update(t for r in records for t in r["tags"])

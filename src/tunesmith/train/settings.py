@@ -7,9 +7,9 @@ here so ``tunesmith config show`` documents it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tunesmith.config_base import Section
 
@@ -62,6 +62,14 @@ class TrainConfig(Section):
         "runs/my-run", min_length=1, description="Run folder; relative to the working directory."
     )
     overwrite: bool = Field(False, description="Replace an existing run folder.")
+
+    @field_validator("feature_cache", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare off/no as false and on/yes as true.
+        if isinstance(value, bool):
+            return "auto" if value else "off"
+        return value
 
     @property
     def effective_eval_batch_size(self) -> int:
