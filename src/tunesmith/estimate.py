@@ -32,7 +32,7 @@ import psutil
 import torch
 
 from tunesmith.config import Config
-from tunesmith.data.batching import FeatureDataset
+from tunesmith.data.batching import FeatureDataset, padded_tokens
 from tunesmith.modeling import check_model_source, quiet_transformers
 from tunesmith.run_parts import build_run_parts
 from tunesmith.tasks.base import get_task
@@ -162,7 +162,7 @@ def estimate(cfg: Config, *, timed_steps: int = 3, progress: bool = False) -> Es
         trainer.train_step(window)
         timed += time.perf_counter() - start
         tokens += sum(int(b["input_ids"].numel()) for b in window)
-    epoch_tokens = _padded_tokens_per_epoch(trainer, parts.train_set)
+    epoch_tokens = padded_tokens(trainer.sampler.order(), trainer.sampler.lengths, t.batch_size)
     per_token = timed / tokens if tokens else None
     result = Estimate(
         total_parameters=sum(p.numel() for p in params),
@@ -196,15 +196,6 @@ def _data_bytes(*datasets: FeatureDataset) -> int:
 
 def _seq(value: Any) -> bool:
     return isinstance(value, list | tuple)
-
-
-def _padded_tokens_per_epoch(trainer: Trainer, dataset: FeatureDataset) -> int:
-    """Tokens (pads included) the model processes in one epoch of the sampler's batches."""
-    order = trainer.sampler.order()
-    lengths = trainer.sampler.lengths
-    size = trainer.cfg.train.batch_size
-    batches = [order[i : i + size] for i in range(0, len(order), size)]
-    return sum(len(b) * max(lengths[i] for i in b) for b in batches)
 
 
 def format_estimate(e: Estimate) -> str:

@@ -63,14 +63,12 @@ def matmul_peak_flops(n: int = 2048, reps: int = 5, threads: int | None = None) 
 
 def grouped_padded_tokens(lengths: list[int], batch_size: int, seed: int, epochs: int) -> int:
     """Padded tokens of tunesmith's length-grouped batches (its sampler's order, replayed)."""
-    from tunesmith.data.batching import EpochSampler
+    from tunesmith.data.batching import EpochSampler, padded_tokens
 
     sampler, total = EpochSampler(lengths, batch_size, seed=seed), 0
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
-        order = sampler.order()
-        for batch in (order[i : i + batch_size] for i in range(0, len(order), batch_size)):
-            total += len(batch) * max(lengths[j] for j in batch)
+        total += padded_tokens(sampler.order(), lengths, batch_size)
     return total
 
 

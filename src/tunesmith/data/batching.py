@@ -140,6 +140,12 @@ class EpochSampler(Sampler[int]):
         return [i for b in full + partial for i in b]
 
 
+def padded_tokens(order: Sequence[int], lengths: Sequence[int], batch_size: int) -> int:
+    """Tokens, pads included, of the batches ``order`` cuts into (each padded to its longest)."""
+    batches = (order[i : i + batch_size] for i in range(0, len(order), batch_size))
+    return sum(len(b) * max(lengths[j] for j in b) for b in batches)
+
+
 def length_sorted_order(lengths: Sequence[int]) -> list[int]:
     """Indices sorted longest first: evaluation order with the least padding."""
     return sorted(range(len(lengths)), key=lambda i: -lengths[i])
