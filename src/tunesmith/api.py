@@ -295,6 +295,7 @@ def evaluate(
         Collator(tokenizer.pad_token_id, tokenizer.padding_side),
         labels,
         batch_size,
+        generate=cfg.generate.in_eval,
     )
     return metrics
 
@@ -343,7 +344,7 @@ def predict_records(
     loader = make_eval_loader(
         task, dataset, Collator(tokenizer.pad_token_id, tokenizer.padding_side), batch_size
     )
-    preds, _ = predict_loader(model, task, loader)
+    preds, _ = predict_loader(model, task, loader, generate=True)
     rows = task.format_predictions(preds, labels, records)
     return [{"text": r["text"], **row} for r, row in zip(records, rows, strict=True)]
 

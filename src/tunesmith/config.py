@@ -31,9 +31,11 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from tunesmith import paths
-from tunesmith.config_base import Section, check_choice, suggest
+from tunesmith.config_base import Section, suggest
+from tunesmith.data.settings import DataConfig
 from tunesmith.errors import ConfigError
 from tunesmith.methods.settings import MethodConfig
+from tunesmith.tasks.settings import GenerateConfig, TaskConfig
 from tunesmith.train.settings import TrainConfig
 
 # Keys holding input paths that may be written relative to the config file.
@@ -43,16 +45,6 @@ _NUMBER = re.compile(r"[-+]?(\d[\d_]*\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _Lines = dict[tuple[str, ...], int]  # key path -> 1-based line in the YAML file
 _Origins = dict[tuple[str, ...], str]  # key path -> the override that set it
 _OVERRIDE_FORM = "expected the form key.path=value (e.g. optim.lr=3e-5)"
-
-
-def known_tasks() -> tuple[str, ...]:
-    """Return the task names ``task.type`` accepts: the task registry's.
-
-    Imported lazily: the registries import this module.
-    """
-    from tunesmith.tasks.base import task_names
-
-    return tuple(task_names())
 
 
 class ModelConfig(Section):
@@ -65,84 +57,6 @@ class ModelConfig(Section):
     allow_unsafe_weights: bool = Field(
         False, description="Allow pickled .bin/.pt weights; off: unpickling can run code."
     )
-
-
-class TaskConfig(Section):
-    """What the model learns to do; picks the head, the loss and the metrics."""
-
-    type: str = Field("sequence_classification", description="Task type.")
-    label_all_subtokens: bool = Field(
-        False,
-        description="token_classification: train on every sub-token of a word (B- continuations "
-        "as I-); false: only the first, the rest ignored. Metrics always read the first.",
-    )
-
-    @field_validator("type")
-    @classmethod
-    def _known_type(cls, value: str) -> str:
-        return check_choice("task type", value, known_tasks())
-
-
-class DataConfig(Section):
-    """Where the examples are and how to read them."""
-
-    train: str = Field(..., min_length=1, description="Training file (csv, jsonl, parquet).")
-    validation: str | None = Field(
-        None, description="Validation file; null: split validation_fraction off train."
-    )
-    test: str | None = Field(None, description="Test file, evaluated once at the end.")
-    text_column: str = Field("text", min_length=1, description="Column holding the input text.")
-    text_pair_column: str | None = Field(None, description="Second text column for pair tasks.")
-    label_column: str = Field("label", min_length=1, description="Column holding the label.")
-    tokens_column: str = Field(
-        "tokens", min_length=1, description="token_classification tables: list of tokens."
-    )
-    tags_column: str = Field(
-        "tags", min_length=1, description="token_classification tables: list of tags (BIO)."
-    )
-    labels: list[str] | None = Field(
-        None,
-        description="Allow-list of labels (numbers read as text); rows with other labels "
-        "are dropped and counted. null: every label in the train split.",
-    )
-    max_length: int = Field(128, gt=0, description="Tokens per example; longer ones are cut.")
-    validation_fraction: float = Field(
-        0.1, gt=0, lt=1, description="Share of train rows held out when validation is null."
-    )
-    test_fraction: float = Field(
-        0.0, ge=0, lt=1, description="Share of train rows held out as test if test is null."
-    )
-    max_train_samples: int | None = Field(
-        None, gt=0, description="Cap on training rows after splitting, for quick runs."
-    )
-    group_by_length: bool = Field(True, description="Batch similar lengths: less padding.")
-    empty_rows: Literal["drop", "error"] = Field(
-        "drop",
-        description="Rows with an empty text or label: drop them (counted in the log) or fail.",
-    )
-
-    @field_validator("labels", mode="before")
-    @classmethod
-    def _labels_as_text(cls, value: Any) -> Any:
-        # Label columns often hold 0/1; accept them as the text the data reader compares.
-        if not isinstance(value, list):
-            return value
-        return [
-            str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for v in value
-        ]
-
-    @model_validator(mode="after")
-    def _consistent(self) -> DataConfig:
-        if self.labels is not None and len(set(self.labels)) != len(self.labels):
-            raise ValueError(f"labels must be distinct (got {self.labels})")
-        if self.labels == []:
-            raise ValueError("labels must not be empty; use null to keep every label")
-        held_out = (self.validation_fraction if self.validation is None else 0.0) + (
-            self.test_fraction if self.test is None else 0.0
-        )
-        if held_out >= 1:
-            raise ValueError(f"validation_fraction + test_fraction = {held_out:g}; keep it below 1")
-        return self
 
 
 class OptimConfig(Section):
@@ -203,6 +117,9 @@ class Config(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and schedule.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Model selection metric.")
+    generate: GenerateConfig = Field(
+        default_factory=GenerateConfig, description="Text generation (seq2seq, causal_lm)."
+    )
 
     @model_validator(mode="after")
     def _task_default_metric(self) -> Config:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tunesmith.config import DataConfig
+from tunesmith.data.settings import DataConfig
 from tunesmith.data.splits import cap_records, stratified_split
 
 Records = list[dict[str, Any]]

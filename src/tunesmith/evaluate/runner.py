@@ -34,9 +34,17 @@ def make_eval_loader(
 
 @torch.no_grad()
 def predict_loader(
-    model: torch.nn.Module, task: Task, loader: DataLoader, accelerator: Any | None = None
+    model: torch.nn.Module,
+    task: Task,
+    loader: DataLoader,
+    accelerator: Any | None = None,
+    *,
+    generate: bool = False,
 ) -> tuple[dict[str, torch.Tensor], float | None]:
     """Predictions for every item of ``loader`` in dataset order, and the mean loss.
+
+    With ``generate``, generative tasks also generate text for each item
+    (``Task.generate_predictions``; the other tasks add nothing).
 
     Returns:
         The task's prediction tensors (first dim = items, dataset order) and the
@@ -58,6 +66,9 @@ def predict_loader(
             loss_sum += float(task.loss_sum(outputs, batch))
             targets += float(task.count_targets(batch))
         preds = task.outputs_to_predictions(outputs, batch)
+        if generate:
+            plain = accelerator.unwrap_model(model) if accelerator is not None else model
+            preds |= task.generate_predictions(plain, batch)
         preds["index"] = batch["index"]
         if accelerator is not None and accelerator.num_processes > 1:
             preds = accelerator.gather_for_metrics(_pad_for_gather(preds, accelerator))
@@ -83,12 +94,17 @@ def evaluate_dataset(
     labels: Sequence[str],
     batch_size: int,
     accelerator: Any | None = None,
+    *,
+    generate: bool = False,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Task metrics plus ``loss`` on a labelled data set, and the raw predictions."""
+    """Task metrics plus ``loss`` on a labelled data set, and the raw predictions.
+
+    ``generate`` adds the metrics of generated text (BLEU, chrF) for generative tasks.
+    """
     loader = make_eval_loader(task, dataset, collator, batch_size)
     if accelerator is not None:
         loader = accelerator.prepare_data_loader(loader)
-    preds, loss = predict_loader(model, task, loader, accelerator)
+    preds, loss = predict_loader(model, task, loader, accelerator, generate=generate)
     metrics = task.compute_metrics(preds, labels)
     if loss is not None:
         metrics = {"loss": loss, **metrics}
@@ -96,22 +112,28 @@ def evaluate_dataset(
 
 
 def _cat(values: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate along the batch dim, padding ragged second dims with -100."""
+    """Concatenate along the batch dim, padding ragged trailing dims with -100."""
     if values[0].ndim < 2 or len({v.shape[1:] for v in values}) == 1:
         return torch.cat(values)
-    width = max(v.shape[1] for v in values)
+    shape = [max(v.shape[d] for v in values) for d in range(1, values[0].ndim)]
     padded = []
     for v in values:
-        pad = torch.full((v.shape[0], width, *v.shape[2:]), -100, dtype=v.dtype)
-        pad[:, : v.shape[1]] = v
+        pad = torch.full((v.shape[0], *shape), -100, dtype=v.dtype)
+        pad[(slice(None), *(slice(0, n) for n in v.shape[1:]))] = v
         padded.append(pad)
     return torch.cat(padded)
 
 
 def _pad_for_gather(preds: dict[str, torch.Tensor], accelerator: Any) -> dict[str, torch.Tensor]:
-    """Sequence outputs differ in length across processes; pad before gathering."""
+    """Sequence outputs differ in length across processes; pad before gathering.
+
+    The ragged dimension is the last (tokens); generated ids also carry a fixed
+    ``returns`` dimension before it.
+    """
     return {
-        k: accelerator.pad_across_processes(v, dim=1, pad_index=-100) if v.ndim >= 2 else v
+        k: accelerator.pad_across_processes(v, dim=v.ndim - 1, pad_index=-100)
+        if v.ndim >= 2
+        else v
         for k, v in preds.items()
     }
 

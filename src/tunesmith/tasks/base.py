@@ -205,6 +205,16 @@ class Task(ABC):
         output refers back to the input (entity spans as character offsets).
         """
 
+    def generate_predictions(self, model: Any, batch: Batch) -> dict[str, torch.Tensor]:
+        """Generated text ids for the batch (generative tasks), merged into the predictions.
+
+        Called by evaluation when ``generate.in_eval`` is on and always by
+        ``predict``; ``model`` is unwrapped (it has ``generate``). Tasks that do
+        not generate add nothing. Generative tasks keep the tokenizer given to
+        ``encode`` to decode what they generate.
+        """
+        return {}
+
     def model_inputs(self, batch: Batch) -> Batch:
         """The part of a batch that goes into ``model(**inputs)``."""
         return {k: v for k, v in batch.items() if k not in ("labels", "index")}

@@ -494,6 +494,7 @@ class Trainer:
             self.labels,
             self.cfg.train.eval_batch_size or 2 * self.cfg.train.batch_size,
             accelerator=self.acc,
+            generate=self.cfg.generate.in_eval,
         )
         res.last_validation = metrics
         self.metrics_log.write(
