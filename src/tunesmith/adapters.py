@@ -31,6 +31,7 @@ from tunesmith.modeling import (
     quiet_transformers,
 )
 from tunesmith.tasks.base import get_task
+from tunesmith.tasks.multitask_settings import MULTITASK
 from tunesmith.train.checkpoint import read_manifest
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -91,6 +92,11 @@ class AdapterLibrary:
             raise ConfigError(
                 f"{checkpoint}: method '{manifest['method']}' is not a peft adapter "
                 "(the library holds lora, dora, ia3, prefix or prompt checkpoints)"
+            )
+        if manifest.get("task") == MULTITASK:
+            raise ConfigError(
+                f"{checkpoint}: a multi-task checkpoint (one encoder adapter, a head per task) "
+                "cannot join the library; predict with it directly"
             )
         check_weights(Path(checkpoint), hint=_SAFETENSORS_ONLY)
         check_base_model(checkpoint, manifest)

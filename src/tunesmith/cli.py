@@ -35,6 +35,10 @@ adapters_app = typer.Typer(
     no_args_is_help=True, help="A library of per-task adapters sharing one base model."
 )
 app.add_typer(adapters_app, name="adapters")
+data_app = typer.Typer(no_args_is_help=True, help="Look at the data a config will train on.")
+app.add_typer(data_app, name="data")
+assets_app = typer.Typer(no_args_is_help=True, help="The offline demo models and data.")
+app.add_typer(assets_app, name="assets")
 Library = Annotated[Path, typer.Option("--library", help="Adapter library folder.")]
 
 Overrides = Annotated[
@@ -190,11 +194,23 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     trust_remote_code: TrustRemoteCode = False,
     allow_unsafe_weights: AllowUnsafeWeights = False,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Generative tasks: most tokens per reply.")
+    ] = None,
+    num_beams: Annotated[int | None, typer.Option(help="Beam-search width.")] = None,
+    num_return: Annotated[int | None, typer.Option(help="Replies per input.")] = None,
+    sample: Annotated[
+        bool | None, typer.Option("--sample/--greedy", help="Sample instead of greedy/beam.")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
 ) -> None:
     """Predict for --text or an --input file, one JSON line per input.
 
     Classification: the label and its probabilities. Token classification:
     the entities with character offsets into the text (see README, NER).
+    Generative tasks (causal_lm, seq2seq): the generated reply, with the run's
+    ``generate`` settings unless the options here change them.
 
     With --adapter NAME (repeatable) the base model of the adapter library is
     loaded once and each named adapter predicts in turn.
@@ -218,6 +234,14 @@ def predict(
             )
         ]
     else:
+        options = {
+            "max_new_tokens": max_new_tokens,
+            "num_beams": num_beams,
+            "num_return_sequences": num_return,
+            "do_sample": sample,
+            "temperature": temperature,
+            "top_p": top_p,
+        }
         rows = run_predict(
             checkpoint,
             text,
@@ -225,6 +249,7 @@ def predict(
             batch_size=batch_size,
             trust_remote_code=trust_remote_code,
             allow_unsafe_weights=allow_unsafe_weights,
+            generate={k: v for k, v in options.items() if v is not None},
         )
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if output is None:
@@ -276,6 +301,33 @@ def doctor() -> None:
     from tunesmith.doctor import collect, render
 
     typer.echo(render(collect()))
+
+
+@data_app.command("audit")
+def data_audit(
+    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    overrides: Overrides = None,
+    samples: Annotated[int, typer.Option(min=0, help="Rendered samples to show.")] = 3,
+    seed: Annotated[int, typer.Option(help="Which samples.")] = 0,
+) -> None:
+    """Rendered training samples with the trained tokens marked, and the trained share."""
+    from tunesmith.config import Config
+    from tunesmith.data_audit import audit, render_audit
+
+    report = audit(Config.load(config, overrides or []), samples, seed)
+    typer.echo(render_audit(report, color=sys.stdout.isatty()))
+
+
+@assets_app.command("prepare")
+def assets_prepare() -> None:
+    """Locate every offline asset and convert those that need it (once; cached)."""
+    from tunesmith.assets import ASSETS, find, locate
+
+    for name, asset in ASSETS.items():
+        if find(asset) is None:
+            typer.echo(f"{name}: missing ({asset.install_command})")
+            continue
+        typer.echo(f"{name}: {locate(asset)}")
 
 
 @adapters_app.command("add")
@@ -352,8 +404,17 @@ def _report(result: Any) -> None:
     typer.echo("\n".join(lines))
 
 
+#: Prefixes of per-class report keys (``f1/<label>``), shown as a table, not as lines.
+_PER_CLASS = ("precision", "recall", "f1", "support")
+
+
 def _metrics_text(metrics: dict[str, Any], compact: bool = False) -> str:
-    top = {k: v for k, v in metrics.items() if "/" not in k}
+    # Plain metrics, and a multi-task run's ``<task>/<metric>`` (not its per-class keys).
+    top = {
+        k: v
+        for k, v in metrics.items()
+        if "/" not in k or (k.count("/") == 1 and k.split("/")[0] not in _PER_CLASS)
+    }
     if compact:
         return ", ".join(f"{k}={_fmt(v)}" for k, v in top.items())
     width = max((len(k) for k in top), default=0) + 2

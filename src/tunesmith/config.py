@@ -33,13 +33,27 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from tunesmith import paths
 from tunesmith.config_base import Section, suggest
 from tunesmith.data.settings import DataConfig
+from tunesmith.distill.settings import DistillConfig
 from tunesmith.errors import ConfigError
+from tunesmith.losses.settings import LossConfig
 from tunesmith.methods.settings import MethodConfig
+from tunesmith.regularize.settings import ForgettingConfig, RegularizeConfig
+from tunesmith.tasks.multitask_settings import (
+    FILE_KEYS,
+    MULTITASK,
+    MultitaskConfig,
+    share_data_defaults,
+)
 from tunesmith.tasks.settings import GenerateConfig, TaskConfig
 from tunesmith.train.settings import TrainConfig
 
 # Keys holding input paths that may be written relative to the config file.
-_PATH_KEYS = {"model": ("name_or_path",), "data": ("train", "validation", "test")}
+_PATH_KEYS = {
+    "model": ("name_or_path",),
+    "data": ("train", "validation", "test"),
+    "forgetting": ("reference_checkpoint", "reference_data"),
+    "distill": ("teacher",),
+}
 # PyYAML (YAML 1.1) reads ``3e-5`` as a string; overrides treat such text as a number.
 _NUMBER = re.compile(r"[-+]?(\d[\d_]*\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _Lines = dict[tuple[str, ...], int]  # key path -> 1-based line in the YAML file
@@ -93,7 +107,9 @@ class EvalConfig(Section):
         "accuracy",
         min_length=1,
         description="Metric that picks the best model; when left out, the task's headline "
-        "metric (accuracy; entity_f1 for token_classification).",
+        "metric (accuracy; entity_f1 for token_classification; bleu for seq2seq, or loss "
+        "when generate.in_eval is false; for multitask, average: the mean of the tasks' "
+        "headline metrics, or one task's as <task>/<metric>).",
     )
     greater_is_better: bool | None = Field(
         None, description="null: false if the name contains loss/perplexity, else true."
@@ -112,7 +128,10 @@ class Config(Section):
 
     model: ModelConfig = Field(..., description="The pretrained model to fine-tune.")
     task: TaskConfig = Field(default_factory=TaskConfig, description="What the model learns.")
-    data: DataConfig = Field(..., description="Where the examples are and how to read them.")
+    data: DataConfig = Field(
+        default_factory=DataConfig,
+        description="Where the examples are and how to read them (multitask: shared defaults).",
+    )
     method: MethodConfig = Field(default_factory=MethodConfig, description="How weights change.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and schedule.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop.")
@@ -120,14 +139,65 @@ class Config(Section):
     generate: GenerateConfig = Field(
         default_factory=GenerateConfig, description="Text generation (seq2seq, causal_lm)."
     )
+    multitask: MultitaskConfig = Field(
+        default_factory=MultitaskConfig,
+        description="Tasks sharing one encoder (task.type multitask).",
+    )
+    loss: LossConfig = Field(default_factory=LossConfig, description="Classification losses.")
+    regularize: RegularizeConfig = Field(
+        default_factory=RegularizeConfig, description="Dropout overrides and L2-SP."
+    )
+    forgetting: ForgettingConfig = Field(
+        default_factory=ForgettingConfig, description="EWC, replay and the forgetting report."
+    )
+    distill: DistillConfig = Field(
+        default_factory=DistillConfig, description="Knowledge distillation from a teacher."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _share_data(cls, values: Any) -> Any:
+        return share_data_defaults(values)
+
+    @model_validator(mode="after")
+    def _data_or_tasks(self) -> Config:
+        # data.train is optional in DataConfig only because multi-task runs name a
+        # file per task; every other run needs it.
+        if self.task.type != MULTITASK:
+            if self.multitask.tasks:
+                raise ValueError(
+                    "multitask.tasks: only read with task.type multitask "
+                    f"(task.type is {self.task.type})"
+                )
+            if self.data.train is None:
+                raise ValueError("missing required key 'data.train'")
+            return self
+        if not self.multitask.tasks:
+            raise ValueError(
+                "task.type multitask needs multitask.tasks: a section per task "
+                "(<name>: {type: ..., data: {train: ...}})"
+            )
+        files = [k for k in FILE_KEYS if getattr(self.data, k) is not None]
+        if files:
+            raise ValueError(
+                f"data.{files[0]}: with task.type multitask each task names its own files "
+                f"(multitask.tasks.<name>.data.{files[0]}); the data section holds shared "
+                "defaults only"
+            )
+        return self
 
     @model_validator(mode="after")
     def _task_default_metric(self) -> Config:
         # A default that names another task's metric would fail the run at start.
-        if "metric" not in self.eval.model_fields_set:
-            from tunesmith.tasks.base import TASKS
+        from tunesmith.tasks.base import TASKS
 
-            self.eval.metric = TASKS.get(self.task.type).metric_names[0]
+        task = TASKS.get(self.task.type)
+        if "metric" not in self.eval.model_fields_set:
+            self.eval.metric = task.default_metric(self)
+        task.check_config(self)
+        from tunesmith.regularize.checks import check_objective_sections
+
+        check_objective_sections(self)
         return self
 
     @classmethod
@@ -356,16 +426,31 @@ def _collect_lines(
     active.discard(id(node))
 
 
+def _path_slots(data: dict[str, Any]) -> Iterable[tuple[str, dict[str, Any], str]]:
+    """``(dotted section, its mapping, key)`` of every input path key present in ``data``.
+
+    Besides ``_PATH_KEYS``: each multi-task task's ``data`` files
+    (``multitask.tasks.<name>.data.train``), resolved like the top-level ones.
+    """
+    sections = [(section, data.get(section), keys) for section, keys in _PATH_KEYS.items()]
+    multitask = data.get("multitask")
+    tasks = multitask.get("tasks") if isinstance(multitask, dict) else None
+    for name, sub in tasks.items() if isinstance(tasks, dict) else ():
+        if isinstance(sub, dict):
+            sections.append((f"multitask.tasks.{name}.data", sub.get("data"), _PATH_KEYS["data"]))
+    for section, values, keys in sections:
+        for key in keys if isinstance(values, dict) else ():
+            yield section, values, key
+
+
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Point relative input paths at the config's folder when they exist there."""
-    for section, keys in _PATH_KEYS.items():
-        values = data.get(section)
-        for key in keys if isinstance(values, dict) else ():
-            value = values.get(key)
-            if isinstance(value, str) and value and not Path(value).is_absolute():
-                candidate = base / value
-                if paths.exists(candidate):
-                    values[key] = os.path.abspath(candidate)
+    for _section, values, key in _path_slots(data):
+        value = values.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            candidate = base / value
+            if paths.exists(candidate):
+                values[key] = os.path.abspath(candidate)
     return data
 
 
@@ -377,27 +462,33 @@ def _resolve_assets(data: dict[str, Any]) -> dict[str, Any]:
     """
     from tunesmith.assets import ASSETS, locate
 
-    for section, keys in _PATH_KEYS.items():
-        values = data.get(section)
-        for key in keys if isinstance(values, dict) else ():
-            value = values.get(key)
-            if isinstance(value, str) and value.startswith("asset:"):
-                name = value.removeprefix("asset:")
-                if name not in ASSETS:
-                    raise ConfigError(
-                        f"{section}.{key}: unknown asset '{_show(name)}'{suggest(name, ASSETS)} "
-                        f"(known: {', '.join(ASSETS)})"
-                    )
-                values[key] = str(locate(ASSETS[name]))
+    for section, values, key in _path_slots(data):
+        value = values.get(key)
+        if isinstance(value, str) and value.startswith("asset:"):
+            name = value.removeprefix("asset:")
+            if name not in ASSETS:
+                raise ConfigError(
+                    f"{section}.{key}: unknown asset '{_show(name)}'{suggest(name, ASSETS)} "
+                    f"(known: {', '.join(ASSETS)})"
+                )
+            values[key] = str(locate(ASSETS[name]))
     return data
 
 
 def _section_model(path: Sequence[str]) -> type[BaseModel] | None:
-    """Return the model class validating the mapping at ``path`` (``()`` is ``Config``)."""
+    """Return the model class validating the mapping at ``path`` (``()`` is ``Config``).
+
+    A ``dict[str, Section]`` field (``multitask.tasks``) consumes the next part as its key.
+    """
     model: type[BaseModel] = Config
-    for part in path:
+    parts = iter(path)
+    for part in parts:
         field = model.model_fields.get(part)
         annotation = field.annotation if field is not None else None
+        if typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[1]
+            if next(parts, None) is None:
+                return None
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         model = annotation

@@ -27,3 +27,13 @@ class Section(BaseModel):
     """Base of every section: unknown keys are errors, so typos cannot go unnoticed."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def changed_from_default(section: BaseModel, names: Iterable[str]) -> list[str]:
+    """The ``names`` whose value differs from the field's default.
+
+    For "only read with ..." checks: a saved config lists every key with its
+    value, so which keys were *given* says nothing; which differ does.
+    """
+    fields = type(section).model_fields
+    return [n for n in names if getattr(section, n) != fields[n].get_default()]

@@ -295,11 +295,35 @@ def load_pretrained(
             f"{name_or_path}: the weights do not fit the model its config.json describes "
             "(tensor shapes differ); config.json and the weights come from different models"
         ) from err
-    missing = sorted(info.get("missing_keys", []))
+    missing = sorted(info.get("missing_keys", [])) + _mismatched_head(model, info, name_or_path)
     if missing:
         init_new_parameters(model, missing)
         log.info("new parameters (Xavier-uniform init): %s", ", ".join(missing))
+    # Regularisers toward the pretrained weights (L2-SP) leave these out.
+    model.tunesmith_new_parameters = tuple(missing)
     return model
+
+
+def _mismatched_head(model: nn.Module, info: Mapping[str, Any], name_or_path: str) -> list[str]:
+    """Head weights whose saved shape differs (another label count): re-initialised as new.
+
+    Only asked for by ``Task.load_with_head`` (``ignore_mismatched_sizes``), so a model
+    fine-tuned for one task can start another. A mismatch inside the base model still
+    means config.json and the weights disagree.
+
+    Raises:
+        ModelError: A mismatched weight belongs to the base model.
+    """
+    keys = sorted(str(m[0]) for m in info.get("mismatched_keys", ()) or ())
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    if any(k.startswith(prefix) for k in keys) and prefix != ".":
+        raise ModelError(
+            f"{name_or_path}: the weights do not fit the model its config.json describes "
+            "(tensor shapes differ); config.json and the weights come from different models"
+        )
+    if keys:
+        log.info("head of %s has another label count: re-initialised", name_or_path)
+    return keys
 
 
 def init_new_parameters(model: nn.Module, names: Iterable[str]) -> None:

@@ -14,6 +14,9 @@ import torch
 
 from tunesmith.config import Config
 from tunesmith.data.batching import Collator, FeatureDataset
+from tunesmith.distill.student import build_student
+from tunesmith.losses.class_weights import resolve_class_weights
+from tunesmith.losses.settings import CLASS_TASKS
 from tunesmith.methods.base import Method, get_method
 from tunesmith.modeling import load_tokenizer
 from tunesmith.tasks.base import DataSplits, Task
@@ -62,8 +65,13 @@ def build_run_parts(cfg: Config, task: Task) -> RunParts:
         FeatureDataset(task.encode(recs, tokenizer, label2id))
         for recs in (splits.train, splits.validation, splits.test)
     )
+    if task.name in CLASS_TASKS:  # saved in the manifest: eval weighs the loss the same way
+        task.class_weights = resolve_class_weights(cfg.loss, splits.labels, train_set.features)
     set_seed(cfg.train.seed)
-    model = method.apply(task.build_model(splits.labels, tokenizer))
+    if cfg.distill.student_layers is not None:  # the teacher with fewer blocks
+        model = method.apply(build_student(cfg, task, splits.labels))
+    else:
+        model = method.apply(task.build_model(splits.labels, tokenizer))
     if method.padding_side is not None:  # recorded in the manifest for eval/predict
         tokenizer.padding_side = method.padding_side
     collator = Collator(tokenizer.pad_token_id, tokenizer.padding_side)

@@ -35,6 +35,7 @@ _CONFIG_KEYS = {
     "label": "data.label_column",
     "tokens": "data.tokens_column",
     "tags": "data.tags_column",
+    "target": "data.target_column",
 }
 _BOM = b"\xef\xbb\xbf"
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
@@ -48,8 +49,10 @@ def load_records(
     text_column: str = "text",
     text_pair_column: str | None = None,
     label_column: str | None = "label",
+    target_column: str | None = None,
     dropped: list[str] | None = None,
     check_label_kinds: bool = True,
+    config_keys: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Load a data set file (or ``save_to_disk`` folder) into records.
 
@@ -60,24 +63,34 @@ def load_records(
         text_column: Column holding the input text.
         text_pair_column: Optional second text column (sentence pairs).
         label_column: Label column, or ``None`` for unlabeled input.
-        dropped: When given, rows with an empty text or label are skipped and
+        target_column: Output text column (seq2seq), or ``None``; read like a
+            text column (non-blank string) into the record's ``target``.
+        dropped: When given, rows with an empty text, target or label are skipped and
             their sources appended here (real data has such rows); when None,
             such a row is an error.
         check_label_kinds: Refuse a label column mixing numbers and names (``1``
             and ``"pos"``, also ``"1"`` and ``"pos"`` in a CSV): almost always a
             data bug. Off when the user lists the labels to keep (``data.labels``).
+        config_keys: Record key -> the config key naming its column, where a
+            task maps a key to another setting than the default (seq2seq reads
+            ``text`` from ``data.source_column``), so messages name the right key.
 
     Returns:
-        Records ``{"text", ["text_pair"], "label", "source"}`` in file order.
+        Records ``{"text", ["text_pair"], ["target"], "label", "source"}`` in file order.
 
     Raises:
         DataError: On any missing, malformed or inconsistent input.
     """
     path = Path(path)
-    wanted = {"text": text_column, "text_pair": text_pair_column, "label": label_column}
+    wanted = {
+        "text": text_column,
+        "text_pair": text_pair_column,
+        "target": target_column,
+        "label": label_column,
+    }
     wanted = {key: col for key, col in wanted.items() if col is not None}
     columns, rows = read_rows(path)
-    check_columns(path.name, columns, wanted)
+    check_columns(path.name, columns, wanted, config_keys)
     records = []
     kinds: dict[str, tuple[int, str, Any]] = {}  # label kind -> (rows, first source, value)
     for source, raw in rows:
@@ -398,14 +411,22 @@ def _column_rows(name: str, columns: list[str], values: dict[str, list[Any]]) ->
     return [(f"{name}#row {i}", {col: values[col][i] for col in columns}) for i in range(count)]
 
 
-def check_columns(name: str, columns: list[str], wanted: dict[str, str]) -> None:
+def check_columns(
+    name: str,
+    columns: list[str],
+    wanted: dict[str, str],
+    config_keys: Mapping[str, str] | None = None,
+) -> None:
     """Every configured column must exist; suggest the closest real name.
 
     Args:
         name: File name for the message.
         columns: The columns the file has.
         wanted: Record key (``text``, ``label``, ``tokens``, ...) -> configured column.
+        config_keys: Record key -> config key to name in the message, where it
+            is not the default one (``_CONFIG_KEYS``).
     """
+    keys = {**_CONFIG_KEYS, **(config_keys or {})}
     if not columns:
         raise DataError(f"{name}: no rows (the file is empty)")
     for key, column in wanted.items():
@@ -416,15 +437,14 @@ def check_columns(name: str, columns: list[str], wanted: dict[str, str]) -> None
         close = difflib.get_close_matches(column, columns, n=1, cutoff=0.5)
         guess = f"did you mean {close[0]!r}? " if close else ""
         raise DataError(
-            f"{name}: column {column!r} not found (columns: {listed}; {guess}"
-            f"set {_CONFIG_KEYS[key]})"
+            f"{name}: column {column!r} not found (columns: {listed}; {guess}set {keys[key]})"
         )
 
 
 def _make_record(source: str, raw: Mapping[str, Any], wanted: dict[str, str]) -> dict[str, Any]:
     """Validate one row and build the record dict."""
     record: dict[str, Any] = {}
-    for key in ("text", "text_pair"):
+    for key in ("text", "text_pair", "target"):
         if key in wanted:
             record[key] = _text_value(source, wanted[key], raw.get(wanted[key]))
     record["label"] = _label_value(source, wanted["label"], raw) if "label" in wanted else None

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tunesmith.data.settings import DataConfig
-from tunesmith.data.splits import cap_records, stratified_split
+from tunesmith.data.splits import cap_records, grouped_split, stratified_split
 
 Records = list[dict[str, Any]]
 
@@ -43,12 +43,13 @@ def assemble_splits(
     want_val = 0.0 if "validation" in given else data.validation_fraction
     want_test = 0.0 if "test" in given else data.test_fraction
     if want_val or want_test:
-        idx = stratified_split(
-            train, validation_fraction=want_val, test_fraction=want_test, seed=seed
-        )
+        grouped = any(r.get("group") is not None for r in train)
+        split = grouped_split if grouped else stratified_split
+        idx = split(train, validation_fraction=want_val, test_fraction=want_test, seed=seed)
         parts = {name: [train[i] for i in idx[name]] for name in ("train", "validation", "test")}
         # Records without a single label (token tags) are split plainly at random.
         how = "stratified" if any(r.get("label") is not None for r in train) else "random"
+        how = "grouped by first user message" if grouped else how
         for name, frac in (("validation", want_val), ("test", want_test)):
             if frac:
                 notes.append(

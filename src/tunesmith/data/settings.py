@@ -16,7 +16,14 @@ from tunesmith.config_base import Section
 class DataConfig(Section):
     """Where the examples are and how to read them."""
 
-    train: str = Field(..., min_length=1, description="Training file (csv, jsonl, parquet).")
+    # Optional here only for multi-task runs, whose tasks name their own files; the
+    # Config requires it for every other task (``missing required key 'data.train'``).
+    train: str | None = Field(
+        None,
+        min_length=1,
+        description="Training file (csv, jsonl, parquet); required except with task.type "
+        "multitask, whose tasks name their own (multitask.tasks.<name>.data).",
+    )
     validation: str | None = Field(
         None, description="Validation file; null: split validation_fraction off train."
     )

@@ -74,6 +74,42 @@ def stratified_split(
     return {split: sorted(indices) for split, indices in result.items()}
 
 
+def grouped_split(
+    records: Sequence[Mapping[str, Any]],
+    *,
+    validation_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> dict[str, list[int]]:
+    """Split record indices keeping all records of a ``group`` on one side.
+
+    For data where several rows share one input (the same question with
+    different answers), a plain split would let the model see held-out
+    questions in training. Whole groups, shuffled with ``seed``, fill the
+    validation and then the test split up to ``round(n * fraction)`` rows
+    (the last group may overshoot); the rest train.
+
+    Raises:
+        DataError: A requested split would be empty, or nothing is left to train on.
+    """
+    fractions = {"validation": validation_fraction, "test": test_fraction}
+    _check_fractions(fractions)
+    n = len(records)
+    targets = {split: round(n * fraction) for split, fraction in fractions.items()}
+    _check_targets(n, fractions, targets)
+    members: dict[Hashable, list[int]] = {}
+    for i, record in enumerate(records):
+        members.setdefault(record.get("group"), []).append(i)
+    keys = list(members)
+    random.Random(seed).shuffle(keys)
+    result: dict[str, list[int]] = {split: [] for split in SPLITS}
+    for split in ("validation", "test"):
+        while targets[split] and len(result[split]) < targets[split] and len(keys) > 1:
+            result[split].extend(members[keys.pop()])
+    result["train"] = [i for key in keys for i in members[key]]
+    return {split: sorted(indices) for split, indices in result.items()}
+
+
 def cap_records(
     indices: list[int],
     max_n: int | None,

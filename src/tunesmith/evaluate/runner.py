@@ -40,11 +40,13 @@ def predict_loader(
     accelerator: Any | None = None,
     *,
     generate: bool = False,
+    generate_limit: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], float | None]:
     """Predictions for every item of ``loader`` in dataset order, and the mean loss.
 
     With ``generate``, generative tasks also generate text for each item
-    (``Task.generate_predictions``; the other tasks add nothing).
+    (``Task.generate_predictions``; the other tasks add nothing), or only for
+    the items of dataset index below ``generate_limit`` when it is set.
 
     Returns:
         The task's prediction tensors (first dim = items, dataset order) and the
@@ -68,7 +70,7 @@ def predict_loader(
         preds = task.outputs_to_predictions(outputs, batch)
         if generate:
             plain = accelerator.unwrap_model(model) if accelerator is not None else model
-            preds |= task.generate_predictions(plain, batch)
+            preds |= task.generate_predictions(plain, batch, limit=generate_limit)
         preds["index"] = batch["index"]
         if accelerator is not None and accelerator.num_processes > 1:
             preds = accelerator.gather_for_metrics(_pad_for_gather(preds, accelerator))
@@ -96,15 +98,23 @@ def evaluate_dataset(
     accelerator: Any | None = None,
     *,
     generate: bool = False,
+    generate_limit: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Task metrics plus ``loss`` on a labelled data set, and the raw predictions.
 
-    ``generate`` adds the metrics of generated text (BLEU, chrF) for generative tasks.
+    ``generate`` adds the metrics of generated text (BLEU, chrF) for generative
+    tasks, computed on the first ``generate_limit`` items when it is set
+    (``generate.eval_samples``: generation costs far more than the loss).
     """
-    loader = make_eval_loader(task, dataset, collator, batch_size)
-    if accelerator is not None:
-        loader = accelerator.prepare_data_loader(loader)
-    preds, loss = predict_loader(model, task, loader, accelerator, generate=generate)
+    preds, loss = task.predict_dataset(
+        model,
+        dataset,
+        collator,
+        batch_size,
+        accelerator,
+        generate=generate,
+        generate_limit=generate_limit,
+    )
     metrics = task.compute_metrics(preds, labels)
     if loss is not None:
         metrics = {"loss": loss, **metrics}
@@ -131,9 +141,7 @@ def _pad_for_gather(preds: dict[str, torch.Tensor], accelerator: Any) -> dict[st
     ``returns`` dimension before it.
     """
     return {
-        k: accelerator.pad_across_processes(v, dim=v.ndim - 1, pad_index=-100)
-        if v.ndim >= 2
-        else v
+        k: accelerator.pad_across_processes(v, dim=v.ndim - 1, pad_index=-100) if v.ndim >= 2 else v
         for k, v in preds.items()
     }
 

@@ -68,6 +68,16 @@ class Method(ABC):
         """Training-loop hooks this method needs (``on_train_start``/``on_step_start``)."""
         return []
 
+    def task_has_new_head(self) -> bool:
+        """Whether the task adds a new head that adapter methods train and save.
+
+        False for tasks whose head is the model's pretrained output layer
+        (``Task.new_head``): adapters then leave it frozen like the rest of the base.
+        """
+        from tunesmith.tasks.base import TASKS
+
+        return TASKS.get(self.cfg.task.type).new_head
+
     # -- checkpoints --------------------------------------------------------------
     #: True when checkpoints hold only adapter + head weights (loading needs the base).
     saves_adapter: bool = False

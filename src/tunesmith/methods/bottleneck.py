@@ -296,7 +296,7 @@ class Bottleneck(LayeredMethod):
                 "head alone"
             )
         layers = discover_layers(model, m.blocks)
-        self.head_modules = _head_names(model, layers)
+        self.head_modules = _head_names(model, layers) if self.task_has_new_head() else []
         blocks = _target_blocks(layers, m.train_layers)
         plan = plan_adapters(model, blocks, m.placement)
         modules = dict(model.named_modules())

@@ -61,7 +61,9 @@ class PeftMethod(Method):
         from peft import get_peft_model
 
         self.layers = discover_layers(model, self.cfg.method.blocks)
-        self.head_modules = head_module_names(model)
+        # A pretrained LM head (seq2seq) stays frozen: saving it with the adapter would
+        # copy a vocabulary-sized matrix and untie it from the embeddings.
+        self.head_modules = head_module_names(model) if self.task_has_new_head() else []
         config = self.peft_config(model)
         config.modules_to_save = list(self.head_modules) or None  # peft extends the list
         wrapped = get_peft_model(model, config)

@@ -55,11 +55,40 @@ class Task(ABC):
     name: str = ""
     #: Metric names this task reports (``eval.metric`` must be one of them or ``loss``).
     metric_names: tuple[str, ...] = ()
-    #: ``peft.TaskType`` name for adapter methods.
-    peft_task_type: str = "SEQ_CLS"
+    #: ``peft.TaskType`` name for adapter methods (None: peft's plain ``PeftModel``).
+    peft_task_type: str | None = "SEQ_CLS"
+    #: False when examples of different kinds may not share a batch (multi-task: a
+    #: batch goes through one head), so the training set is batched only by
+    #: ``train_sampler``; the frozen-prefix feature cache, which batches every
+    #: training example by length, is then not used, and DDP is told that a
+    #: step may leave parameters (the other heads) without a gradient.
+    mixed_batches: bool = True
+    #: True when ``build_model`` adds a newly initialised head (classifiers): adapter
+    #: methods then train it and save it with the adapter. False when the model's own
+    #: pretrained output layer is the head (seq2seq, causal LM: often tied to the
+    #: input embeddings), which adapter methods leave frozen like the rest of the base.
+    new_head: bool = True
+    #: Per-class loss weights of this run (``loss.class_weights``), resolved from the
+    #: training labels by ``build_run_parts`` and restored from the checkpoint manifest.
+    class_weights: list[float] | None = None
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+
+    # -- config -------------------------------------------------------------
+    @classmethod
+    def default_metric(cls, cfg: Config) -> str:
+        """``eval.metric`` when the config leaves it out: the task's headline metric."""
+        return cls.metric_names[0]
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Refuse settings of other sections this task cannot honour (config validation).
+
+        Raises:
+            ValueError: Naming the keys and the fix (reported as a ConfigError).
+        """
+        return None
 
     # -- data ---------------------------------------------------------------
     @abstractmethod
@@ -95,6 +124,34 @@ class Task(ABC):
                 "set data.empty_rows=error to fail instead)"
             )
         return records
+
+    def split_records(
+        self, provenance: Mapping[str, Any], split: str, where: Any
+    ) -> list[dict[str, Any]]:
+        """The records of ``split`` of a finished run, from its ``splits.json`` (``where``).
+
+        Re-reads the run's files and keeps the rows listed for that split.
+
+        Raises:
+            DataError: The provenance is unreadable, lacks the split, or a file is gone.
+        """
+        import os
+
+        from tunesmith.data.pipeline import select_by_source
+        from tunesmith.errors import DataError
+
+        try:
+            rows, files = provenance["rows"], list(provenance["files"].values())
+        except (KeyError, TypeError, AttributeError) as err:
+            raise DataError(f"{where}: unreadable ({err}); give the data file instead") from None
+        if split not in rows or not rows[split]:
+            raise DataError(f"{where}: the run has no '{split}' split")
+        files = [p for p in files if p]
+        missing = [p for p in files if not os.path.exists(p)]
+        if missing:
+            raise DataError(f"data file of the run not found: {missing[0]}")
+        pool = [r for p in files for r in self.load_records(p, dropped=[])]
+        return select_by_source(pool, rows[split])
 
     def text_records(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         """Prediction records for raw texts (``predict --text``); ``text`` is echoed back."""
@@ -156,17 +213,33 @@ class Task(ABC):
         The label names go into the model's config (``id2label``), so a saved
         folder is self-describing for other tools too.
         """
+        return self.load_configured(
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={lab: i for i, lab in enumerate(labels)},
+            # A checkpoint of another task (other label count) starts this one: its
+            # head is re-initialised; any other shape mismatch is still an error.
+            ignore_mismatched_sizes=True,
+        )
+
+    def load_configured(self, **config_changes: Any) -> PreTrainedModel:
+        """The configured model under ``auto_class`` with the config's permissions.
+
+        ``config_changes`` go to ``from_pretrained`` (a new head's size and
+        labels); generative tasks use the model's own head and pass none.
+        """
         from tunesmith.modeling import load_pretrained
+        from tunesmith.regularize.dropout import configured_dropout
 
         m = self.cfg.model
+        # regularize.*_dropout: model config keys, set before the modules are built.
+        config_changes = {**configured_dropout(self.cfg, m.name_or_path), **config_changes}
         return load_pretrained(
             self.auto_class(),
             m.name_or_path,
             trust_remote_code=m.trust_remote_code,
             allow_unsafe_weights=m.allow_unsafe_weights,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={lab: i for i, lab in enumerate(labels)},
+            **config_changes,
         )
 
     # -- loss and outputs ---------------------------------------------------
@@ -205,13 +278,18 @@ class Task(ABC):
         output refers back to the input (entity spans as character offsets).
         """
 
-    def generate_predictions(self, model: Any, batch: Batch) -> dict[str, torch.Tensor]:
+    def generate_predictions(
+        self, model: Any, batch: Batch, *, limit: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """Generated text ids for the batch (generative tasks), merged into the predictions.
 
         Called by evaluation when ``generate.in_eval`` is on and always by
         ``predict``; ``model`` is unwrapped (it has ``generate``). Tasks that do
         not generate add nothing. Generative tasks keep the tokenizer given to
-        ``encode`` to decode what they generate.
+        ``encode`` to decode what they generate. With ``limit`` only items whose
+        ``batch["index"]`` is below it are generated for (``generate.eval_samples``);
+        the tensors still cover the whole batch (the others hold no tokens, -100),
+        so every batch contributes the same keys.
         """
         return {}
 
@@ -219,9 +297,62 @@ class Task(ABC):
         """The part of a batch that goes into ``model(**inputs)``."""
         return {k: v for k, v in batch.items() if k not in ("labels", "index")}
 
+    # -- loop hooks (multi-task overrides them; other tasks keep these) ------
+    def train_sampler(
+        self, features: Sequence[Feature], batch_size: int, *, group_by_length: bool, seed: int
+    ) -> Any:
+        """The training order: a sampler with ``set_epoch``, ``order()`` and ``lengths``.
+
+        Its order must depend on the seed and the epoch alone: resuming skips
+        the micro-batches of the interrupted epoch by re-creating its order.
+        """
+        from tunesmith.data.batching import EpochSampler
+
+        lengths = [self.feature_length(f) for f in features]
+        return EpochSampler(lengths, batch_size, group_by_length=group_by_length, seed=seed)
+
+    def predict_dataset(
+        self,
+        model: Any,
+        dataset: Any,
+        collator: Any,
+        batch_size: int,
+        accelerator: Any | None = None,
+        *,
+        generate: bool = False,
+        generate_limit: int | None = None,
+    ) -> tuple[dict[str, torch.Tensor], float | None]:
+        """Predictions for every feature of ``dataset`` (dataset order) and the mean loss.
+
+        Evaluation and ``predict`` both come through here; see
+        ``evaluate.runner.predict_loader`` for the arguments.
+        """
+        from tunesmith.evaluate.runner import make_eval_loader, predict_loader
+
+        loader = make_eval_loader(self, dataset, collator, batch_size)
+        if accelerator is not None:
+            loader = accelerator.prepare_data_loader(loader)
+        return predict_loader(
+            model, self, loader, accelerator, generate=generate, generate_limit=generate_limit
+        )
+
+    def save_weights(self, method: Any, model: Any, folder: Any) -> None:
+        """Write the trained weights of ``model`` into ``folder`` (``best/``, ``final/``).
+
+        The method decides by default (a transformers folder, or an adapter).
+        """
+        method.save_weights(model, folder)
+
 
 TASKS: Registry[type[Task]] = Registry(
-    "task.type", ["tunesmith.tasks.classification", "tunesmith.tasks.token_classification"]
+    "task.type",
+    [
+        "tunesmith.tasks.classification",
+        "tunesmith.tasks.token_classification",
+        "tunesmith.tasks.causal_lm",
+        "tunesmith.tasks.seq2seq",
+        "tunesmith.tasks.multitask",
+    ],
 )
 #: Class decorator adding a task to the registry under ``cls.name``.
 register_task = TASKS.register

@@ -7,20 +7,20 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from tunesmith.data.labels import build_label_list, check_labels
 from tunesmith.data.loading import filter_labels, load_records
 from tunesmith.data.pipeline import assemble_splits
 from tunesmith.evaluate.metrics import classification_metrics
 from tunesmith.tasks.base import Batch, DataSplits, Feature, Task, register_task
+from tunesmith.tasks.class_loss import ClassLoss
 from tunesmith.tasks.encoding import chunks, position_cut
 
 log = logging.getLogger(__name__)
 
 
 @register_task
-class SequenceClassification(Task):
+class SequenceClassification(ClassLoss, Task):
     """One label per text (or text pair) with a linear head on the pooled encoder."""
 
     name = "sequence_classification"
@@ -124,9 +124,6 @@ class SequenceClassification(Task):
         return model
 
     # -- loss and outputs ---------------------------------------------------
-    def loss_sum(self, outputs: Any, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(outputs.logits.float(), batch["labels"], reduction="sum")
-
     def outputs_to_predictions(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
         preds = {"logits": outputs.logits.detach().float()}
         if "labels" in batch:

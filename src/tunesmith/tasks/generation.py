@@ -59,17 +59,21 @@ def generate_ids(
     """
     was_training = model.training
     model.eval()
-    out = model.generate(
-        input_ids=inputs["input_ids"],
-        attention_mask=inputs["attention_mask"],
-        **generation_kwargs(gen, tokenizer),
-    )
-    if was_training:
-        model.train()
+    try:
+        out = model.generate(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            **generation_kwargs(gen, tokenizer),
+        )
+    finally:  # a failed generation must not leave a training model in eval mode
+        if was_training:
+            model.train()
     if decoder_only:
         out = out[:, inputs["input_ids"].shape[1] :]
-    elif out.shape[1] and model.config.decoder_start_token_id is not None:
-        out = out[:, 1:]  # the decoder start token is not generated text
+    elif getattr(model.config, "is_encoder_decoder", False):
+        # Encoder-decoder output always starts with the decoder start token, which
+        # is not generated text; it may equal EOS (BART), so it goes before masking.
+        out = out[:, 1:]
     out = mask_after_eos(out, tokenizer.eos_token_id)
     return out.reshape(inputs["input_ids"].shape[0], gen.num_return_sequences, -1)
 
@@ -93,3 +97,13 @@ def decode(ids: torch.Tensor, tokenizer: Any) -> list[list[str]]:
         ]
         for item in ids
     ]
+
+
+def generated_rows(ids: torch.Tensor, tokenizer: Any, returns: int) -> list[dict[str, Any]]:
+    """``predict`` rows of every generative task: ``{"generated": text}``.
+
+    With ``returns`` (``num_return_sequences``) above 1 the value is the list
+    of that many texts, best first.
+    """
+    texts = decode(ids, tokenizer)
+    return [{"generated": t if returns > 1 else t[0]} for t in texts]

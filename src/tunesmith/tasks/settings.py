@@ -37,7 +37,8 @@ class TaskConfig(Section):
         0.0,
         ge=0,
         lt=1,
-        description="Cross-entropy label smoothing epsilon (seq2seq, causal_lm).",
+        description="Cross-entropy label smoothing epsilon, every task (classification: "
+        "with loss.type and loss.class_weights too).",
     )
     train_on: Literal["all_assistant", "last_assistant"] = Field(
         "all_assistant",

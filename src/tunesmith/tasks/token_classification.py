@@ -24,7 +24,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from tunesmith.data.labels import build_label_list, check_labels
 from tunesmith.data.pipeline import assemble_splits
@@ -32,6 +31,7 @@ from tunesmith.data.tagged import check_tag, load_tagged, text_record, word_span
 from tunesmith.errors import ConfigError, DataError, ModelError
 from tunesmith.evaluate.metrics import entity_metrics
 from tunesmith.tasks.base import Batch, DataSplits, Feature, Task, register_task
+from tunesmith.tasks.class_loss import ClassLoss
 from tunesmith.tasks.encoding import chunks, position_cut, require_fast_tokenizer
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ _BOOKKEEPING = ("word_ids", "word_labels", "char_start", "char_end")
 
 
 @register_task
-class TokenClassification(Task):
+class TokenClassification(ClassLoss, Task):
     """A tag per word (NER, BIO/IOBES) with a linear head on every token."""
 
     name = "token_classification"
@@ -201,14 +201,8 @@ class TokenClassification(Task):
         return {k: v for k, v in super().model_inputs(batch).items() if k not in _BOOKKEEPING}
 
     # -- loss and outputs ---------------------------------------------------
-    def loss_sum(self, outputs: Any, batch: Batch) -> torch.Tensor:
-        logits = _input_logits(outputs, batch)
-        return F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            batch["labels"].flatten(),
-            ignore_index=IGNORE,
-            reduction="sum",
-        )
+    def loss_logits(self, outputs: Any, batch: Batch) -> torch.Tensor:
+        return _input_logits(outputs, batch)
 
     def outputs_to_predictions(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
         score, pred = _input_logits(outputs, batch).detach().float().softmax(-1).max(-1)

@@ -29,7 +29,7 @@ def atomic_dir_write(target: Path, write: Callable[[Path], None]) -> Path:
             shutil.rmtree(stale)
     tmp.mkdir(parents=True)
     write(tmp)
-    _fsync_dir(tmp)
+    _fsync_dir(tmp, deep=True)
     if target.exists():
         target.rename(old)
     tmp.rename(target)
@@ -65,7 +65,7 @@ def save_model_folder(
     def write(tmp: Path) -> None:
         save_weights(tmp)
         tokenizer.save_pretrained(tmp)
-        size = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
+        size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         meta = {
             **manifest,
             "weights_mb": round(_weights_bytes(tmp) / 2**20, 3),
@@ -77,8 +77,11 @@ def save_model_folder(
 
 
 def _weights_bytes(folder: Path) -> int:
-    """Bytes of the weight files (``*.safetensors``) in ``folder``."""
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    """Bytes of the weight files (``*.safetensors``) in ``folder`` and its sub-folders.
+
+    Sub-folders: a multi-task model saves ``encoder/`` and ``heads/``.
+    """
+    return sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -89,10 +92,15 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _fsync_dir(path: Path) -> None:
-    """Flush every file in ``path`` and the directory entry itself to disk."""
+def _fsync_dir(path: Path, *, deep: bool = False) -> None:
+    """Flush every file in ``path`` and the directory entry itself to disk.
+
+    ``deep``: the files of its sub-folders too (a multi-task model's ``heads/``).
+    """
     for child in path.iterdir():
-        if child.is_file():
+        if deep and child.is_dir():
+            _fsync_dir(child, deep=True)
+        elif child.is_file():
             with open(child, "rb") as fh:
                 os.fsync(fh.fileno())
     fd = os.open(path, os.O_RDONLY)

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from tunesmith.config import Config
-from tunesmith.data.batching import Collator, EpochSampler, FeatureDataset
+from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.errors import TrainingDiverged, TrainingInterrupted
 from tunesmith.evaluate.runner import evaluate_dataset
 from tunesmith.methods.base import Method
@@ -42,6 +42,7 @@ from tunesmith.train.early_stop import EarlyStopping
 from tunesmith.train.feature_cache import plan_cache
 from tunesmith.train.interrupt import GracefulInterrupt
 from tunesmith.train.monitor import MetricsLog, peak_rss_mb, rss_mb
+from tunesmith.train.objective import Objective
 from tunesmith.train.resume import Checkpointer, restore_rng
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class StepStats:
     skipped: bool
     group_norms: dict[str, float] = field(default_factory=dict)
     bad_where: str = ""
+    #: The objective's parts of this step (``Objective.take_parts``).
+    parts: dict[str, float] = field(default_factory=dict)
 
 
 class Trainer:
@@ -108,6 +111,9 @@ class Trainer:
         interrupt: Set by SIGINT/SIGTERM; the loop then checkpoints and stops.
         cacheable: Whether the method allows caching the frozen blocks' output
             (``train.feature_cache``; also never with hooks, which may unfreeze).
+        objective: Loss terms and regularisers added to the task loss (None: none).
+        sampler: The training order (None: ``task.train_sampler``); replay passes
+            one that mixes reference examples in.
 
     The loop's position (``epoch``, ``batches_in_epoch``) and counters are
     attributes, so a checkpoint can store them and ``restore_training_state``
@@ -134,14 +140,19 @@ class Trainer:
         checkpointer: Checkpointer | None = None,
         interrupt: GracefulInterrupt | None = None,
         cacheable: bool = True,
+        objective: Objective | None = None,
+        sampler: Any | None = None,
     ) -> None:
         self.cfg, self.task, self.labels = cfg, task, labels
         self.acc = accelerator
         self.collator, self.val_set = collator, val_set
         self.metrics_log, self.on_best, self.progress = metrics_log, on_best, progress
+        self.objective = objective or Objective()
+        self.window_parts: dict[str, float] = {}  # the objective's parts since the last log
+        self._window_steps = 0
         t = cfg.train
-        self.sampler = EpochSampler(
-            [task.feature_length(f) for f in train_set.features],
+        self.sampler = sampler or task.train_sampler(
+            train_set.features,
             t.batch_size,
             group_by_length=cfg.data.group_by_length,
             seed=t.seed,
@@ -167,7 +178,7 @@ class Trainer:
             self._plain,
             train_set,
             collator,
-            cacheable=cacheable and not self.hooks,
+            cacheable=cacheable and not self.hooks and task.mixed_batches,
             batch_size=t.effective_eval_batch_size,
             folder=Path(t.output_dir) / ".cache",
             device=accelerator.device,
@@ -248,6 +259,8 @@ class Trainer:
             mininterval=0.5 if sys.stderr.isatty() else 30.0,
         )
         self._stop_if_interrupted()
+        if t.eval_at_start and res.steps == 0 and self.last_eval_step is None:
+            self.evaluate()
         while res.steps < self.total_steps and not res.stopped_early:
             for window in self._epoch_windows():
                 self.batches_in_epoch += len(window)
@@ -321,10 +334,18 @@ class Trainer:
         self.window[0] += stats.loss_sum
         self.window[1] += stats.targets
         self.window[2] += stats.real_tokens
+        for name, value in stats.parts.items():
+            self.window_parts[name] = self.window_parts.get(name, 0.0) + value
+        self._window_steps += 1
         res.epochs = res.steps / self.steps_per_epoch
         if res.steps % t.log_steps == 0 or res.steps == self.total_steps:
             loss, targets, tokens, secs = self.window
             record = self._train_record(loss / max(targets, 1.0), tokens / max(secs, 1e-9), stats)
+            parts = self.objective.log_fields(
+                record["loss"], self.window_parts, targets, self._window_steps
+            )
+            record.update(parts)
+            self.window_parts, self._window_steps = {}, 0
             self.metrics_log.write(record)
             bar.set_postfix(
                 refresh=False,
@@ -378,6 +399,7 @@ class Trainer:
             not stepped,
             norms if want_norms else {},
             bad_where,
+            self.objective.take_parts(),
         )
 
     def accumulate(self, window: list[Batch]) -> tuple[float, float, int]:
@@ -403,7 +425,12 @@ class Trainer:
             ):
                 outputs = self.model(**task.model_inputs(batch))
                 part = task.loss_sum(outputs, batch)
-            acc.backward(part * scale)
+                total = self.objective.batch_loss(part, outputs, batch) * scale
+                # Once per step, inside the step's gradient sync (see train/objective.py).
+                penalty = self.objective.step_penalty(self._plain) if sync else None
+                if penalty is not None:
+                    total = total + penalty
+            acc.backward(total)
             loss_sum += part.detach().float()
             if "attention_mask" in batch:
                 tokens += int(batch["attention_mask"].sum())
@@ -495,6 +522,7 @@ class Trainer:
             self.cfg.train.eval_batch_size or 2 * self.cfg.train.batch_size,
             accelerator=self.acc,
             generate=self.cfg.generate.in_eval,
+            generate_limit=self.cfg.generate.eval_samples,
         )
         res.last_validation = metrics
         self.metrics_log.write(

@@ -94,7 +94,7 @@ def bf16_slowdown(shape: tuple[int, int, int] = (512, 384, 1536), repeats: int =
     return best(torch.bfloat16) / max(best(torch.float32), 1e-9)
 
 
-def new_accelerator(mixed_precision: str) -> Any:
+def new_accelerator(mixed_precision: str, *, find_unused_parameters: bool = False) -> Any:
     """An ``accelerate.Accelerator`` for one run, even when an earlier run used another precision.
 
     accelerate keeps its state in process-wide singletons and refuses a second
@@ -102,12 +102,21 @@ def new_accelerator(mixed_precision: str) -> Any:
     hits this). The per-run parts (AcceleratorState, GradientState) are reset;
     the process-group part (PartialState) is kept, so ``accelerate launch``
     runs are unaffected.
+
+    ``find_unused_parameters``: DDP tolerates parameters without a gradient in
+    a step (multi-task: a batch runs one head; costs an extra graph traversal).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DistributedDataParallelKwargs
 
     for state in (AcceleratorState, GradientState):
         reset = getattr(state, "_reset_state", None)
         if callable(reset):
             reset()
-    return Accelerator(mixed_precision=mixed_precision)
+    handlers = (
+        [DistributedDataParallelKwargs(find_unused_parameters=True)]
+        if find_unused_parameters
+        else []
+    )
+    return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=handlers)

@@ -62,6 +62,15 @@ HARMLESS_KEYS = frozenset(
         "train.save_total_limit",
         "train.gradient_checkpointing",
         "train.compile",
+        "train.eval_at_start",
+        # generation settings only shape what predict writes
+        "generate.max_new_tokens",
+        "generate.num_beams",
+        "generate.num_return_sequences",
+        "generate.do_sample",
+        "generate.temperature",
+        "generate.top_p",
+        "generate.top_k",
     }
 )
 

@@ -27,6 +27,11 @@ class TrainConfig(Section):
     )
     seed: int = Field(0, ge=0, description="Seed for splits, shuffling and initialisation.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; null: epoch.")
+    eval_at_start: bool = Field(
+        False,
+        description="Evaluate the untrained model first (step 0): the baseline in metrics.jsonl, "
+        "and a candidate for best/ (training must beat it).",
+    )
     early_stopping_patience: int | None = Field(
         3, ge=1, description="Evaluations without improvement before stopping; null disables."
     )

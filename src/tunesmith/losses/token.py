@@ -1,8 +1,6 @@
-"""Loss functions shared by the tasks.
+"""Token cross-entropy sums of the generative tasks (seq2seq, causal LM).
 
-Every loss is a *sum* over the supervised targets (positions labelled -100
-are ignored): the training loop divides by the targets of the whole
-accumulation window, so gradient accumulation equals one large batch.
+Sums over the supervised targets (-100 ignored); the loop normalises.
 """
 
 from __future__ import annotations

@@ -1,0 +1,238 @@
+"""Causal-LM instruction tuning (SFT): chats rendered with a chat template, replies trained.
+
+Records are chats (``data/chat.py``); each is rendered with the tokenizer's
+chat template (or ``task.chat_template``) and tokenised once; labels are the
+input ids on the assistant replies (all of them, or the last with
+``task.train_on: last_assistant``) and -100 everywhere else
+(``tasks/chat_template.py``). The loss is the next-token cross-entropy over
+those labels (``task.label_smoothing`` applies); the metric is perplexity,
+``exp`` of the mean loss per trained token.
+
+Evaluation measures loss and perplexity only (generating for every
+validation chat would dominate the run on a CPU); ``predict`` renders the
+prompt with the template's generation prompt and generates a reply with the
+``generate`` settings (greedy, sampling or beam search; stops at EOS).
+
+Packing several short chats into one sequence is not implemented: batches
+are length-grouped instead, which removes most padding without letting
+attention cross from one chat into the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.data.chat import load_chats, prompt_record
+from tunesmith.data.pipeline import assemble_splits
+from tunesmith.errors import DataError
+from tunesmith.losses import IGNORE, shifted_token_cross_entropy_sum
+from tunesmith.tasks.base import Batch, DataSplits, Feature, Task, register_task
+from tunesmith.tasks.chat_template import label_tokens, render, reply_spans, resolve_template
+from tunesmith.tasks.encoding import position_cut, require_fast_tokenizer
+from tunesmith.tasks.generation import generate_ids, generated_rows
+
+log = logging.getLogger(__name__)
+
+
+@register_task
+class CausalLM(Task):
+    """Instruction tuning of a decoder-only model on chats; loss on the replies only."""
+
+    name = "causal_lm"
+    metric_names = ("perplexity",)
+    peft_task_type = "CAUSAL_LM"
+    new_head = False  # the pretrained LM head (often tied to the embeddings) stays as it is
+
+    # -- data ---------------------------------------------------------------
+    def load_records(
+        self, path: str, *, labelled: bool = True, dropped: list[str] | None = None
+    ) -> list[dict[str, Any]]:
+        d = self.cfg.data
+        return load_chats(
+            path,
+            messages_column=d.messages_column,
+            prompt_column=d.prompt_column,
+            response_column=d.response_column,
+            labelled=labelled,
+            system_prompt=self.cfg.task.system_prompt,
+            dropped=dropped,
+        )
+
+    def text_records(self, texts: Sequence[str]) -> list[dict[str, Any]]:
+        """Each text is one user message (after ``task.system_prompt``)."""
+        return [
+            prompt_record(t, f"text {i}", self.cfg.task.system_prompt) for i, t in enumerate(texts)
+        ]
+
+    def load_splits(self) -> DataSplits:
+        """Read and split; every chat starting with the same question stays on one side."""
+        notes: list[str] = []
+        parts, provenance, split_notes = assemble_splits(
+            self.cfg.data,
+            self.cfg.train.seed,
+            lambda p: self.read_dropping_empty(p, notes, "with an empty prompt or reply"),
+        )
+        return DataSplits(
+            train=parts["train"],
+            validation=parts["validation"],
+            test=parts["test"],
+            provenance=provenance,
+            notes=notes + split_notes,
+        )
+
+    def check_labels(
+        self, records: Sequence[Mapping[str, Any]], label2id: Mapping[str, int], split: str
+    ) -> None:
+        """Chats have no label vocabulary."""
+
+    def encode(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        tokenizer: Any,
+        label2id: Mapping[str, int] | None,
+    ) -> list[Feature]:
+        """Render and tokenise; training chats get reply labels, prompts keep their end.
+
+        Raises:
+            DataError: Chats to train on exist but not one reply token survives
+                ``data.max_length`` (nothing would be trained).
+        """
+        require_fast_tokenizer(tokenizer, self.name, "character offsets to locate the replies")
+        self.tokenizer = tokenizer  # decodes what generate_predictions produces
+        if tokenizer.pad_token_id is None:  # decoders often have none; EOS pads (masked out)
+            tokenizer.pad_token = tokenizer.eos_token
+        template = resolve_template(tokenizer, self.cfg.task.chat_template)
+        limit = self.cfg.data.max_length
+        limit = position_cut(tokenizer, limit) or limit
+        last_only = self.cfg.task.train_on == "last_assistant"
+        features, empty, labelled = [], 0, 0
+        for record in records:
+            messages = record["messages"]
+            if messages[-1]["role"] != "assistant":  # a prompt to answer: keep its end
+                text = render(tokenizer, messages, template, prompt=True)
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"][-limit:]
+                features.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+                continue
+            labelled += 1
+            text, spans = reply_spans(tokenizer, messages, template, last_only=last_only)
+            enc = tokenizer(
+                text,
+                add_special_tokens=False,
+                return_offsets_mapping=True,
+                truncation=True,
+                max_length=limit,
+            )
+            labels = label_tokens(enc["offset_mapping"], enc["input_ids"], spans)
+            empty += all(t == IGNORE for t in labels[1:])
+            features.append(
+                {
+                    "input_ids": enc["input_ids"],
+                    "attention_mask": enc["attention_mask"],
+                    "labels": labels,
+                }
+            )
+        if labelled and empty == labelled:
+            raise DataError(
+                f"no reply token to train on: in all {labelled} conversations the assistant "
+                f"reply lies beyond data.max_length={limit} tokens (or is empty); raise "
+                "data.max_length or shorten the prompts"
+            )
+        if empty:
+            log.warning(
+                "%d of %d conversations have no reply token within data.max_length=%d; "
+                "they train nothing (raise data.max_length)",
+                empty,
+                labelled,
+                limit,
+            )
+        return features
+
+    # -- model --------------------------------------------------------------
+    def auto_class(self) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
+    def build_model(self, labels: Sequence[str], tokenizer: Any) -> torch.nn.Module:
+        model = self.load_configured()
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    def model_inputs(self, batch: Batch) -> Batch:
+        """No key/value cache while training or scoring: it only costs memory."""
+        return {**super().model_inputs(batch), "use_cache": False}
+
+    # -- loss and outputs ---------------------------------------------------
+    def count_targets(self, batch: Batch) -> torch.Tensor:
+        """Tokens that are predicted: labelled ones after the first position."""
+        return (batch["labels"][:, 1:] != IGNORE).sum()
+
+    def loss_sum(self, outputs: Any, batch: Batch) -> torch.Tensor:
+        return shifted_token_cross_entropy_sum(
+            outputs.logits, batch["labels"], self.cfg.task.label_smoothing
+        )
+
+    def outputs_to_predictions(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per chat: summed negative log-likelihood of its reply tokens, and their number."""
+        if "labels" not in batch:
+            return {}
+        labels = batch["labels"][:, 1:]
+        nll = F.cross_entropy(
+            outputs.logits[:, :-1].float().transpose(1, 2),
+            labels,
+            ignore_index=IGNORE,
+            reduction="none",
+        )
+        return {"nll_sum": nll.sum(1).double(), "targets": (labels != IGNORE).sum(1)}
+
+    def compute_metrics(
+        self, predictions: Mapping[str, torch.Tensor], labels: Sequence[str]
+    ) -> dict[str, Any]:
+        """Perplexity over every trained token of the split (not a mean of per-chat ones)."""
+        if "nll_sum" not in predictions:
+            return {}
+        tokens = int(predictions["targets"].sum())
+        mean = float(predictions["nll_sum"].sum()) / max(tokens, 1)
+        return {"perplexity": math.exp(min(mean, 700.0)), "trained_tokens": tokens}
+
+    def generate_predictions(
+        self, model: Any, batch: Batch, *, limit: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Replies to prompt batches (chats ending with a user turn); none for scored chats."""
+        if "labels" in batch:
+            return {}
+        inputs = left_aligned(batch["input_ids"], batch["attention_mask"], self.tokenizer)
+        ids = generate_ids(model, inputs, self.cfg.generate, self.tokenizer, decoder_only=True)
+        return {"generated": ids}
+
+    def format_predictions(
+        self,
+        predictions: Mapping[str, torch.Tensor],
+        labels: Sequence[str],
+        records: Sequence[Mapping[str, Any]],
+    ) -> list[dict[str, Any]]:
+        if "generated" not in predictions:
+            return [{} for _ in records]
+        returns = self.cfg.generate.num_return_sequences
+        return generated_rows(predictions["generated"], self.tokenizer, returns)
+
+
+def left_aligned(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer: Any
+) -> dict[str, torch.Tensor]:
+    """The same prompts padded on the left, so every one ends where generation starts."""
+    ids = torch.full_like(input_ids, tokenizer.pad_token_id)
+    mask = torch.zeros_like(attention_mask)
+    width = input_ids.shape[1]
+    for i in range(input_ids.shape[0]):
+        real = input_ids[i][attention_mask[i].bool()]
+        ids[i, width - len(real) :] = real
+        mask[i, width - len(real) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}

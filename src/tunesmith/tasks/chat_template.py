@@ -1,0 +1,110 @@
+"""Rendering chats with a chat template and marking the tokens to train on.
+
+The loss of instruction tuning covers only the assistant's replies: system
+and user turns and the template's own markup are context, not targets. We
+find each reply's character span in the rendered text and label the tokens
+that overlap it (through the fast tokenizer's offsets), which works for any
+template without special ``{% generation %}`` markers:
+
+- the text before reply *i* is the template rendered over the turns before
+  it with the generation prompt, so the reply starts after that prefix
+  (a template whose renders are not prefixes of each other is refused);
+- the reply ends with its content, plus the end-of-sequence token when the
+  template writes it right after (the model must learn to stop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tunesmith.errors import ModelError
+
+#: A minimal template for tokenizers without one (``task.chat_template: plain``).
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+IGNORE = -100
+Span = tuple[int, int]
+
+
+def resolve_template(tokenizer: Any, configured: str | None) -> str:
+    """The template to use: the configured one ('plain' built in), else the tokenizer's.
+
+    Raises:
+        ModelError: Neither the config nor the tokenizer has a template.
+    """
+    if configured == "plain":
+        return PLAIN_TEMPLATE
+    if configured:
+        return configured
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: the default one
+        template = template.get("default")
+    if not template:
+        where = getattr(tokenizer, "name_or_path", "") or "the model folder"
+        raise ModelError(
+            f"{where}: the tokenizer has no chat template; set task.chat_template to a Jinja "
+            "template, or to 'plain' for a minimal built-in one"
+        )
+    return template
+
+
+def render(
+    tokenizer: Any, messages: Sequence[dict[str, str]], template: str, *, prompt: bool = False
+) -> str:
+    """The chat as text; ``prompt`` appends the assistant header generation continues from."""
+    return tokenizer.apply_chat_template(
+        list(messages), chat_template=template, tokenize=False, add_generation_prompt=prompt
+    )
+
+
+def reply_spans(
+    tokenizer: Any,
+    messages: Sequence[dict[str, str]],
+    template: str,
+    *,
+    last_only: bool = False,
+) -> tuple[str, list[Span]]:
+    """The rendered chat and the character spans of the assistant replies to train on.
+
+    Raises:
+        ModelError: The template renders a shorter chat as something that is
+            not a prefix of the longer one (replies cannot be located).
+    """
+    full = render(tokenizer, messages, template)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if last_only:
+        turns = turns[-1:]
+    eos = getattr(tokenizer, "eos_token", None)
+    spans = []
+    for i in turns:
+        before = render(tokenizer, messages[:i], template, prompt=True)
+        if not full.startswith(before):
+            raise ModelError(
+                "the chat template renders the turns before a reply differently from the whole "
+                "chat, so the reply cannot be located; use a template whose renders extend "
+                "each other (set task.chat_template)"
+            )
+        content = messages[i]["content"]
+        start = full.find(content, len(before))
+        if start < 0:  # the template rewrote the reply: train on its whole turn
+            start = len(before)
+            end = len(render(tokenizer, messages[: i + 1], template).rstrip())
+        else:
+            end = start + len(content)
+            if eos and full.startswith(eos, end):
+                end += len(eos)
+        spans.append((start, end))
+    return full, spans
+
+
+def label_tokens(offsets: Sequence[Span], ids: Sequence[int], spans: Sequence[Span]) -> list[int]:
+    """Labels for tokens with character ``offsets``: the id inside a span, -100 elsewhere."""
+    labels = []
+    for (a, b), token in zip(offsets, ids, strict=True):
+        inside = b > a and any(a < e and b > s for s, e in spans)
+        labels.append(token if inside else IGNORE)
+    return labels
