@@ -28,12 +28,14 @@ def test_example_validates_and_runs_one_step(path: Path, tmp_path: Path):
             "train.eval_steps=1",
             "data.validation_fraction=0.02",
             "data.test_fraction=0.02",
+            "train.eval_at_start=false",
         ],
     )
     result = train(cfg, progress=False)
     assert result.loop.steps == 1
-    # A multi-task model saves its encoder in encoder/ (and a file per head).
-    weights = ["model.safetensors", "encoder/model.safetensors"]
+    # A multi-task model saves its encoder in encoder/ (and a file per head);
+    # adapter methods save only the adapter.
+    weights = ["model.safetensors", "encoder/model.safetensors", "adapter_model.safetensors"]
     assert any((result.final_dir / w).is_file() for w in weights)
 
 
