@@ -15,6 +15,10 @@ Trainer), runs a few real optimizer steps and counts:
 * the frozen-prefix feature cache, when it is kept in memory;
 * the process's own memory (interpreter, libraries, tokenizer, tokenised
   data) measured before the model is loaded;
+* a workspace part: whatever the process's measured peak during those real
+  steps exceeds the parts above by (allocator slack, per-thread kernel
+  buffers). It differs between machines — more threads, other kernels — which
+  is why it is read off the machine rather than assumed;
 * time per epoch from timed steps, scaled by the epoch's padded tokens.
 """
 
@@ -37,14 +41,22 @@ from tunesmith.modeling import check_model_source, quiet_transformers
 from tunesmith.run_parts import build_run_parts
 from tunesmith.tasks.base import get_task
 from tunesmith.train.loop import Trainer, accumulation_windows
-from tunesmith.train.monitor import MetricsLog, rss_mb
+from tunesmith.train.monitor import MetricsLog, peak_rss_mb, rss_mb
 from tunesmith.train.precision import new_accelerator, resolve_precision
 
 log = logging.getLogger(__name__)
 
 MIB = 2**20
 #: Memory parts in report order.
-PARTS = ("weights", "gradients", "optimizer", "activations", "feature_cache", "runtime")
+PARTS = (
+    "weights",
+    "gradients",
+    "optimizer",
+    "activations",
+    "feature_cache",
+    "runtime",
+    "workspace",
+)
 
 
 @dataclass
@@ -164,6 +176,15 @@ def estimate(cfg: Config, *, timed_steps: int = 3, progress: bool = False) -> Es
         tokens += sum(int(b["input_ids"].numel()) for b in window)
     epoch_tokens = padded_tokens(trainer.sampler.order(), trainer.sampler.lengths, t.batch_size)
     per_token = timed / tokens if tokens else None
+    memory = {
+        "weights": weights,
+        "gradients": tensor_bytes(trainable),
+        "optimizer": optimizer_state_bytes(trainable),
+        "activations": saved.total + saved.largest,
+        "feature_cache": cache.nbytes if cache is not None and cache.store is not None else 0,
+        "runtime": int(runtime),
+    }
+    memory["workspace"] = max(0, int(peak_rss_mb() * MIB) - sum(memory.values()))
     result = Estimate(
         total_parameters=sum(p.numel() for p in params),
         trainable_parameters=sum(p.numel() for p in trainable),
@@ -171,14 +192,7 @@ def estimate(cfg: Config, *, timed_steps: int = 3, progress: bool = False) -> Es
         batch_size=t.batch_size,
         longest_tokens=longest,
         cached_blocks=cache.frozen if cache is not None else 0,
-        memory={
-            "weights": weights,
-            "gradients": tensor_bytes(trainable),
-            "optimizer": optimizer_state_bytes(trainable),
-            "activations": saved.total + saved.largest,
-            "feature_cache": cache.nbytes if cache is not None and cache.store is not None else 0,
-            "runtime": int(runtime),
-        },
+        memory=memory,
         available=psutil.virtual_memory().available + int(rss_mb() * MIB),
         steps_per_epoch=trainer.steps_per_epoch,
         seconds_per_step=timed / steps if steps else None,
@@ -216,6 +230,7 @@ def format_estimate(e: Estimate) -> str:
         "activations": "saved for backward on the longest batch, measured",
         "feature_cache": "frozen blocks' output for every training example",
         "runtime": "interpreter, libraries, tokenizer, data; measured",
+        "workspace": "allocator and kernel buffers beyond the above; measured peak",
     }
     for part in PARTS:
         lines.append(f"  {part:<12} {e.memory[part] / MIB:>9,.1f} MiB  ({notes[part]})")

@@ -8,7 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tunesmith.bench.measure import matmul_peak_flops, read_jsonl, vm_hwm_mb
+from tunesmith.bench.measure import matmul_peak_flops, read_jsonl
+from tunesmith.train.monitor import peak_rss_mb
 
 CONTENDERS = ("hf", "tunesmith")
 NAMES = {"hf": "HF Trainer", "tunesmith": "tunesmith"}
@@ -147,7 +148,7 @@ def run_hf(spec: RunSpec) -> dict[str, Any]:
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=counter)
     out = trainer.train()
     real, padded = counter.real, counter.padded  # before predict() collates test batches
-    train_peak = vm_hwm_mb()
+    train_peak = peak_rss_mb()
     pred = trainer.predict(test_ds)
     accuracy = float((pred.predictions.argmax(-1) == pred.label_ids).mean())
     return {
@@ -208,8 +209,7 @@ def run_tunesmith(spec: RunSpec) -> dict[str, Any]:
         "train_seconds": result.loop.train_seconds,  # summary.json rounds it
         "real_tokens": result.loop.real_tokens,
         "steps": summary["steps"],
-        # ru_maxrss at the loop's end; exact under a small parent, bounded by VmHWM otherwise
-        "train_peak_rss_mb": min(summary["peak_rss_mb"], vm_hwm_mb() or float("inf")),
+        "train_peak_rss_mb": summary["peak_rss_mb"],  # the process's peak at the loop's end
         "samples": len(read_jsonl(spec.files["train"])) * spec.epochs,
         "trainable_parameters": summary["trainable_parameters"],
         "test_accuracy": summary["test"]["accuracy"],
@@ -220,17 +220,13 @@ def run_contender(spec: RunSpec) -> dict[str, Any]:
     """One contender's run plus this process's peak memory, load and wall time."""
     import torch
 
-    from tunesmith.train.monitor import peak_rss_mb
-
     start = time.perf_counter()
     if spec.threads:
         torch.set_num_threads(spec.threads)
     result = (run_hf if spec.contender == "hf" else run_tunesmith)(spec)
-    maxrss = round(peak_rss_mb(), 1)
     return {
         **result,
-        "peak_rss_mb": vm_hwm_mb() or maxrss,
-        "ru_maxrss_mb": maxrss,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "process_seconds": round(time.perf_counter() - start, 2),
         # after the peaks are read: one more sample of the machine's peak, under the run's load

@@ -1,4 +1,4 @@
-"""Measurements both contenders share: memory high-water mark, FLOPs, matmul peak, machine."""
+"""Measurements both contenders share: FLOPs, matmul peak, machine."""
 
 from __future__ import annotations
 
@@ -9,14 +9,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-
-def vm_hwm_mb() -> float | None:
-    """This process image's peak RSS in MiB (Linux ``VmHWM``; unlike ru_maxrss, reset by exec)."""
-    status = Path("/proc/self/status")
-    lines = status.read_text().splitlines() if status.is_file() else []
-    kib = [int(ln.split()[1]) for ln in lines if ln.startswith("VmHWM:")]
-    return round(kib[0] / 1024, 1) if kib else None
 
 
 # -- measuring ------------------------------------------------------------------

@@ -21,12 +21,28 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    """Peak resident memory of this process image so far, in MiB.
+
+    Linux's ``VmHWM`` first: ``ru_maxrss`` survives ``exec``, so a process
+    started from a big parent (a test runner, a notebook) would report the
+    parent's peak as its own.
+    """
+    hwm = vm_hwm_mb()
+    if hwm is not None:
+        return hwm
     import resource
     import sys
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def vm_hwm_mb() -> float | None:
+    """This process image's peak RSS in MiB (Linux ``VmHWM``, reset by exec); else None."""
+    status = Path("/proc/self/status")
+    lines = status.read_text().splitlines() if status.is_file() else []
+    kib = [int(ln.split()[1]) for ln in lines if ln.startswith("VmHWM:")]
+    return round(kib[0] / 1024, 1) if kib else None
 
 
 class MetricsLog:
