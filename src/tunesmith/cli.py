@@ -99,6 +99,47 @@ def train(
 
 
 @app.command()
+def distill(
+    config: Annotated[Path, typer.Argument(help="YAML config file with a distill section.")],
+    overrides: Overrides = None,
+    no_progress: NoProgress = False,
+    split: Annotated[
+        str | None,
+        typer.Option(help="Split both models are compared on (default: test if the run has one)."),
+    ] = None,
+    batches: Annotated[int, typer.Option(help="Timed batches per batch size.", min=1)] = 20,
+) -> None:
+    """Distil distill.teacher into the model CONFIG describes, then compare the two.
+
+    Trains like `train` (the loss is alpha * T^2 * KL + (1 - alpha) * task loss, plus
+    distill.hidden_weight * hidden-state matching), then prints teacher against student:
+    task metric on SPLIT, parameters, weights size and CPU latency at batch 1 and 32;
+    the numbers also go to distill_report.json in the run folder.
+    """
+    import json
+
+    from tunesmith.api import train as run_train
+    from tunesmith.config import Config
+    from tunesmith.distill.report import REPORT_FILE, compare, format_report
+    from tunesmith.errors import ConfigError
+
+    cfg = Config.load(config, overrides or [])
+    if cfg.distill.teacher is None:
+        raise ConfigError(f"{config}: distill.teacher is not set; distill needs a teacher")
+    result = run_train(cfg, progress=not no_progress)
+    _report(result)
+    report = compare(
+        result.best_dir or result.final_dir,
+        cfg.distill.teacher,
+        split=split or ("test" if result.test_metrics else "validation"),
+        batches=batches,
+        threads=cfg.train.num_threads,
+    )
+    (result.output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    typer.echo(format_report(report))
+
+
+@app.command()
 def demo(
     overrides: Overrides = None,
     output_dir: Annotated[str, typer.Option(help="Run folder.")] = "runs/demo",

@@ -93,7 +93,7 @@ def build_extras(
     extras = RunExtras(Objective(), parts.train_set)
     if cfg.forgetting.active:
         _add_reference(cfg, task, parts, out, resuming, dict(trained), extras, regularisers)
-    terms = [_distill_term(cfg, task, parts, extras, out, resuming)] if cfg.distill.teacher else []
+    terms = _distill_terms(cfg, task, parts, extras, out, resuming) if cfg.distill.teacher else []
     extras.objective = Objective(terms, regularisers)
     return extras
 
@@ -169,11 +169,13 @@ def _fisher(cfg: Config, ref: Any, parts: RunParts, trained: dict[str, Any]) -> 
     return fisher, anchors
 
 
-def _distill_term(
+def _distill_terms(
     cfg: Config, task: Any, parts: RunParts, extras: RunExtras, out: Path, resuming: bool
-) -> Any:
-    """The KD term, with the teacher's logits cached (and saved) or computed live."""
+) -> list[Any]:
+    """The KD term (teacher logits cached and saved, or computed live) and, with
+    ``distill.hidden_weight``, the hidden-state term."""
     from tunesmith.api import load_checkpoint
+    from tunesmith.distill import hidden as h
     from tunesmith.distill import teacher as t
     from tunesmith.train.resume import data_fingerprint
 
@@ -194,21 +196,49 @@ def _distill_term(
             "student must read the same token ids"
         )
     side = parts.collator.padding_side
-    if not d.cache_logits:
-        return t.DistillTerm(
-            t.TeacherLogits(task, model=model, padding_side=side), task, d.alpha, d.temperature
-        )
-    features = extras.train_set.features
-    key = t.teacher_key(Path(d.teacher), data_fingerprint(features))
-    cached = t.load_cache(out / t.CACHE_FILE, key) if resuming else None
-    if cached is None:
-        log.info("distill: computing the teacher's logits on %d training examples", len(features))
-        cached = t.compute_logits(
-            model, task, features, parts.collator, cfg.train.effective_eval_batch_size
-        )
-        logits = cached
-        extras.writers.append(lambda folder: t.save_cache(folder / t.CACHE_FILE, logits, key))
-    del model
-    return t.DistillTerm(
-        t.TeacherLogits(task, cached, padding_side=side), task, d.alpha, d.temperature
+    live = None
+    if d.hidden_weight > 0 or not d.cache_logits:
+        live = h.LiveTeacher(task, model, hidden=d.hidden_weight > 0)
+    cached = None
+    if d.cache_logits:
+        features = extras.train_set.features
+        key = t.teacher_key(Path(d.teacher), data_fingerprint(features))
+        cached = t.load_cache(out / t.CACHE_FILE, key) if resuming else None
+        if cached is None:
+            log.info("distill: computing the teacher's logits on %d examples", len(features))
+            cached = t.compute_logits(
+                model, task, features, parts.collator, cfg.train.effective_eval_batch_size
+            )
+            logits = cached
+            extras.writers.append(lambda folder: t.save_cache(folder / t.CACHE_FILE, logits, key))
+    teacher = t.TeacherLogits(task, cached, padding_side=side, live=live)
+    terms: list[Any] = [t.DistillTerm(teacher, task, d.alpha, d.temperature)]
+    if live is not None and live.blocks is not None:
+        terms.append(_hidden_term(cfg, task, parts.model, live))
+    return terms
+
+
+def _hidden_term(cfg: Config, task: Any, student: Any, live: Any) -> Any:
+    """Hidden-state matching between the student's blocks and the teacher's."""
+    from tunesmith.distill import hidden as h
+    from tunesmith.distill.student import keep_indices
+    from tunesmith.methods.bottleneck import hidden_size_of
+
+    mine = h.BlockOutputs(student)
+    theirs = live.blocks
+    sizes = (
+        hidden_size_of(student, mine.blocks[0]),
+        hidden_size_of(live.model, theirs.blocks[0]),
     )
+    if sizes[0] != sizes[1]:
+        raise ConfigError(
+            f"distill.hidden_weight: the student's hidden size is {sizes[0]}, the teacher's "
+            f"{sizes[1]}; hidden-state matching needs the same size"
+        )
+    d = cfg.distill
+    kept = None
+    if d.student_layers is not None:
+        kept = keep_indices(len(theirs.blocks), d.student_layers)
+    pairs = h.matched_blocks(len(mine.blocks), len(theirs.blocks), kept)
+    log.info("distill: hidden states matched (student, teacher blocks): %s", pairs)
+    return h.HiddenTerm(mine, live, pairs, task, d.hidden_weight)

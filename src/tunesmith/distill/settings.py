@@ -34,6 +34,14 @@ class DistillConfig(Section):
         "blocks (first and last included) or the listed block indices (0 = bottom); null: "
         "the student is model.name_or_path.",
     )
+    hidden_weight: float = Field(
+        0.0,
+        ge=0,
+        description="beta of hidden-state matching: adds beta * mean squared difference "
+        "between each student block's output and its matched teacher block's (the block it "
+        "was copied from, else evenly spaced; same hidden size), logged as loss/hidden. "
+        "The teacher then runs on every batch.",
+    )
     cache_logits: bool = Field(
         True,
         description="Compute the teacher's logits on the training data once and keep them "

@@ -99,9 +99,10 @@ class TeacherLogits:
 
     Args:
         task: The run's task (``loss_logits``, ``model_inputs``).
-        cached: Per-example logits (dataset order), or None to run ``model`` live.
-        model: The teacher (needed when ``cached`` is None).
+        cached: Per-example logits (dataset order), or None to run the teacher live.
+        model: The teacher (needed when ``cached`` and ``live`` are None).
         padding_side: The collator's padding side (where sequence logits are padded).
+        live: A running teacher shared with the hidden-state term (one pass per batch).
     """
 
     def __init__(
@@ -110,20 +111,21 @@ class TeacherLogits:
         cached: Sequence[torch.Tensor] | None = None,
         model: nn.Module | None = None,
         padding_side: str = "right",
+        live: Any = None,
     ) -> None:
-        if cached is None and model is None:
+        from tunesmith.distill.hidden import LiveTeacher
+
+        if cached is None and model is None and live is None:
             raise ValueError("give cached logits or a teacher model")
-        self.task, self.cached, self.model, self.padding_side = task, cached, model, padding_side
-        if model is not None:
-            model.eval().requires_grad_(False)
+        if cached is None and live is None:
+            live = LiveTeacher(task, model)
+        self.task, self.cached, self.live, self.padding_side = task, cached, live, padding_side
 
     def for_batch(self, batch: Mapping[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
         """Teacher logits shaped like the student's loss logits (``shape``)."""
         if self.cached is None:
-            assert self.model is not None
-            with torch.no_grad():
-                out = self.model(**self.task.model_inputs(dict(batch)))
-                return self.task.loss_logits(out, batch).float()
+            out, _ = self.live.run(batch)
+            return self.task.loss_logits(out, batch).float()
         rows = [self.cached[i] for i in batch["index"].tolist()]
         device = batch["index"].device
         if len(shape) == 2:

@@ -117,23 +117,35 @@ def _adapter_hook(key: str, module: nn.Module, args: Any, output: Any) -> Any:
     a deep-copied or pickled model uses its own adapters.
     """
     adapter = module._modules[ADAPTERS_ATTR][key]  # type: ignore[index]
+    return map_hidden(output, lambda hidden: _run(adapter, hidden, module), module)
+
+
+def map_hidden(output: Any, fn: Any, module: nn.Module) -> Any:
+    """``output`` with its hidden states (the first tensor) replaced by ``fn(hidden)``.
+
+    Blocks return a tensor, a (named) tuple or list whose first element is the
+    hidden states, or a ``ModelOutput``; the rest passes through unchanged.
+
+    Raises:
+        ModelError: The output holds no hidden-state tensor first.
+    """
     if isinstance(output, torch.Tensor):
-        return _run(adapter, output, module)
+        return fn(output)
     if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-        first = _run(adapter, output[0], module)
+        first = fn(output[0])
         if hasattr(output, "_fields"):  # a namedtuple keeps its type
             return output._replace(**{output._fields[0]: first})  # type: ignore[attr-defined]
         return (first, *output[1:])
     if isinstance(output, list) and output and isinstance(output[0], torch.Tensor):
-        return [_run(adapter, output[0], module), *output[1:]]
+        return [fn(output[0]), *output[1:]]
     if isinstance(output, dict) and output:  # transformers ModelOutput
         name = next(iter(output))
         if isinstance(output[name], torch.Tensor):
-            output[name] = _run(adapter, output[name], module)
+            output[name] = fn(output[name])
             return output
     raise ModelError(
-        f"bottleneck: cannot adapt the output of {type(module).__name__} "
-        f"({type(output).__name__}); name the block lists with method.blocks"
+        f"cannot adapt the output of {type(module).__name__} ({type(output).__name__}); "
+        "name the block lists with method.blocks"
     )
 
 

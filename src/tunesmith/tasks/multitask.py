@@ -39,12 +39,13 @@ import torch
 from tunesmith.config import Config
 from tunesmith.data.batching import FeatureDataset
 from tunesmith.data.task_sampler import TaskBatchSampler, mixing_rates
-from tunesmith.errors import DataError
+from tunesmith.errors import ConfigError, DataError
 from tunesmith.tasks.base import TASKS, Batch, DataSplits, Feature, Task, register_task
 from tunesmith.tasks.multitask_model import (
     ENCODER_DIR,
     MultiTaskModel,
     build_heads,
+    build_task_adapters,
     save_adapter_encoder,
     unwrap,
 )
@@ -296,7 +297,18 @@ class MultiTask(Task):
     def _assemble(self, encoder: Any, labels: Sequence[str]) -> MultiTaskModel:
         per = split_labels(labels, self.names)
         types = {name: task.name for name, task in self.subtasks.items()}
-        return MultiTaskModel(encoder, build_heads(encoder, per, types), per, types)
+        heads = build_heads(encoder, per, types)
+        mt = self.cfg.multitask
+        if not mt.task_adapters:
+            return MultiTaskModel(encoder, heads, per, types)
+        paths = [p.removeprefix("encoder.") for p in self.cfg.method.blocks or ()] or None
+        try:
+            adapters, blocks = build_task_adapters(
+                encoder, self.names, mt.adapter_reduction, mt.adapter_activation, paths
+            )
+        except ValueError as err:
+            raise ConfigError(f"multitask.adapter_reduction: {err}") from None
+        return MultiTaskModel(encoder, heads, per, types, adapters, blocks)
 
     # -- loss and outputs -----------------------------------------------------------
     def model_inputs(self, batch: Batch) -> Batch:

@@ -16,15 +16,27 @@ with the task id: adapter methods (peft) keep it trainable and wrap it as one
 module (``modules_to_save``), and the layer map puts it in the ``head`` group,
 so every method treats all heads as "the head".
 
+Shared-private training (``multitask.task_adapters``) adds a private
+bottleneck adapter per task after every encoder block, in a ``TaskAdapters``
+module beside the heads: the method (full, LoRA, ...) adapts the shared
+encoder, each task also trains its own adapters, and a batch runs only its
+task's. The blocks call them through a forward hook that looks the module up
+on the model at call time, so an adapter method's trained copy
+(``modules_to_save``) is the one that runs. The active task is set by
+``forward`` and read by the hooks, which also hold during the re-computation
+of gradient checkpointing (one task per forward and backward).
+
 Saved, a model is ``encoder/`` (a transformers folder, or the adapter of an
 adapter method) plus ``heads/<task>.safetensors`` per task, whose metadata
-names the task type and its labels: the encoder is written once, whatever the
+names the task type and its labels and which also holds the task's private
+adapters (``adapter.<block>.*``): the encoder is written once, whatever the
 number of tasks.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +48,8 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from tunesmith.errors import ModelError
+from tunesmith.methods.bottleneck import BottleneckAdapter, map_hidden
+from tunesmith.methods.layers import discover_layers
 from tunesmith.methods.peft_methods import _decoder_only as decoder_only
 
 ENCODER_DIR = "encoder"
@@ -50,8 +64,12 @@ _DROPOUT_KEYS = (
     "resid_pdrop",
 )
 _HIDDEN_KEYS = ("hidden_size", "d_model", "dim", "n_embd")
-#: Head tensors in a peft state dict of the multi-task model (saved apart).
-_PEFT_HEADS = "base_model.model.heads."
+#: Modules of the multi-task model saved per task, not with the encoder.
+PRIVATE = ("heads", "task_adapters")
+#: Their tensors in a peft state dict of the multi-task model (saved apart).
+_PEFT_PRIVATE = tuple(f"base_model.model.{name}." for name in PRIVATE)
+#: Key prefix of a task's private adapters in its head file.
+_ADAPTER_KEY = "adapter."
 
 
 @dataclass
@@ -103,6 +121,55 @@ class TaskHeads(nn.Module):
         return self.by_task[self.order[task]](hidden, pooled)
 
 
+class TaskAdapters(nn.Module):
+    """Per task, one bottleneck adapter per encoder block; ``forward`` runs one of them.
+
+    Args:
+        names: The tasks, in task-id order.
+        blocks: Number of encoder blocks.
+        hidden_size: Size of the blocks' hidden states.
+        reduction_factor: Bottleneck of ``hidden_size // reduction_factor`` units.
+        activation: The adapters' activation.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        blocks: int,
+        hidden_size: int,
+        reduction_factor: int,
+        activation: str,
+    ) -> None:
+        super().__init__()
+        self.order = list(names)
+        # Dicts keyed "0", "1", ... rather than ModuleLists: block-stack discovery looks
+        # for ModuleLists and must not take a task's adapters for transformer blocks.
+        self.by_task = nn.ModuleDict(
+            {
+                name: nn.ModuleDict(
+                    {
+                        str(i): BottleneckAdapter(hidden_size, reduction_factor, activation)
+                        for i in range(blocks)
+                    }
+                )
+                for name in names
+            }
+        )
+
+    def forward(self, task: int, block: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self.by_task[self.order[task]][str(block)](hidden)
+
+
+def _task_adapter_hook(
+    owner: MultiTaskModel, block: int, module: nn.Module, args: Any, output: Any
+) -> Any:
+    """After encoder block ``block``: its hidden states through the active task's adapter."""
+    task = owner.active_task
+    if task is None:
+        raise ModelError("the multi-task encoder ran outside MultiTaskModel.forward (no task)")
+    return map_hidden(output, functools.partial(owner.task_adapters, task, block), module)
+
+
 class MultiTaskModel(nn.Module):
     """A shared encoder plus ``TaskHeads``; ``forward(task_id=..., **encoder inputs)``.
 
@@ -111,6 +178,7 @@ class MultiTaskModel(nn.Module):
         heads: One head per task, in task-id order.
         labels: Each task's label names (saved with its head).
         types: Each task's task type (saved with its head).
+        task_adapters: Private adapters per task (shared-private training), or None.
     """
 
     #: Like a transformers model: parameters outside ``encoder.`` are the head.
@@ -122,6 +190,8 @@ class MultiTaskModel(nn.Module):
         heads: TaskHeads,
         labels: Mapping[str, Sequence[str]],
         types: Mapping[str, str],
+        task_adapters: TaskAdapters | None = None,
+        blocks: Sequence[nn.Module] = (),
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -130,6 +200,11 @@ class MultiTaskModel(nn.Module):
         self.types = dict(types)
         # Decoder-only models have no [CLS]: their last real token sees the whole text.
         self.last_token = decoder_only(encoder)
+        self.active_task: int | None = None
+        if task_adapters is not None:
+            self.task_adapters = task_adapters
+            for i, block in enumerate(blocks):
+                block.register_forward_hook(functools.partial(_task_adapter_hook, self, i))
 
     @property
     def config(self) -> Any:
@@ -145,6 +220,7 @@ class MultiTaskModel(nn.Module):
         first = task_id.reshape(-1)[0]
         if bool((task_id != first).any()):
             raise ValueError("a multi-task batch mixes tasks; every batch must hold one task")
+        self.active_task = int(first)
         out = self.encoder(attention_mask=attention_mask, **inputs)
         hidden = out[0]
         pooled = getattr(out, "pooler_output", None)
@@ -172,11 +248,12 @@ class MultiTaskModel(nn.Module):
     # -- saving ----------------------------------------------------------------------
     def live_heads(self) -> TaskHeads:
         """The heads that run: peft trains a copy of a wrapped module, not the original."""
-        heads = self.heads
-        copies = getattr(heads, "modules_to_save", None)
-        if copies is not None:
-            return copies[heads.active_adapters[0]]
-        return heads
+        return _live(self.heads)
+
+    def live_adapters(self) -> TaskAdapters | None:
+        """The private adapters that run (peft's trained copy), or None without any."""
+        adapters = getattr(self, "task_adapters", None)
+        return None if adapters is None else _live(adapters)
 
     def save_pretrained(self, folder: str | Path, **_: Any) -> None:
         """``encoder/`` as a transformers folder plus ``heads/<task>.safetensors``."""
@@ -184,14 +261,18 @@ class MultiTaskModel(nn.Module):
         self.save_heads(folder)
 
     def save_heads(self, folder: str | Path) -> None:
-        """One safetensors file per head; its metadata holds the task type and labels."""
+        """One safetensors file per task: its head and private adapters; its metadata
+        holds the task type and labels."""
         from safetensors.torch import save_file
 
         target = Path(folder) / HEADS_DIR
         target.mkdir(parents=True, exist_ok=True)
-        heads = self.live_heads()
+        heads, adapters = self.live_heads(), self.live_adapters()
         for name in heads.order:
-            state = heads.by_task[name].state_dict()
+            state = dict(heads.by_task[name].state_dict())
+            if adapters is not None:
+                own = adapters.by_task[name].state_dict()
+                state |= {_ADAPTER_KEY + k: v for k, v in own.items()}
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
             metadata = {
                 "format": "pt",
@@ -209,13 +290,27 @@ class MultiTaskModel(nn.Module):
         """
         from safetensors.torch import load_file
 
-        heads = self.live_heads()
+        heads, adapters = self.live_heads(), self.live_adapters()
         for name in heads.order:
             path = Path(folder) / HEADS_DIR / f"{name}.safetensors"
             if not path.is_file():
                 raise ModelError(f"{folder}: no head for task '{name}' ({path} missing)")
+            state = load_file(str(path))
+            own = {
+                k[len(_ADAPTER_KEY) :]: v for k, v in state.items() if k.startswith(_ADAPTER_KEY)
+            }
+            if bool(own) != (adapters is not None):
+                raise ModelError(
+                    f"{path}: the saved task {'has' if own else 'has no'} private adapters, "
+                    f"this model {'has' if adapters is not None else 'has none'} "
+                    "(multitask.task_adapters differs from the run's)"
+                )
             try:
-                heads.by_task[name].load_state_dict(load_file(str(path)))
+                heads.by_task[name].load_state_dict(
+                    {k: v for k, v in state.items() if not k.startswith(_ADAPTER_KEY)}
+                )
+                if adapters is not None:
+                    adapters.by_task[name].load_state_dict(own)
             except RuntimeError as err:
                 raise ModelError(f"{path}: the head does not fit this model ({err})") from None
 
@@ -230,9 +325,7 @@ def build_heads(
     single-task run.
     """
     config = encoder.config
-    hidden = next((getattr(config, k) for k in _HIDDEN_KEYS if _is_int(getattr(config, k, 0))), 0)
-    if not hidden:
-        raise ModelError(f"cannot tell the hidden size of {type(encoder).__name__}")
+    hidden = hidden_size(encoder)
     dropout = next(
         (float(v) for k in _DROPOUT_KEYS if isinstance(v := getattr(config, k, None), float)), 0.1
     )
@@ -241,6 +334,42 @@ def build_heads(
         nn.init.xavier_uniform_(head.classifier.weight)
         nn.init.zeros_(head.classifier.bias)
     return TaskHeads(heads)
+
+
+def build_task_adapters(
+    encoder: nn.Module,
+    names: Sequence[str],
+    reduction_factor: int,
+    activation: str,
+    block_paths: Sequence[str] | None = None,
+) -> tuple[TaskAdapters, list[nn.Module]]:
+    """Private adapters for every task and the encoder blocks they follow (bottom to top).
+
+    Args:
+        block_paths: The block lists' paths in the encoder, where introspection
+            finds none (``method.blocks``).
+    """
+    stacks = discover_layers(encoder, block_paths).stacks
+    blocks = [block for path in stacks for block in encoder.get_submodule(path)]
+    adapters = TaskAdapters(names, len(blocks), hidden_size(encoder), reduction_factor, activation)
+    return adapters, blocks
+
+
+def hidden_size(encoder: nn.Module) -> int:
+    """The encoder's hidden size, from its config."""
+    config = encoder.config
+    hidden = next((getattr(config, k) for k in _HIDDEN_KEYS if _is_int(getattr(config, k, 0))), 0)
+    if not hidden:
+        raise ModelError(f"cannot tell the hidden size of {type(encoder).__name__}")
+    return hidden
+
+
+def _live(module: nn.Module) -> Any:
+    """``module`` itself, or the trained copy when peft wrapped it (``modules_to_save``)."""
+    copies = getattr(module, "modules_to_save", None)
+    if copies is not None:
+        return copies[module.active_adapters[0]]
+    return module
 
 
 def _is_int(value: Any) -> bool:
@@ -276,7 +405,7 @@ def save_adapter_encoder(method: Any, model: Any, folder: Path) -> None:
     tensors = {
         key: value.detach().to("cpu").contiguous()
         for key, value in state.items()
-        if not key.startswith(_PEFT_HEADS)
+        if not key.startswith(_PEFT_PRIVATE)
     }
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = copy.deepcopy(model.peft_config[name])

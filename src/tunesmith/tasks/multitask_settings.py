@@ -79,6 +79,17 @@ class MultitaskConfig(Section):
     temperature: float = Field(
         2.0, gt=0, description="multitask: T of temperature sampling (1: proportional)."
     )
+    task_adapters: bool = Field(
+        False,
+        description="multitask: shared-private training: each task also trains its own "
+        "bottleneck adapter after every encoder block (the method adapts the shared encoder).",
+    )
+    adapter_reduction: int = Field(
+        16, ge=1, description="multitask: bottleneck of a task adapter: hidden size / this."
+    )
+    adapter_activation: Literal["relu", "gelu", "tanh", "silu"] = Field(
+        "relu", description="multitask: activation of the task adapters."
+    )
 
     @field_validator("tasks")
     @classmethod
