@@ -53,11 +53,6 @@ class TaskConfig(Section):
     system_prompt: str | None = Field(
         None, description="causal_lm: system message put before every conversation."
     )
-    packing: bool = Field(
-        False,
-        description="causal_lm: pack short samples into sequences of data.max_length "
-        "(attention never crosses sample boundaries).",
-    )
 
     @field_validator("type")
     @classmethod
