@@ -8,7 +8,6 @@ the same batches, turn by turn (``evaluate/speed.py``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -38,25 +37,34 @@ def compare(
         batches: Timed batches per batch size.
         threads: Torch threads while timing (None: as set).
     """
-    from tunesmith.api import _records_for, evaluate, load_checkpoint
+    from tunesmith.api import _records_for, load_checkpoint
+    from tunesmith.evaluate.runner import evaluate_dataset
     from tunesmith.evaluate.speed import forward_latency, make_batches
+    from tunesmith.modeling import checkpoint_manifest
 
-    cfg, task, student_model, tokenizer, labels = load_checkpoint(student)
+    # Each checkpoint loaded once: for its metrics, its size and its latency.
+    loaded = {
+        name: load_checkpoint(folder)
+        for name, folder in (("teacher", teacher), ("student", student))
+    }
+    cfg, task, _, tokenizer, labels = loaded["student"]
     records = _records_for(task, cfg, student, None, split)
     label2id = {lab: i for i, lab in enumerate(labels)}
-    features = FeatureDataset(task.encode(records, tokenizer, label2id)).features
+    dataset = FeatureDataset(task.encode(records, tokenizer, label2id))
+    features = dataset.features
     collator = Collator(tokenizer.pad_token_id, tokenizer.padding_side)
-    metric = cfg.eval.metric or task.default_metric(cfg)
-    models = {"teacher": load_checkpoint(teacher)[2], "student": student_model}
+    metric = cfg.eval.metric
+    models = {name: parts[2] for name, parts in loaded.items()}
     report: dict[str, Any] = {"split": split, "metric": metric, "models": {}}
     for name, folder in (("teacher", teacher), ("student", student)):
-        manifest = json.loads((Path(folder) / "tunesmith.json").read_text(encoding="utf-8"))
+        own_task, model = loaded[name][1], models[name]
+        # Both on the student run's rows (the teacher's own run may have split otherwise).
+        metrics, _ = evaluate_dataset(model, own_task, dataset, collator, labels, 64)
         report["models"][name] = {
             "checkpoint": str(folder),
-            # Both on the student run's rows (the teacher's own run may have split otherwise).
-            "metrics": evaluate(folder, records=records),
-            "parameters": sum(p.numel() for p in models[name].parameters()),
-            "weights_mb": manifest.get("weights_mb"),
+            "metrics": metrics,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "weights_mb": checkpoint_manifest(Path(folder)).get("weights_mb"),
         }
     held = torch.get_num_threads()
     if threads:
