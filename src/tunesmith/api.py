@@ -59,6 +59,8 @@ from tunesmith.train.resume import (
     restore_training_state,
     run_dir_of,
 )
+from tunesmith.train.tensorboard import TensorBoardSink
+from tunesmith.train.tensorboard import check_available as check_tensorboard
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,8 @@ def train(
 
     quiet_transformers()
     t = cfg.train
+    if t.tensorboard:
+        check_tensorboard()
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     task = get_task(cfg)
@@ -148,7 +152,10 @@ def train(
     fingerprint = data_fingerprint(train_set.features)
     if checkpoint is not None:
         check_resumable(checkpoint, cfg, fingerprint, force=force)
-    metrics_log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process)
+    sinks = [TensorBoardSink(out)] if t.tensorboard and accelerator.is_main_process else []
+    metrics_log = MetricsLog(
+        out / "metrics.jsonl", enabled=accelerator.is_main_process, sinks=sinks
+    )
     if accelerator.is_main_process:
         if checkpoint is not None:  # records written after the checkpoint are redone
             metrics_log.truncate_after(read_state(checkpoint)["step"])
@@ -244,6 +251,7 @@ def train(
                 | {f"forgetting/{k}": v for k, v in result.forgetting.items()}
             )
         _write_summary(result)
+    metrics_log.close()
     accelerator.end_training()
     return result
 
@@ -304,7 +312,7 @@ def evaluate(
         checkpoint, trust_remote_code=trust_remote_code, allow_unsafe_weights=allow_unsafe_weights
     )
     if records is None:
-        records = _records_for(task, cfg, checkpoint, data, split)
+        records = records_for(task, cfg, checkpoint, data, split)
     task.check_labels(records, {lab: i for i, lab in enumerate(labels)}, split or "evaluation")
     dataset = FeatureDataset(
         task.encode(records, tokenizer, {lab: i for i, lab in enumerate(labels)})
@@ -506,9 +514,10 @@ def _manifest(cfg: Config, labels: list[str]) -> dict[str, Any]:
     }
 
 
-def _records_for(
+def records_for(
     task: Task, cfg: Config, checkpoint: str | Path, data: str | None, split: str | None
 ) -> list[dict[str, Any]]:
+    """Records of a data file, or of the validation/test split of the checkpoint's run."""
     if (data is None) == (split is None):
         raise DataError("give exactly one of a data file or --split validation|test")
     if data is not None:

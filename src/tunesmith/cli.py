@@ -200,21 +200,75 @@ def eval_(
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full",
+            help="Also latency, throughput, peak memory, size, robustness and forgetting; "
+            "saved as evaluation.json in the run folder.",
+        ),
+    ] = False,
+    timed_batches: Annotated[
+        int, typer.Option(min=1, help="--full: batches timed at batch 1 and at --batch-size.")
+    ] = 20,
+    perturb: Annotated[
+        str,
+        typer.Option(help="--full: perturbation kinds, comma-separated ('' skips robustness)."),
+    ] = "typo,case,swap,delete",
+    strengths: Annotated[
+        str, typer.Option(help="--full: shares of words perturbed, comma-separated.")
+    ] = "0.1,0.3",
+    robustness_samples: Annotated[
+        int, typer.Option(min=1, help="--full: examples of the robustness check (seeded).")
+    ] = 500,
     trust_remote_code: TrustRemoteCode = False,
     allow_unsafe_weights: AllowUnsafeWeights = False,
 ) -> None:
     """Evaluate a saved checkpoint on a data file or on its run's validation/test split."""
+    permissions = {
+        "trust_remote_code": trust_remote_code,
+        "allow_unsafe_weights": allow_unsafe_weights,
+    }
+    if full:
+        from tunesmith.evaluate.evaluator import (
+            EvalOptions,
+            evaluate_checkpoint,
+            format_evaluation,
+            write_evaluation,
+        )
+
+        options = EvalOptions(
+            batch_size=batch_size,
+            latency_batches=timed_batches,
+            kinds=_csv(perturb),
+            strengths=[_rate(s) for s in _csv(strengths)],
+            robustness_samples=robustness_samples,
+        )
+        report = evaluate_checkpoint(checkpoint, data, split=split, options=options, **permissions)
+        path = write_evaluation(report, checkpoint)
+        typer.echo(json.dumps(report, indent=1) if as_json else format_evaluation(report))
+        typer.echo(f"saved {path}", err=True)
+        return
     from tunesmith.api import evaluate
 
-    metrics = evaluate(
-        checkpoint,
-        data,
-        split=split,
-        batch_size=batch_size,
-        trust_remote_code=trust_remote_code,
-        allow_unsafe_weights=allow_unsafe_weights,
-    )
+    metrics = evaluate(checkpoint, data, split=split, batch_size=batch_size, **permissions)
     typer.echo(json.dumps(metrics, indent=1) if as_json else _metrics_text(metrics))
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _rate(text: str) -> float:
+    from tunesmith.errors import ConfigError
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"--strengths: {text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise ConfigError(f"--strengths: {value} is not a share of words in [0, 1]")
+    return value
 
 
 @app.command()
@@ -334,6 +388,90 @@ def export_(
     from tunesmith.export import export
 
     typer.echo(f"exported to {export(checkpoint, output, merge=merge)}")
+
+
+@app.command()
+def compare(
+    config: Annotated[Path, typer.Argument(help="YAML config file: data, model, budget, seed.")],
+    overrides: Overrides = None,
+    methods: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: full, topN (top2...), lora, dora, ia3, prefix, prompt, "
+            "bottleneck."
+        ),
+    ] = "full,top2,lora,dora,ia3,prefix,bottleneck",
+    output: Annotated[
+        Path | None,
+        typer.Option(help="Comparison folder (default: train.output_dir + '-compare')."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="METHOD:key=value for one method (repeatable)."),
+    ] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Retrain every method, ignoring cached results.")
+    ] = False,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Served batch size of the evaluation.")
+    ] = 32,
+    timed_batches: Annotated[int, typer.Option(min=1, help="Batches timed per batch size.")] = 20,
+    robustness_samples: Annotated[
+        int, typer.Option(min=1, help="Examples of the robustness check (seeded).")
+    ] = 500,
+) -> None:
+    """Train and evaluate several methods on the same data and budget; a Markdown/HTML table.
+
+    Each method runs in its own process, one after another; a failing method is
+    recorded with its error and the others go on; finished methods are cached
+    in the comparison folder and reused by the next run with the same inputs.
+    """
+    from tunesmith.compare.presets import parse_methods, parse_sets
+    from tunesmith.compare.runner import run_compare
+    from tunesmith.compare.table import columns, rows, write_tables
+    from tunesmith.config import Config
+    from tunesmith.evaluate.evaluator import EvalOptions
+    from tunesmith.tables import text_table
+
+    names = parse_methods(methods)
+    sets = parse_sets(set_ or [], names)
+    cfg = Config.load(config, overrides or [])  # the shared part must be valid before any run
+    out = output or Path(cfg.train.output_dir + "-compare")
+    options = EvalOptions(
+        batch_size=batch_size,
+        latency_batches=timed_batches,
+        robustness_samples=robustness_samples,
+        seed=cfg.train.seed,
+    )
+    results = run_compare(
+        config,
+        names,
+        out,
+        overrides=overrides or [],
+        sets=sets,
+        options=options,
+        fresh=fresh,
+        on_event=typer.echo,
+    )
+    paths = write_tables(results, out, f"tunesmith compare: {config.name}")
+    header, metric = columns(results)
+    typer.echo(text_table(header, rows(results, metric)))
+    typer.echo(f"wrote {paths['markdown']} and {paths['html']}")
+    if not any(r["status"] == "ok" for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (train.output_dir).")],
+    output: Annotated[
+        Path | None, typer.Option(help="HTML file to write (default: RUN_DIR/report.html).")
+    ] = None,
+) -> None:
+    """Render a run's HTML report: loss, metrics, learning rates, gradient norms, throughput."""
+    from tunesmith.report import render_report
+
+    typer.echo(f"wrote {render_report(run_dir, output)}")
 
 
 @app.command()

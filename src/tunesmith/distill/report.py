@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from tunesmith.data.batching import Collator, FeatureDataset
+from tunesmith.tables import text_table
 
 #: Batch sizes timed: one request, and a served batch.
 BATCH_SIZES = (1, 32)
@@ -37,7 +38,7 @@ def compare(
         batches: Timed batches per batch size.
         threads: Torch threads while timing (None: as set).
     """
-    from tunesmith.api import _records_for, load_checkpoint
+    from tunesmith.api import load_checkpoint, records_for
     from tunesmith.evaluate.runner import evaluate_dataset
     from tunesmith.evaluate.speed import forward_latency, make_batches
     from tunesmith.modeling import checkpoint_manifest
@@ -48,7 +49,7 @@ def compare(
         for name, folder in (("teacher", teacher), ("student", student))
     }
     cfg, task, _, tokenizer, labels = loaded["student"]
-    records = _records_for(task, cfg, student, None, split)
+    records = records_for(task, cfg, student, None, split)
     label2id = {lab: i for i, lab in enumerate(labels)}
     dataset = FeatureDataset(task.encode(records, tokenizer, label2id))
     features = dataset.features
@@ -114,6 +115,4 @@ def format_report(report: dict[str, Any]) -> str:
             *(f"{report[f'latency_ratio_bs{b}']:.2f}x" for b in sizes),
         ]
     )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return f"distillation on the {report['split']} split:\n" + "\n".join(lines)
+    return f"distillation on the {report['split']} split:\n" + text_table(rows[0], rows[1:])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,20 @@ def vm_hwm_mb() -> float | None:
 
 
 class MetricsLog:
-    """Appends metric records to ``metrics.jsonl`` (flushed per line, crash-safe)."""
+    """Appends metric records to ``metrics.jsonl`` (flushed per line, crash-safe).
 
-    def __init__(self, path: Path, enabled: bool = True) -> None:
+    ``sinks`` receive every written record too (TensorBoard), on the main process only.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        enabled: bool = True,
+        sinks: Sequence[Callable[[dict[str, Any]], None]] = (),
+    ) -> None:
         self.path = Path(path)
         self.enabled = enabled
+        self.sinks = list(sinks)
         self.records: list[dict[str, Any]] = []
 
     def write(self, record: dict[str, Any]) -> None:
@@ -61,6 +71,15 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(clean) + "\n")
+            for sink in self.sinks:
+                sink(clean)
+
+    def close(self) -> None:
+        """Close the sinks that need it (flushes TensorBoard's event file)."""
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
 
     def truncate_after(self, step: int) -> None:
         """Drop records after optimizer step ``step`` (and test results): a resumed run

@@ -67,6 +67,11 @@ class TrainConfig(Section):
         "runs/my-run", min_length=1, description="Run folder; relative to the working directory."
     )
     overwrite: bool = Field(False, description="Replace an existing run folder.")
+    tensorboard: bool = Field(
+        False,
+        description="Also write the metrics as TensorBoard scalars in output_dir/tensorboard "
+        "(needs the tensorboard package).",
+    )
 
     @field_validator("feature_cache", mode="before")
     @classmethod

@@ -1,0 +1,53 @@
+"""Optional TensorBoard logging: the same scalars as ``metrics.jsonl``, as event files.
+
+``train.tensorboard: true`` adds this sink to the metrics log; every numeric
+key of a record becomes the scalar ``<split>/<key>`` at the record's step, in
+``RUN_DIR/tensorboard/``. ``metrics.jsonl`` stays the record of truth (reports
+and ``compare`` read it); TensorBoard is for watching a run live. It needs the
+``tensorboard`` package (``pip install 'tunesmith[tensorboard]'``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tunesmith.errors import ConfigError
+
+#: Keys of a metrics record that are not scalars to plot.
+_NOT_SCALARS = {"step", "epoch", "split", "time", "checkpoint"}
+TENSORBOARD_DIR = "tensorboard"
+
+
+def check_available() -> None:
+    """Fail before training starts when ``train.tensorboard`` is set without the package."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "train.tensorboard: the tensorboard package is not installed "
+            "(pip install 'tunesmith[tensorboard]'), or set train.tensorboard=false"
+        )
+
+
+class TensorBoardSink:
+    """Writes each metrics record as TensorBoard scalars (flushed per record)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_DIR))
+
+    def __call__(self, record: Mapping[str, Any]) -> None:
+        split = record.get("split", "train")
+        step = int(record.get("step", 0))
+        for key, value in record.items():
+            if key in _NOT_SCALARS or isinstance(value, bool):
+                continue
+            if isinstance(value, int | float):
+                self.writer.add_scalar(f"{split}/{key}", value, global_step=step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self.writer.close()
