@@ -15,7 +15,7 @@ import gc
 import json
 import logging
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,8 @@ def train(
     progress: bool = True,
     resume: str | Path | None = None,
     force: bool = False,
+    sinks: Sequence[Callable[[dict[str, Any]], None]] = (),
+    test: bool = True,
 ) -> TrainResult:
     """Fine-tune ``cfg.model`` on ``cfg.data`` as configured; returns the result.
 
@@ -101,6 +103,9 @@ def train(
         resume: ``latest``, a run folder or a checkpoint folder: continue that run
             so that the final weights equal those of an uninterrupted run.
         force: Resume even though the config or data changed (results differ).
+        sinks: Also receive every metrics record as it is written (``tunesmith tune``
+            reports validation metrics to its pruner through one; may raise to stop).
+        test: Evaluate the test split at the end (a tuning trial must not look at it).
 
     Raises:
         TrainingInterrupted: SIGINT/SIGTERM; a resumable checkpoint was written.
@@ -152,7 +157,8 @@ def train(
     fingerprint = data_fingerprint(train_set.features)
     if checkpoint is not None:
         check_resumable(checkpoint, cfg, fingerprint, force=force)
-    sinks = [TensorBoardSink(out)] if t.tensorboard and accelerator.is_main_process else []
+    sinks = [*sinks, TensorBoardSink(out)] if t.tensorboard else list(sinks)
+    sinks = sinks if accelerator.is_main_process else []
     metrics_log = MetricsLog(
         out / "metrics.jsonl", enabled=accelerator.is_main_process, sinks=sinks
     )
@@ -226,7 +232,7 @@ def train(
         loop=loop,
         parameters=table,
     )
-    if len(test_set) and accelerator.is_main_process:
+    if test and len(test_set) and accelerator.is_main_process:
         chosen = best_dir or final_dir
         result.test_metrics = evaluate(
             chosen,

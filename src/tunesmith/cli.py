@@ -462,6 +462,46 @@ def compare(
 
 
 @app.command()
+def tune(
+    config: Annotated[Path, typer.Argument(help="YAML config file with a search section.")],
+    overrides: Overrides = None,
+    trials: Annotated[
+        int, typer.Option(min=1, help="Finished (complete or pruned) trials the study should have.")
+    ] = 12,
+    timeout: Annotated[
+        float | None, typer.Option(min=0, help="Stop starting trials after this many minutes.")
+    ] = None,
+    keep_best: Annotated[
+        bool, typer.Option("--keep-best", help="Keep the best trial's best/ checkpoint.")
+    ] = False,
+) -> None:
+    """Search the config's `search` section with Optuna; prunes bad trials, resumable.
+
+    Trials run one after another; running the same command again continues the
+    study stored in <train.output_dir>-tune/study.db. Results: trials.md,
+    best.yaml (ready for `tunesmith train`), report.html with plots.
+    """
+    import importlib.util
+
+    from tunesmith.errors import ConfigError
+
+    if importlib.util.find_spec("optuna") is None:
+        raise ConfigError("tunesmith tune needs optuna: pip install 'tunesmith[tune]'")
+    from tunesmith.tune.results import summary_text, write_results
+    from tunesmith.tune.study import run_study
+
+    study, folder = run_study(
+        config,
+        overrides or [],
+        trials=trials,
+        timeout_minutes=timeout,
+        keep_best=keep_best,
+        on_event=typer.echo,
+    )
+    typer.echo(summary_text(study, write_results(study, config, overrides or [], folder)))
+
+
+@app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (train.output_dir).")],
     output: Annotated[

@@ -46,6 +46,7 @@ from tunesmith.tasks.multitask_settings import (
 )
 from tunesmith.tasks.settings import GenerateConfig, TaskConfig
 from tunesmith.train.settings import TrainConfig
+from tunesmith.tune.settings import Distribution, TuneConfig
 
 # Keys holding input paths that may be written relative to the config file.
 _PATH_KEYS = {
@@ -153,6 +154,14 @@ class Config(Section):
     distill: DistillConfig = Field(
         default_factory=DistillConfig, description="Knowledge distillation from a teacher."
     )
+    search: dict[str, Distribution] = Field(
+        default_factory=dict,
+        description="tunesmith tune: dotted config key -> {loguniform|uniform|int|categorical: "
+        "...}; ignored by train.",
+    )
+    tune: TuneConfig = Field(
+        default_factory=TuneConfig, description="tunesmith tune: pruning and study storage."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -184,6 +193,12 @@ class Config(Section):
                 f"(multitask.tasks.<name>.data.{files[0]}); the data section holds shared "
                 "defaults only"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _search_keys(self) -> Config:
+        for key in self.search:
+            check_search_key(key)
         return self
 
     @model_validator(mode="after")
@@ -493,6 +508,28 @@ def _section_model(path: Sequence[str]) -> type[BaseModel] | None:
             return None
         model = annotation
     return model
+
+
+#: Keys a search may not change: where the trials write, and the search itself.
+_UNSEARCHABLE = ("search", "tune", "train.output_dir", "train.overwrite")
+
+
+def check_search_key(key: str) -> None:
+    """Refuse a ``search`` key that is not a setting of the config (nearest key suggested)."""
+    parts = key.split(".")
+    if key.startswith(_UNSEARCHABLE):
+        raise ValueError(f"search: '{key}' cannot be searched")
+    parent = _section_model(parts[:-1]) if len(parts) > 1 else None
+    if parent is None:
+        raise ValueError(f"search: '{key}' is not a config key (give section.key, e.g. optim.lr)")
+    fields = parent.model_fields
+    leaf = parts[-1]
+    if leaf not in fields:
+        prefix = ".".join(parts[:-1]) + "."
+        raise ValueError(f"search: unknown key '{key}'{suggest(leaf, fields, prefix)}")
+    annotation = fields[leaf].annotation
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        raise ValueError(f"search: '{key}' is a section; search one of its keys")
 
 
 def _describe(exc: ValidationError, source: str, lines: _Lines, origins: _Origins) -> str:
