@@ -185,3 +185,23 @@ def test_interrupted_study_continues_without_repeating_trials(
     assert len(finished) == 3
     lrs = [t.params["optim.lr"] for t in again]
     assert len(set(lrs)) == len(lrs)  # no configuration drawn twice
+
+
+@pytest.mark.parametrize("pruner", ["median", "asha"])
+def test_warmup_evals_protects_the_first_evaluations(pruner: str) -> None:
+    from tunesmith.tune.settings import TuneConfig
+    from tunesmith.tune.study import make_pruner
+
+    settings = TuneConfig(pruner=pruner, startup_trials=1, warmup_evals=1)
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(settings))
+    for _ in range(3):  # good trials to compare with
+        good = study.ask()
+        for step in (1, 2, 3):  # as the pruning sink does: report, then ask
+            good.report(0.9, step)
+            assert not good.should_prune()
+        study.tell(good, 0.9)
+    bad = study.ask()
+    bad.report(0.1, 1)
+    assert not bad.should_prune()  # evaluation 1 is inside the warm-up
+    bad.report(0.1, 2)
+    assert bad.should_prune()

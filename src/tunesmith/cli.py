@@ -419,6 +419,9 @@ def compare(
     robustness_samples: Annotated[
         int, typer.Option(min=1, help="Examples of the robustness check (seeded).")
     ] = 500,
+    strengths: Annotated[
+        str, typer.Option(help="Shares of words perturbed by the robustness check.")
+    ] = "0.3",
 ) -> None:
     """Train and evaluate several methods on the same data and budget; a Markdown/HTML table.
 
@@ -441,6 +444,7 @@ def compare(
         batch_size=batch_size,
         latency_batches=timed_batches,
         robustness_samples=robustness_samples,
+        strengths=[_rate(s) for s in _csv(strengths)],
         seed=cfg.train.seed,
     )
     results = run_compare(
@@ -474,6 +478,9 @@ def tune(
     keep_best: Annotated[
         bool, typer.Option("--keep-best", help="Keep the best trial's best/ checkpoint.")
     ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show each trial's training log.")
+    ] = False,
 ) -> None:
     """Search the config's `search` section with Optuna; prunes bad trials, resumable.
 
@@ -496,6 +503,7 @@ def tune(
         trials=trials,
         timeout_minutes=timeout,
         keep_best=keep_best,
+        verbose=verbose,
         on_event=typer.echo,
     )
     typer.echo(summary_text(study, write_results(study, config, overrides or [], folder)))

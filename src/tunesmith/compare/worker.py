@@ -32,9 +32,10 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
     run_dir = folder / "run"
     overrides = [*spec["overrides"], f"train.output_dir={run_dir}", "train.overwrite=true"]
     cfg = Config.load(spec["config"], overrides)
-    result = train(cfg, progress=False)
+    # The evaluator scores the test split itself: the run need not do it too.
+    result = train(cfg, progress=False, test=False)
     checkpoint = result.best_dir or result.final_dir
-    split = "test" if result.test_metrics else "validation"
+    split = "test" if has_split(run_dir, "test") else "validation"
     evaluation = evaluate_checkpoint(
         checkpoint, split=split, options=EvalOptions(**spec["eval_options"])
     )
@@ -49,6 +50,13 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
         "evaluation": evaluation,
         "report": report.relative_to(folder.parent).as_posix(),
     }
+
+
+def has_split(run_dir: Path, split: str) -> bool:
+    """Whether the run's ``splits.json`` lists rows for ``split`` (any task of a multi-task run)."""
+    provenance = json.loads((run_dir / "splits.json").read_text(encoding="utf-8"))
+    parts = [provenance, *(provenance.get("tasks") or {}).values()]
+    return any(bool((part.get("rows") or {}).get(split)) for part in parts)
 
 
 def main(argv: list[str] | None = None) -> int:

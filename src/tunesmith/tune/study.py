@@ -59,14 +59,15 @@ def make_pruner(settings: TuneConfig) -> Any:
     """The Optuna pruner ``tune.pruner`` names."""
     import optuna
 
+    # Reports are numbered from 1; Optuna may prune at step >= n_warmup_steps, so the
+    # first evaluation open to pruning is warmup_evals + 1.
+    first = settings.warmup_evals + 1
     if settings.pruner == "median":
         return optuna.pruners.MedianPruner(
-            n_startup_trials=settings.startup_trials, n_warmup_steps=settings.warmup_evals
+            n_startup_trials=settings.startup_trials, n_warmup_steps=first
         )
     if settings.pruner == "asha":
-        return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=max(1, settings.warmup_evals), reduction_factor=2
-        )
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=2)
     return optuna.pruners.NopPruner()
 
 
@@ -107,7 +108,9 @@ class Objective:
         *,
         keep_best: bool,
         on_event: Callable[[str], None],
+        verbose: bool = False,
     ) -> None:
+        self.verbose = verbose
         self.config = config
         self.overrides = list(overrides)
         self.folder = folder
@@ -136,10 +139,10 @@ class Objective:
             return self._prune(trial, f"invalid config: {err}", began)
         sink = PruningSink(trial, cfg.eval.metric)
         try:
-            result = _train(cfg, sink)
+            result = _train(cfg, sink, verbose=self.verbose)
         except optuna.TrialPruned as pruned:
             self._finish(trial, run_dir, began, sink.evaluations, keep=False)
-            self.on_event(f"trial {trial.number}: {pruned}")
+            self.on_event(f"trial {trial.number}: {pruned} ({trial.user_attrs['seconds']:.0f} s)")
             raise
         except TrainingInterrupted:
             raise
@@ -151,7 +154,10 @@ class Objective:
             raise ConfigError("tune: the trials have no validation split to score them on")
         keep = self.keep_best and _is_best(trial, float(value))
         self._finish(trial, run_dir, began, sink.evaluations, keep=keep)
-        self.on_event(f"trial {trial.number}: {cfg.eval.metric} {float(value):.4f}")
+        seconds = trial.user_attrs["seconds"]
+        self.on_event(
+            f"trial {trial.number}: {cfg.eval.metric} {float(value):.4f} ({seconds:.0f} s)"
+        )
         return float(value)
 
     def _prune(self, trial: Any, reason: str, began: float | None) -> float:
@@ -175,10 +181,18 @@ class Objective:
         gc.collect()
 
 
-def _train(cfg: Config, sink: PruningSink) -> Any:
+def _train(cfg: Config, sink: PruningSink, *, verbose: bool) -> Any:
+    """One trial's run; its per-run log lines (data, parameter table...) only when verbose."""
     from tunesmith.api import train
 
-    return train(cfg, progress=False, sinks=[sink], test=False)
+    logger = logging.getLogger("tunesmith")
+    held = logger.level
+    if not verbose:
+        logger.setLevel(max(held, logging.WARNING))
+    try:
+        return train(cfg, progress=False, sinks=[sink], test=False)
+    finally:
+        logger.setLevel(held)
 
 
 def _is_best(trial: Any, value: float) -> bool:
@@ -265,6 +279,7 @@ def run_study(
     trials: int,
     timeout_minutes: float | None = None,
     keep_best: bool = False,
+    verbose: bool = False,
     on_event: Callable[[str], None] = log.info,
 ) -> tuple[Any, Path]:
     """Run (or continue) the study until it has ``trials`` finished trials or time runs out.
@@ -283,7 +298,9 @@ def run_study(
         )
     folder = tune_folder(base)
     study = open_study(base, folder)
-    objective = Objective(config, overrides, folder, keep_best=keep_best, on_event=on_event)
+    objective = Objective(
+        config, overrides, folder, keep_best=keep_best, on_event=on_event, verbose=verbose
+    )
     done = finished(study)
     if done >= trials:
         on_event(f"the study already has {done} finished trials (--trials {trials})")
