@@ -84,7 +84,7 @@ def compare_args(config: Path) -> list[str]:
         "compare",
         str(config),
         "--methods",
-        "full,top1,lora,bottleneck",
+        "full,lora,bottleneck",
         # A deliberate failure: LoRA on module names this model does not have.
         "--set",
         "lora:method.target_modules=[no_such_layer]",
@@ -106,35 +106,30 @@ def test_compare_table_failure_and_cache(
     assert "lora: FAILED" in first and "no_such_layer" in first
 
     results = {r["method"]: r for r in json.loads((out / "compare.json").read_text())}
-    assert [results[m]["status"] for m in ("full", "top1", "lora", "bottleneck")] == [
-        "ok",
-        "ok",
-        "failed",
-        "ok",
-    ]
+    assert [results[m]["status"] for m in ("full", "lora", "bottleneck")] == ["ok", "failed", "ok"]
     page = parse(out / "compare.html")
     width = 12
     rows = [page.cells[i : i + width] for i in range(0, len(page.cells), width)]
     by_method = {row[0]: row for row in rows}
-    for method in ("full", "top1", "bottleneck"):
+    for method in ("full", "bottleneck"):
         assert all(cell.strip() for cell in by_method[method]), by_method[method]
         assert by_method[method][-1] != "n/a (no reference)"  # forgetting measured
     assert by_method["lora"][2].startswith("failed: ")
     for link in page.links:  # each method links to its run report
         assert (out / link).is_file()
-    assert len(page.links) == 3
+    assert len(page.links) == 2
     md = (out / "compare.md").read_text()
-    assert md.count("\n| ") == 5  # header + four methods
+    assert md.count("\n| ") == 4  # header + three methods
 
-    # Full fine-tuning trains every parameter, top1 fewer, bottleneck fewest.
-    share = {m: results[m]["summary"]["trainable_percent"] for m in ("full", "top1", "bottleneck")}
-    assert share["full"] == 100 and share["bottleneck"] < share["top1"] < 100
+    # Full fine-tuning trains every parameter, the bottleneck adapters a few percent.
+    share = {m: results[m]["summary"]["trainable_percent"] for m in ("full", "bottleneck")}
+    assert share["full"] == 100 and share["bottleneck"] < 10
 
     # Second run: finished methods come from the cache, the failed one is tried again.
-    stamps = {m: (out / m / "result.json").stat().st_mtime_ns for m in ("full", "top1")}
+    stamps = {m: (out / m / "result.json").stat().st_mtime_ns for m in ("full", "bottleneck")}
     assert main(compare_args(compare_config)) == 0
     second = capsys.readouterr().out
-    assert second.count("cached result reused") == 3
+    assert second.count("cached result reused") == 2
     assert "lora: FAILED" in second
     assert all((out / m / "result.json").stat().st_mtime_ns == t for m, t in stamps.items())
 

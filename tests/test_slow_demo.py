@@ -20,7 +20,7 @@ def test_minilm_rotten_tomatoes_subset(tmp_path: Path):
             "data.max_train_samples=2000",
             "data.validation_fraction=0.05",
             "data.test_fraction=0.05",
-            "train.eval_steps=60",
+            "train.eval_steps=125",  # one evaluation, at the end
         ],
     )
     result = train(cfg, progress=False)
