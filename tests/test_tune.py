@@ -145,32 +145,17 @@ def test_interrupted_study_continues_without_repeating_trials(
 ) -> None:
     path = tune_config(tiny_bert, tmp_path, {"optim.lr": {"loguniform": [1e-3, 1e-2]}})
     # Long enough trials that the interruption lands inside the second one.
-    changes = ["train.epochs=40", "train.num_threads=1"]
+    changes = ["train.epochs=24", "train.num_threads=1"]
     cmd = [sys.executable, "-m", "tunesmith", "tune", str(path), "--trials", "5", *changes]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     db = tmp_path / "run-tune" / "study.db"
+    # Watched through the file system: opening the study while the process creates it
+    # would race it to create the database's tables.
+    second = tmp_path / "run-tune" / "trials" / "trial-0001" / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline:
-        time.sleep(0.5)
-        if not db.is_file():
-            continue
-        try:  # the database file appears before the study is in it
-            trials = load(path).trials
-        except KeyError:
-            continue
-        running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-        started = (
-            running
-            and (
-                tmp_path
-                / "run-tune"
-                / "trials"
-                / f"trial-{running[0].number:04d}"
-                / "metrics.jsonl"
-            ).is_file()
-        )
-        if len(trials) >= 2 and started:
-            break
+    while time.time() < deadline and not second.is_file():
+        time.sleep(0.3)
+    assert db.is_file() and second.is_file()
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130
     first = load(path).trials
