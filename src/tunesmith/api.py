@@ -157,8 +157,9 @@ def train(
     fingerprint = data_fingerprint(train_set.features)
     if checkpoint is not None:
         check_resumable(checkpoint, cfg, fingerprint, force=force)
-    sinks = [*sinks, TensorBoardSink(out)] if t.tensorboard else list(sinks)
-    sinks = sinks if accelerator.is_main_process else []
+    # Sinks (and TensorBoard's event file) on the main process only, like metrics.jsonl.
+    main = accelerator.is_main_process
+    sinks = ([*sinks, TensorBoardSink(out)] if t.tensorboard else list(sinks)) if main else []
     metrics_log = MetricsLog(
         out / "metrics.jsonl", enabled=accelerator.is_main_process, sinks=sinks
     )
