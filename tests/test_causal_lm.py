@@ -106,14 +106,17 @@ def test_plain_template_and_missing_template(tmp_path: Path) -> None:
     text, spans = reply_spans(tokenizer, messages, PLAIN_TEMPLATE)
     assert text == "user: hello\nassistant: world<|im_end|>\n"
     assert [text[s:e] for s, e in spans] == ["world<|im_end|>"]
-    data = write_jsonl(tmp_path / "c.jsonl", [{"messages": messages}] * 10)
+    # Distinct chats: exact repeats would be dropped as duplicates (data.clean).
+    chats_ = [[{**messages[0], "content": f"hello {i}"}, messages[1]] for i in range(10)]
+    data = write_jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in chats_])
     with pytest.raises(ModelError, match=r"no chat template.*task.chat_template"):
         train(sft_config(bare, data, tmp_path / "a"), progress=False)
 
 
 def test_all_replies_truncated_is_refused(tiny_llama: Path, tmp_path: Path) -> None:
     long_prompt = "hello world " * 40
-    data = write_jsonl(tmp_path / "c.jsonl", [{"prompt": long_prompt, "response": REPLY}] * 10)
+    rows = [{"prompt": f"{long_prompt}{i}", "response": REPLY} for i in range(10)]  # distinct
+    data = write_jsonl(tmp_path / "c.jsonl", rows)
     cfg = sft_config(tiny_llama, data, tmp_path / "o", data={"max_length": 32})
     with pytest.raises(DataError, match=r"no reply token to train on.*data.max_length=32"):
         train(cfg, progress=False)

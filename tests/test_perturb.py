@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from tunesmith.evaluate.perturb import (
     KINDS,
+    perturb_record,
     perturb_records,
     perturb_tagged,
     perturb_text,
@@ -123,3 +124,13 @@ def test_unknown_kind_and_bad_rate_are_refused() -> None:
         perturb_text("a b c", "shout", 0.5, random.Random(0))
     with pytest.raises(ValueError, match="rate"):
         perturb_text("a b c", "typo", 1.5, random.Random(0))
+
+
+def test_word_tagged_records_have_their_words_perturbed() -> None:
+    words = ["John", "Smith", "went", "to", "the", "big", "old", "market", "in", "Paris"]
+    tags = ["B-PER", "I-PER", "O", "O", "O", "O", "O", "O", "O", "B-LOC"]
+    record = {"text": " ".join(words), "words": words, "tags": tags, "source": "f:1"}
+    out = perturb_record(record, "delete", 0.5, random.Random(0))
+    assert len(out["words"]) < len(words) and len(out["words"]) == len(out["tags"])
+    assert out["text"] == " ".join(out["words"])
+    assert out["words"][:2] == ["John", "Smith"] and out["words"][-1] == "Paris"

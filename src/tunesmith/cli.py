@@ -35,8 +35,6 @@ adapters_app = typer.Typer(
     no_args_is_help=True, help="A library of per-task adapters sharing one base model."
 )
 app.add_typer(adapters_app, name="adapters")
-data_app = typer.Typer(no_args_is_help=True, help="Look at the data a config will train on.")
-app.add_typer(data_app, name="data")
 assets_app = typer.Typer(no_args_is_help=True, help="The offline demo models and data.")
 app.add_typer(assets_app, name="assets")
 Library = Annotated[Path, typer.Option("--library", help="Adapter library folder.")]
@@ -398,21 +396,6 @@ def doctor() -> None:
     typer.echo(render(collect()))
 
 
-@data_app.command("audit")
-def data_audit(
-    config: Annotated[Path, typer.Argument(help="YAML config file.")],
-    overrides: Overrides = None,
-    samples: Annotated[int, typer.Option(min=0, help="Rendered samples to show.")] = 3,
-    seed: Annotated[int, typer.Option(help="Which samples.")] = 0,
-) -> None:
-    """Rendered training samples with the trained tokens marked, and the trained share."""
-    from tunesmith.config import Config
-    from tunesmith.data_audit import audit, render_audit
-
-    report = audit(Config.load(config, overrides or []), samples, seed)
-    typer.echo(render_audit(report, color=sys.stdout.isatty()))
-
-
 @assets_app.command("prepare")
 def assets_prepare() -> None:
     """Locate every offline asset and convert those that need it (once; cached)."""
@@ -574,8 +557,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-# The method-comparison, search and report commands live in their own module.
-from tunesmith import cli_studies  # noqa: E402, F401
+# The method-comparison, search and report commands, and the data commands, live in
+# their own modules.
+from tunesmith import cli_data, cli_studies  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import re
-import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -31,7 +29,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from tunesmith import paths
-from tunesmith.config_base import Section, suggest
+from tunesmith.config_base import Section, field_docs, suggest  # noqa: F401 (re-exported)
 from tunesmith.data.settings import DataConfig
 from tunesmith.distill.settings import DistillConfig
 from tunesmith.errors import ConfigError
@@ -210,8 +208,10 @@ class Config(Section):
         if "metric" not in self.eval.model_fields_set:
             self.eval.metric = task.default_metric(self)
         task.check_config(self)
+        from tunesmith.augment.settings import check_augment
         from tunesmith.regularize.checks import check_objective_sections
 
+        check_augment(self)
         check_objective_sections(self)
         return self
 
@@ -583,38 +583,3 @@ def _where(loc: tuple[str, ...], kind: str, source: str, lines: _Lines, origins:
             if loc[:end] in lines:
                 return f"{source}:{lines[loc[:end]]}"
     return source
-
-
-def _type_name(annotation: Any) -> str:
-    """Render a field type the way a YAML user reads it: ``int | null``, ``"a" | "b"``."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is Literal:
-        return " | ".join(json.dumps(arg) for arg in args)
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(arg) for arg in args)
-    if annotation is type(None):
-        return "null"
-    if origin is not None:
-        return f"{origin.__name__}[{', '.join(_type_name(arg) for arg in args)}]"
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def field_docs(model_cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
-    """List ``(dotted key, type and default, description)`` for every leaf setting.
-
-    The field descriptions are the reference documentation; this feeds ``--help``
-    and generated docs so they cannot drift from what the validator accepts.
-    """
-    rows: list[tuple[str, str, str]] = []
-    for name, field in model_cls.model_fields.items():
-        key = f"{prefix}{name}"
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            rows.extend(field_docs(annotation, f"{key}."))
-            continue
-        kind = _type_name(annotation)
-        default = field.get_default(call_default_factory=True)
-        kind += " (required)" if field.is_required() else f" = {json.dumps(default, default=str)}"
-        rows.append((key, kind, field.description or ""))
-    return rows

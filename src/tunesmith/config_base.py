@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import json
+import types
+import typing
 from collections.abc import Iterable, Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -37,3 +41,55 @@ def changed_from_default(section: BaseModel, names: Iterable[str]) -> list[str]:
     """
     fields = type(section).model_fields
     return [n for n in names if getattr(section, n) != fields[n].get_default()]
+
+
+def _type_name(annotation: Any) -> str:
+    """Render a field type the way a YAML user reads it: ``int | null``, ``"a" | "b"``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        return " | ".join(json.dumps(arg) for arg in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arg) for arg in args)
+    if annotation is type(None):
+        return "null"
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(arg) for arg in args)}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _optional_section(annotation: Any) -> type[BaseModel] | None:
+    """``S`` when a field is ``S | None`` for a section ``S`` (an optional sub-section)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType) or len(args) != 2:
+        return None
+    inner = [a for a in args if a is not type(None)]
+    if len(inner) == 1 and isinstance(inner[0], type) and issubclass(inner[0], BaseModel):
+        return inner[0]
+    return None
+
+
+def field_docs(model_cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
+    """List ``(dotted key, type and default, description)`` for every leaf setting.
+
+    The field descriptions are the reference documentation; this feeds ``--help``
+    and generated docs so they cannot drift from what the validator accepts. An
+    optional sub-section gets a row of its own (null: off) and one per key.
+    """
+    rows: list[tuple[str, str, str]] = []
+    for name, field in model_cls.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(field_docs(annotation, f"{key}."))
+            continue
+        optional = _optional_section(annotation)
+        if optional is not None:
+            rows.append((key, "section | null = null", field.description or ""))
+            rows.extend(field_docs(optional, f"{key}."))
+            continue
+        kind = _type_name(annotation)
+        default = field.get_default(call_default_factory=True)
+        kind += " (required)" if field.is_required() else f" = {json.dumps(default, default=str)}"
+        rows.append((key, kind, field.description or ""))
+    return rows

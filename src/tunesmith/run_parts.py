@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from tunesmith.augment.build import augment_training, training_dataset
 from tunesmith.config import Config
 from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.distill.student import build_student
@@ -42,7 +43,9 @@ def build_run_parts(cfg: Config, task: Task) -> RunParts:
     """Read and split the data, tokenise it, load the model and apply the method.
 
     The seed is set just before the model is built, so a new head starts
-    from the same weights in every run with that seed.
+    from the same weights in every run with that seed. Augmentation comes
+    after the model (synonyms may be its embedding neighbours) and before
+    tokenisation; only the training split is augmented.
     """
     from accelerate.utils import set_seed
 
@@ -60,18 +63,21 @@ def build_run_parts(cfg: Config, task: Task) -> RunParts:
         cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code
     )
     method = get_method(cfg)
-    label2id = {lab: i for i, lab in enumerate(splits.labels)}
-    train_set, val_set, test_set = (
-        FeatureDataset(task.encode(recs, tokenizer, label2id))
-        for recs in (splits.train, splits.validation, splits.test)
-    )
-    if task.name in CLASS_TASKS:  # saved in the manifest: eval weighs the loss the same way
-        task.class_weights = resolve_class_weights(cfg.loss, splits.labels, train_set.features)
     set_seed(cfg.train.seed)
     if cfg.distill.student_layers is not None:  # the teacher with fewer blocks
         model = method.apply(build_student(cfg, task, splits.labels))
     else:
         model = method.apply(task.build_model(splits.labels, tokenizer))
+    if cfg.data.augment.enabled:  # after the model: embedding neighbours come from it
+        splits.train, _stats = augment_training(cfg, splits.train, tokenizer, model)
+    label2id = {lab: i for i, lab in enumerate(splits.labels)}
+    train_set = training_dataset(cfg, task.encode(splits.train, tokenizer, label2id), tokenizer)
+    val_set, test_set = (
+        FeatureDataset(task.encode(recs, tokenizer, label2id))
+        for recs in (splits.validation, splits.test)
+    )
+    if task.name in CLASS_TASKS:  # saved in the manifest: eval weighs the loss the same way
+        task.class_weights = resolve_class_weights(cfg.loss, splits.labels, train_set.features)
     if method.padding_side is not None:  # recorded in the manifest for eval/predict
         tokenizer.padding_side = method.padding_side
     collator = Collator(tokenizer.pad_token_id, tokenizer.padding_side)

@@ -10,7 +10,31 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from tunesmith.augment.settings import AugmentConfig
 from tunesmith.config_base import Section
+
+
+class CleanConfig(Section):
+    """How rows are cleaned on reading; every removed row is counted by reason."""
+
+    normalize: bool = Field(
+        True,
+        description="Unicode NFC, odd spaces (no-break, zero-width) made plain, runs of "
+        "spaces within a line collapsed, ends stripped.",
+    )
+    drop_duplicates: bool = Field(
+        True, description="Drop rows repeating an earlier row of the same file exactly."
+    )
+    near_duplicate_threshold: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Word-shingle Jaccard similarity from which a validation/test row is "
+        "flagged as a near-duplicate of a training row (leakage); flagged, not dropped.",
+    )
+    imbalance_ratio: float = Field(
+        3.0, ge=1, description="Warn when the commonest label is this many times the rarest."
+    )
 
 
 class DataConfig(Section):
@@ -68,6 +92,22 @@ class DataConfig(Section):
     )
     max_train_samples: int | None = Field(
         None, gt=0, description="Cap on training rows after splitting, for quick runs."
+    )
+    split_seed: int | None = Field(
+        None,
+        description="Seed of the validation/test split made off train; null: train.seed. "
+        "Fix it to compare training seeds (or K-shot samples) on one held-out split.",
+    )
+    limit_per_class: int | None = Field(
+        None,
+        gt=0,
+        description="Few-shot: keep K training rows per label (seeded by train.seed), after "
+        "splitting; sequence_classification only.",
+    )
+    clean: CleanConfig = Field(default_factory=CleanConfig, description="Row cleaning.")
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig,
+        description="Training-data augmentation (training split only, seeded).",
     )
     group_by_length: bool = Field(True, description="Batch similar lengths: less padding.")
     empty_rows: Literal["drop", "error"] = Field(

@@ -147,6 +147,19 @@ def cap_records(
     return sorted(i for label, g in groups.items() for i in g[: quota[label]])
 
 
+def per_class(
+    indices: list[int], k: int, records: Sequence[Mapping[str, Any]], seed: int
+) -> list[int]:
+    """At most ``k`` of ``indices`` per label, chosen at random with ``seed`` (K-shot data).
+
+    Each label's rows are shuffled with the same seeded shuffle as the
+    splits, so K-shot sets of one seed are nested: the 16-shot rows are
+    among the 64-shot rows.
+    """
+    groups = _shuffled_groups(records, indices, seed)
+    return sorted(i for group in groups.values() for i in group[:k])
+
+
 def _check_fractions(fractions: Mapping[str, float]) -> None:
     """Fractions must be in [0, 1) and leave room for training."""
     for split, fraction in fractions.items():

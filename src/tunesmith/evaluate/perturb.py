@@ -8,7 +8,7 @@ texts (``floor(rate * n + u)`` words, ``u`` uniform), and every chosen word
 really changes (a typo never re-draws the same letter). Rate 0 returns the
 input unchanged.
 
-Records keep their labels valid: word-labelled data (``tokens``/``tags``)
+Records keep their labels valid: word-labelled data (``words``/``tags``)
 only has its tokens edited in place (typos, case) or its ``O`` words moved and
 deleted, so an entity is never split or lost and tags stay aligned. Chat
 records only have the user's turns perturbed: the reply is the target.
@@ -166,8 +166,9 @@ def perturb_record(
 ) -> dict[str, Any]:
     """A copy of ``record`` with its input perturbed and its label still valid."""
     out = dict(record)
-    if isinstance(out.get("tokens"), list):
-        out["tokens"], tags = perturb_tagged(out["tokens"], out.get("tags"), kind, rate, rng)
+    if isinstance(out.get("words"), list):  # word-tagged records (data/tagged.py)
+        out["words"], tags = perturb_tagged(out["words"], out.get("tags"), kind, rate, rng)
+        out["text"] = " ".join(out["words"])
         if tags is not None:
             out["tags"] = tags
         return out

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from tunesmith.config import Config
+    from tunesmith.data.cleaning import CleaningReport, FileReport
 
 Feature = dict[str, Any]
 Batch = dict[str, torch.Tensor]
@@ -38,6 +39,9 @@ class DataSplits:
         labels: The label vocabulary in id order (empty for label-free tasks).
         provenance: Which source rows went to which split (saved as splits.json).
         notes: Human-readable facts worth logging (dropped rows, splits made).
+        quality: What cleaning removed per file and reason, leakage and label
+            counts (``data/cleaning.py``); None for multi-task runs, whose
+            tasks each have theirs (in ``provenance``).
     """
 
     train: list[dict[str, Any]]
@@ -46,6 +50,7 @@ class DataSplits:
     labels: list[str] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    quality: CleaningReport | None = None
 
 
 class Task(ABC):
@@ -110,15 +115,22 @@ class Task(ABC):
     ) -> list[Feature]:
         """Tokenise records into features (lists of ints), without padding."""
 
-    def read_dropping_empty(self, path: str, notes: list[str], what: str) -> list[dict[str, Any]]:
+    def read_dropping_empty(
+        self, path: str, notes: list[str], what: str, report: FileReport | None = None
+    ) -> list[dict[str, Any]]:
         """Read ``path``; rows lacking what the task needs are dropped and noted, or fail.
 
-        ``data.empty_rows: drop`` (the default) drops them and adds a note
-        naming the first (``what`` says what they lack); ``error`` fails on it.
+        ``data.empty_rows: drop`` (the default) drops them, adds a note naming
+        the first (``what`` says what they lack) and counts them in ``report``
+        (the file's cleaning report); ``error`` fails on it.
         """
+        from tunesmith.data.cleaning import EMPTY
+
         empty: list[str] | None = [] if self.cfg.data.empty_rows == "drop" else None
         records = self.load_records(path, dropped=empty)
         if empty:
+            if report is not None:
+                report.drop(EMPTY, empty)
             notes.append(
                 f"{path}: dropped {len(empty)} rows {what} (first: {empty[0]}; "
                 "set data.empty_rows=error to fail instead)"
@@ -130,7 +142,8 @@ class Task(ABC):
     ) -> list[dict[str, Any]]:
         """The records of ``split`` of a finished run, from its ``splits.json`` (``where``).
 
-        Re-reads the run's files and keeps the rows listed for that split.
+        Re-reads the run's files and keeps the rows listed for that split,
+        normalised as training read them (``data.clean.normalize``).
 
         Raises:
             DataError: The provenance is unreadable, lacks the split, or a file is gone.
@@ -151,7 +164,13 @@ class Task(ABC):
         if missing:
             raise DataError(f"data file of the run not found: {missing[0]}")
         pool = [r for p in files for r in self.load_records(p, dropped=[])]
-        return select_by_source(pool, rows[split])
+        records = select_by_source(pool, rows[split])
+        if self.cfg.data.clean.normalize:
+            from tunesmith.data.cleaning import normalize_record
+
+            # Rows that normalise to nothing were dropped in training, so are not listed.
+            records = [normalize_record(r) or r for r in records]
+        return records
 
     def text_records(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         """Prediction records for raw texts (``predict --text``); ``text`` is echoed back."""
@@ -168,6 +187,22 @@ class Task(ABC):
         from tunesmith.data.labels import check_labels
 
         check_labels(records, label2id, split)
+
+    def token_lengths(
+        self, records: Sequence[Mapping[str, Any]], tokenizer: PreTrainedTokenizerBase
+    ) -> dict[str, tuple[list[int], int]]:
+        """Each record's token count before truncation and the limit ``encode`` cuts at.
+
+        Keyed by what is measured (``input``; seq2seq adds ``target``), so
+        ``data inspect`` can count the rows ``data.max_length`` cuts and the
+        tokens lost. This default measures ``text`` (and ``text_pair``).
+        """
+        from tunesmith.tasks.encoding import effective_limit, full_lengths
+
+        texts = [r["text"] for r in records]
+        pairs = [r["text_pair"] for r in records] if records and "text_pair" in records[0] else None
+        limit = effective_limit(tokenizer, self.cfg.data.max_length)
+        return {"input": (full_lengths(tokenizer, texts, pairs), limit)}
 
     def feature_length(self, feature: Feature) -> int:
         """Length used for length-grouped batching."""

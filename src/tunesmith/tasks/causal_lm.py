@@ -34,7 +34,7 @@ from tunesmith.errors import DataError
 from tunesmith.losses import IGNORE, shifted_token_cross_entropy_sum
 from tunesmith.tasks.base import Batch, DataSplits, Feature, Task, register_task
 from tunesmith.tasks.chat_template import label_tokens, render, reply_spans, resolve_template
-from tunesmith.tasks.encoding import position_cut, require_fast_tokenizer
+from tunesmith.tasks.encoding import effective_limit, full_lengths, require_fast_tokenizer
 from tunesmith.tasks.generation import generate_ids, generated_rows
 
 log = logging.getLogger(__name__)
@@ -73,10 +73,12 @@ class CausalLM(Task):
     def load_splits(self) -> DataSplits:
         """Read and split; every chat starting with the same question stays on one side."""
         notes: list[str] = []
-        parts, provenance, split_notes = assemble_splits(
+        parts, provenance, split_notes, quality = assemble_splits(
             self.cfg.data,
             self.cfg.train.seed,
-            lambda p: self.read_dropping_empty(p, notes, "with an empty prompt or reply"),
+            lambda path, report: self.read_dropping_empty(
+                path, notes, "with an empty prompt or reply", report
+            ),
         )
         return DataSplits(
             train=parts["train"],
@@ -84,12 +86,22 @@ class CausalLM(Task):
             test=parts["test"],
             provenance=provenance,
             notes=notes + split_notes,
+            quality=quality,
         )
 
     def check_labels(
         self, records: Sequence[Mapping[str, Any]], label2id: Mapping[str, int], split: str
     ) -> None:
         """Chats have no label vocabulary."""
+
+    def token_lengths(
+        self, records: Sequence[Mapping[str, Any]], tokenizer: Any
+    ) -> dict[str, tuple[list[int], int]]:
+        """Tokens of each whole chat as rendered by the chat template (replies included)."""
+        template = resolve_template(tokenizer, self.cfg.task.chat_template)
+        texts = [render(tokenizer, r["messages"], template) for r in records]
+        lengths = full_lengths(tokenizer, texts, add_special_tokens=False)
+        return {"input": (lengths, effective_limit(tokenizer, self.cfg.data.max_length))}
 
     def encode(
         self,
@@ -108,8 +120,7 @@ class CausalLM(Task):
         if tokenizer.pad_token_id is None:  # decoders often have none; EOS pads (masked out)
             tokenizer.pad_token = tokenizer.eos_token
         template = resolve_template(tokenizer, self.cfg.task.chat_template)
-        limit = self.cfg.data.max_length
-        limit = position_cut(tokenizer, limit) or limit
+        limit = effective_limit(tokenizer, self.cfg.data.max_length)
         last_only = self.cfg.task.train_on == "last_assistant"
         features, empty, labelled = [], 0, 0
         for record in records:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from tunesmith.data.cleaning import LABEL_NOT_LISTED, FileReport
 from tunesmith.data.labels import build_label_list, check_labels
 from tunesmith.data.loading import filter_labels, load_records
 from tunesmith.data.pipeline import assemble_splits
@@ -40,19 +41,27 @@ class SequenceClassification(ClassLoss, Task):
             check_label_kinds=d.labels is None,
         )
 
-    def _read_filtered(self, path: str, notes: list[str]) -> list[dict[str, Any]]:
-        records = self.read_dropping_empty(path, notes, "with an empty text or label")
+    def _read_filtered(
+        self, path: str, notes: list[str], report: FileReport
+    ) -> list[dict[str, Any]]:
+        """Rows with a text and a label, and with ``data.labels`` set one of those labels."""
+        records = self.read_dropping_empty(path, notes, "with an empty text or label", report)
         if self.cfg.data.labels:
-            records, dropped = filter_labels(records, self.cfg.data.labels)
+            kept, dropped = filter_labels(records, self.cfg.data.labels)
             if dropped:
                 counts = ", ".join(f"{lab}: {n}" for lab, n in sorted(dropped.items()))
                 notes.append(f"{path}: dropped {sum(dropped.values())} rows ({counts})")
+                ids = {id(r) for r in kept}
+                report.drop(LABEL_NOT_LISTED, [r["source"] for r in records if id(r) not in ids])
+            records = kept
         return records
 
     def load_splits(self) -> DataSplits:
         notes: list[str] = []
-        parts, provenance, split_notes = assemble_splits(
-            self.cfg.data, self.cfg.train.seed, lambda p: self._read_filtered(p, notes)
+        parts, provenance, split_notes, quality = assemble_splits(
+            self.cfg.data,
+            self.cfg.train.seed,
+            lambda path, report: self._read_filtered(path, notes, report),
         )
         labels = build_label_list(parts["train"], self.cfg.data.labels)
         label2id = {lab: i for i, lab in enumerate(labels)}
@@ -65,6 +74,7 @@ class SequenceClassification(ClassLoss, Task):
             labels=labels,
             provenance=provenance,
             notes=notes + split_notes,
+            quality=quality,
         )
 
     def encode(

@@ -24,6 +24,36 @@ def chunks(items: Sequence[T], size: int = TOKENIZE_CHUNK) -> Iterator[Sequence[
         yield items[start : start + size]
 
 
+def full_lengths(
+    tokenizer: Any,
+    texts: Sequence[Any],
+    pairs: Sequence[Any] | None = None,
+    *,
+    target: bool = False,
+    **options: Any,
+) -> list[int]:
+    """Token counts of ``texts`` (and ``pairs``) without truncation, in chunks.
+
+    What ``encode`` would cut is what lies beyond the limit (``data inspect``).
+    ``target`` tokenises them as decoder targets; ``options`` go to the tokenizer.
+    """
+    lengths: list[int] = []
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        part = list(texts[start : start + TOKENIZE_CHUNK])
+        if target:
+            enc = tokenizer(text_target=part, verbose=False, **options)
+        else:
+            pair = None if pairs is None else list(pairs[start : start + TOKENIZE_CHUNK])
+            enc = tokenizer(part, pair, verbose=False, **options)
+        lengths += [len(ids) for ids in enc["input_ids"]]
+    return lengths
+
+
+def effective_limit(tokenizer: Any, max_length: int) -> int:
+    """The length inputs are cut to: ``max_length``, or the model's positions if fewer."""
+    return position_cut(tokenizer, max_length) or max_length
+
+
 def position_cut(tokenizer: Any, max_length: int) -> int | None:
     """The model's position limit when it is below ``max_length``, else None.
 

@@ -37,7 +37,7 @@ from tunesmith.data.pipeline import assemble_splits
 from tunesmith.errors import ModelError
 from tunesmith.losses import IGNORE, token_cross_entropy_sum
 from tunesmith.tasks.base import Batch, DataSplits, Feature, Task, register_task
-from tunesmith.tasks.encoding import chunks, position_cut
+from tunesmith.tasks.encoding import chunks, effective_limit, full_lengths
 from tunesmith.tasks.generation import NO_TOKEN, decode, generate_ids, generated_rows
 
 if TYPE_CHECKING:
@@ -95,17 +95,32 @@ class Seq2Seq(Task):
     def load_splits(self) -> DataSplits:
         """Read and split at random (there is no label to stratify by)."""
         notes: list[str] = []
-        parts, provenance, split_notes = assemble_splits(
+        parts, provenance, split_notes, quality = assemble_splits(
             self.cfg.data,
             self.cfg.train.seed,
-            lambda p: self.read_dropping_empty(p, notes, "with an empty source or target"),
+            lambda path, report: self.read_dropping_empty(
+                path, notes, "with an empty source or target", report
+            ),
         )
-        return DataSplits(**parts, provenance=provenance, notes=notes + split_notes)
+        return DataSplits(
+            **parts, provenance=provenance, notes=notes + split_notes, quality=quality
+        )
 
     def check_labels(
         self, records: Sequence[Mapping[str, Any]], label2id: Mapping[str, int], split: str
     ) -> None:
         """Nothing to check: targets are free text, there is no label vocabulary."""
+
+    def token_lengths(
+        self, records: Sequence[Mapping[str, Any]], tokenizer: Any
+    ) -> dict[str, tuple[list[int], int]]:
+        """Source tokens (``data.max_length``) and target tokens (``data.max_target_length``)."""
+        lengths = super().token_lengths(records, tokenizer)
+        targets = [r["target"] for r in records if r.get("target") is not None]
+        if targets:
+            limit = effective_limit(tokenizer, self.cfg.data.max_target_length)
+            lengths["target"] = (full_lengths(tokenizer, targets, target=True), limit)
+        return lengths
 
     def encode(
         self,
@@ -121,8 +136,8 @@ class Seq2Seq(Task):
         self.tokenizer = tokenizer
         d = self.cfg.data
         limits = {
-            "source": position_cut(tokenizer, d.max_length) or d.max_length,
-            "target": position_cut(tokenizer, d.max_target_length) or d.max_target_length,
+            "source": effective_limit(tokenizer, d.max_length),
+            "target": effective_limit(tokenizer, d.max_target_length),
         }
         features: list[Feature] = []
         full = {"source": 0, "target": 0}  # rows that reached their limit

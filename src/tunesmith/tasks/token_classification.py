@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from tunesmith.data.cleaning import FileReport
 from tunesmith.data.labels import build_label_list, check_labels
 from tunesmith.data.pipeline import assemble_splits
 from tunesmith.data.tagged import check_tag, load_tagged, text_record, word_spans
@@ -32,7 +33,12 @@ from tunesmith.errors import ConfigError, DataError, ModelError
 from tunesmith.evaluate.metrics import entity_metrics
 from tunesmith.tasks.base import Batch, DataSplits, Feature, Task, register_task
 from tunesmith.tasks.class_loss import ClassLoss
-from tunesmith.tasks.encoding import chunks, position_cut, require_fast_tokenizer
+from tunesmith.tasks.encoding import (
+    chunks,
+    effective_limit,
+    full_lengths,
+    require_fast_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +86,16 @@ class TokenClassification(ClassLoss, Task):
         notes: list[str] = []
         file_tags: set[str] = set()
 
-        def read(path: str) -> list[dict[str, Any]]:
-            records = self.read_dropping_empty(path, notes, "without tokens")
+        def read(path: str, report: FileReport) -> list[dict[str, Any]]:
+            records = self.read_dropping_empty(path, notes, "without tokens", report)
             self._check_listed(records)
             if path == self.cfg.data.train:
                 file_tags.update(t for r in records for t in r["tags"])
             return records
 
-        parts, provenance, split_notes = assemble_splits(self.cfg.data, self.cfg.train.seed, read)
+        parts, provenance, split_notes, quality = assemble_splits(
+            self.cfg.data, self.cfg.train.seed, read
+        )
         labels = self._tag_list(file_tags)
         label2id = {lab: i for i, lab in enumerate(labels)}
         for split in ("validation", "test"):
@@ -103,6 +111,7 @@ class TokenClassification(ClassLoss, Task):
             labels=labels,
             provenance=provenance,
             notes=notes + split_notes,
+            quality=quality,
         )
 
     def _tag_list(self, found: set[str]) -> list[str]:
@@ -146,6 +155,14 @@ class TokenClassification(ClassLoss, Task):
         ]
         check_labels(unseen, label2id, split)
 
+    def token_lengths(
+        self, records: Sequence[Mapping[str, Any]], tokenizer: Any
+    ) -> dict[str, tuple[list[int], int]]:
+        """Sub-tokens of each sentence's words (cut ones count as tagged ``O``)."""
+        words = [r["words"] for r in records]
+        lengths = full_lengths(tokenizer, words, is_split_into_words=True)
+        return {"input": (lengths, effective_limit(tokenizer, self.cfg.data.max_length))}
+
     def encode(
         self,
         records: Sequence[Mapping[str, Any]],
@@ -153,8 +170,7 @@ class TokenClassification(ClassLoss, Task):
         label2id: Mapping[str, int] | None,
     ) -> list[Feature]:
         require_fast_tokenizer(tokenizer, self.name, "word ids and character offsets")
-        limit = self.cfg.data.max_length
-        limit = position_cut(tokenizer, limit) or limit
+        limit = effective_limit(tokenizer, self.cfg.data.max_length)
         predicting = label2id is None
         continuation = (
             continuation_ids(label2id) if label2id and self.cfg.task.label_all_subtokens else None

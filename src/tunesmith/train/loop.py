@@ -145,7 +145,7 @@ class Trainer:
     ) -> None:
         self.cfg, self.task, self.labels = cfg, task, labels
         self.acc = accelerator
-        self.collator, self.val_set = collator, val_set
+        self.collator, self.train_set, self.val_set = collator, train_set, val_set
         self.metrics_log, self.on_best, self.progress = metrics_log, on_best, progress
         self.objective = objective or Objective()
         self.window_parts: dict[str, float] = {}  # the objective's parts since the last log
@@ -178,7 +178,10 @@ class Trainer:
             self._plain,
             train_set,
             collator,
-            cacheable=cacheable and not self.hooks and task.mixed_batches,
+            cacheable=cacheable
+            and not self.hooks
+            and task.mixed_batches
+            and getattr(train_set, "fixed_inputs", True),
             batch_size=t.effective_eval_batch_size,
             folder=Path(t.output_dir) / ".cache",
             device=accelerator.device,
@@ -299,6 +302,8 @@ class Trainer:
         if hasattr(self.loader, "set_epoch"):  # accelerate re-seeds the sampler with this
             self.loader.set_epoch(self.epoch)
         self.sampler.set_epoch(self.epoch)
+        if hasattr(self.train_set, "set_epoch"):  # dynamic masking draws per epoch
+            self.train_set.set_epoch(self.epoch)
         batches = iter(self.loader)
         for _ in range(self.batches_in_epoch):
             next(batches, None)

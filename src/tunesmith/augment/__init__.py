@@ -1,0 +1,1 @@
+"""Training-data augmentation: EDA edits, back-translation, dynamic masking."""
