@@ -332,3 +332,29 @@ def test_training_with_augmentation_and_masking(tmp_path: Path, tiny_bert: Path)
     assert result.loop.steps == 2 * -(-len(parts.splits.train) // 16)
     with pytest.raises(ConfigError, match="feature_cache: memory cannot be used"):
         Config.from_dict({**raw, "train": {**raw["train"], "feature_cache": "memory"}})
+
+
+def test_data_augment_previews_the_copies_train_makes(
+    tmp_path: Path, tiny_bert: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from helpers import cli_fails, write_config
+    from tunesmith.cli import main
+
+    data = write_csv(tmp_path / "t.csv", toy_rows(40))
+    augment = {
+        "multiplier": 2,
+        "synonyms": "embeddings",
+        "embedding_neighbours": 3,
+        "dynamic_masking": 0.3,
+    }
+    cfg = tiny_config(tiny_bert, data, tmp_path / "o", data={"augment": augment})
+    assert main(["data", "augment", str(write_config(tmp_path, cfg)), "--show", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("augmentation: ") and "copies added to 36 training examples" in out
+    assert out.count("\n  = ") == 2 and out.count("\n  + ") >= 2
+    # synonyms: embeddings draws from the model's own vocabulary (the tiny BERT's words)
+    assert "synonym_replacement" in out
+    epochs = [line for line in out.splitlines() if line.startswith("  epoch ")]
+    assert len(epochs) == 2 and epochs[0] != epochs[1] and "[MASK]" in epochs[0] + epochs[1]
+    del cfg["data"]["augment"]
+    cli_fails(capsys, ["data", "augment", str(write_config(tmp_path, cfg))], "augments nothing")
