@@ -369,25 +369,6 @@ def analyze(
     typer.echo(render(run_analyze(cfg, batches=batches, probe_steps=probe_steps)))
 
 
-@app.command("export")
-def export_(
-    checkpoint: Annotated[Path, typer.Argument(help="A best/ or final/ folder.")],
-    output: Annotated[Path, typer.Argument(help="New folder to write.")],
-    merge: Annotated[
-        bool, typer.Option("--merge", help="Fold LoRA/DoRA/IA3 into the base weights.")
-    ] = False,
-) -> None:
-    """Export a checkpoint; --merge gives a plain transformers model for LoRA/DoRA/IA3.
-
-    Bottleneck adapters export unmerged: the non-linearity between their down
-    and up projections cannot be folded into the base's linear weights. Prefix
-    and prompt tuning export unmerged too: their virtual tokens are inputs.
-    """
-    from tunesmith.export import export
-
-    typer.echo(f"exported to {export(checkpoint, output, merge=merge)}")
-
-
 @app.command()
 def doctor() -> None:
     """Versions, threads, bf16 support and whether the offline demo assets are installed."""
@@ -559,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # The method-comparison, search and report commands, and the data commands, live in
 # their own modules.
-from tunesmith import cli_data, cli_studies  # noqa: E402, F401
+from tunesmith import cli_data, cli_deploy, cli_studies  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

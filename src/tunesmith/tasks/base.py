@@ -219,13 +219,19 @@ class Task(ABC):
         """Load a folder this task saved (``best/``, ``final/``) for eval or predict.
 
         Adapter checkpoints hold only adapter and head weights: the base model
-        named in the config is built first and the method puts them back.
+        named in the config is built first and the method puts them back. An
+        int8 export (``deploy.quantize``) is built from its config with int8
+        modules swapped in.
         """
         from pathlib import Path
 
+        from tunesmith.deploy.quantize import is_quantized, load_quantized
         from tunesmith.methods.base import METHODS
         from tunesmith.modeling import load_pretrained
 
+        if is_quantized(path):
+            trust = self.cfg.model.trust_remote_code
+            return load_quantized(path, self.auto_class(), trust_remote_code=trust)
         method = METHODS.get(self.cfg.method.name)
         if method.saves_adapter:
             return method.load_saved(self.build_model(labels, tokenizer), Path(path))

@@ -1,0 +1,1 @@
+"""Turning trained checkpoints into models to serve (int8 quantization, ONNX)."""

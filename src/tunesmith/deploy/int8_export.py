@@ -1,0 +1,81 @@
+"""``export --quantize int8``: a checkpoint as a new int8 checkpoint folder.
+
+The result is a tunesmith checkpoint like ``best/`` (tokenizer, ``tunesmith.json``
+with ``"quantized": "int8"``) whose weights are in the format of
+``deploy.quantize``, so ``eval``, ``eval --full`` and ``predict`` load it as they
+load any checkpoint. Written next to ``best/`` inside the run folder,
+``eval --split test`` finds the run's splits for it too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tunesmith.deploy.quantize import quantize_int8, save_quantized
+from tunesmith.errors import ConfigError
+from tunesmith.methods.base import METHODS
+from tunesmith.modeling import checkpoint_manifest
+from tunesmith.train.checkpoint import save_model_folder
+
+
+def export_int8(checkpoint: str | Path, output: str | Path) -> Path:
+    """Write the int8 version of ``checkpoint`` to the new folder ``output``; returns it.
+
+    Adapter checkpoints whose method can merge (LoRA, DoRA, IA3) are merged into
+    their base first, as ``export --merge`` does, and the merged model is quantized.
+
+    Raises:
+        ConfigError: ``output`` exists, or the checkpoint cannot be quantized
+            (an adapter that cannot be merged, a multi-task model, already int8).
+        ModelError: ``checkpoint`` is not a checkpoint folder.
+    """
+    from tunesmith.api import load_checkpoint
+
+    output = Path(output)
+    if output.exists():
+        raise ConfigError(f"export: {output} already exists; choose a new folder")
+    manifest = checkpoint_manifest(checkpoint)
+    check_quantizable(checkpoint, manifest)
+    cfg, _task, model, tokenizer, _labels = load_checkpoint(checkpoint)
+    method = METHODS.get(cfg.method.name)
+    if method.saves_adapter:
+        model = method.merged(model)
+        if model is None:
+            why = method.merge_blocker or "its adapters are extra modules, not weight changes"
+            raise ConfigError(
+                f"export --quantize: {checkpoint} holds a '{cfg.method.name}' adapter, which "
+                f"cannot be merged into the base weights ({why}); int8 export needs a plain model"
+            )
+        manifest = merged_manifest(manifest)
+    quantize_int8(model)
+    # The fp32 model's validation metrics do not describe this one: the comparison does.
+    meta = {k: v for k, v in manifest.items() if k != "validation"}
+    meta |= {"quantized": "int8", "quantized_from": str(checkpoint)}
+    return save_model_folder(output, lambda folder: save_quantized(model, folder), tokenizer, meta)
+
+
+def merged_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of an adapter checkpoint rewritten for its merged (plain, full) model."""
+    return {
+        **manifest,
+        "config": {**manifest["config"], "method": {"name": "full"}},
+        "method": "full",
+        "adapter": False,
+        "merged_from": manifest.get("method"),
+    }
+
+
+def check_quantizable(checkpoint: str | Path, manifest: dict[str, Any]) -> None:
+    """Refuse, before loading, checkpoints that int8 export cannot take.
+
+    Raises:
+        ConfigError: Already int8, or a multi-task model.
+    """
+    if manifest.get("quantized"):
+        raise ConfigError(f"export --quantize: {checkpoint} is already {manifest['quantized']}")
+    if manifest.get("task") == "multitask":
+        raise ConfigError(
+            f"export --quantize: {checkpoint} is a multi-task model; int8 export takes "
+            "single-task checkpoints"
+        )

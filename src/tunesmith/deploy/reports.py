@@ -1,0 +1,135 @@
+"""What ``tunesmith export --quantize int8`` and ``--format onnx`` print after writing.
+
+Why measure at export time: a deployment format is chosen for its size, speed
+and faithfulness, and the numbers that decide are the ones on the user's own
+model and data, side by side with the checkpoint it came from. Both reports
+are written as JSON next to the exported files (``export_report.json``) too.
+
+The data measured on is a data file or a split of the checkpoint's run; by
+default the run's test split (or its validation split) as ``splits.json``
+next to the checkpoint lists it, and otherwise nothing is measured (the
+export itself is still checked: the ONNX graph passes its parity check).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tunesmith.deploy.compare import compare_quantized, format_comparison
+from tunesmith.deploy.int8_export import export_int8
+from tunesmith.evaluate.evaluator import EvalOptions
+from tunesmith.tables import text_table
+
+REPORT_FILE = "export_report.json"
+
+
+def default_split(checkpoint: str | Path, data: str | None, split: str | None) -> str | None:
+    """The split to measure on: the one given, else the run's test split, else its validation.
+
+    None when a data file is given or the run recorded no held-out rows.
+    """
+    if data is not None or split is not None:
+        return split
+    path = Path(checkpoint).resolve().parent / "splits.json"
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return next((name for name in ("test", "validation") if rows.get(name)), None)
+
+
+def int8_export_report(
+    checkpoint: str | Path,
+    output: str | Path,
+    *,
+    data: str | None = None,
+    split: str | None = None,
+    options: EvalOptions | None = None,
+) -> str:
+    """Export ``checkpoint`` as int8 to ``output``; the before/after table, or why there is none."""
+    folder = export_int8(checkpoint, output)
+    split = default_split(checkpoint, data, split)
+    lines = [f"exported int8 model to {folder}"]
+    if data is None and split is None:
+        return "\n".join([*lines, _nothing_measured(checkpoint)])
+    comparison = compare_quantized(checkpoint, folder, data, split=split, options=options)
+    _write(folder, {"kind": "int8", **comparison.as_dict()})
+    return "\n".join([*lines, format_comparison(comparison)])
+
+
+def onnx_export_report(
+    checkpoint: str | Path,
+    output: str | Path,
+    *,
+    data: str | None = None,
+    split: str | None = None,
+    options: EvalOptions | None = None,
+    opset: int | None = None,
+) -> str:
+    """Export ``checkpoint`` to ONNX in ``output``; parity, and latency of both runtimes."""
+    from tunesmith.api import load_checkpoint, records_for
+    from tunesmith.deploy.onnx_export import DEFAULT_OPSET, export_onnx, onnx_latency
+
+    done = export_onnx(checkpoint, output, opset=opset or DEFAULT_OPSET)
+    lines = [f"exported ONNX graph to {done.model_file} (opset {done.opset})"]
+    if done.parity is not None:
+        shapes = ", ".join(f"{c['batch']}x{c['length']}" for c in done.parity.cases)
+        lines.append(
+            f"parity with PyTorch on random inputs ({shapes}): max |difference| "
+            f"{done.parity.max_abs_diff:.2e} <= {done.parity.atol:g}"
+        )
+    split = default_split(checkpoint, data, split)
+    if data is None and split is None:
+        return "\n".join([*lines, _nothing_measured(checkpoint)])
+    opts = options or EvalOptions()
+    cfg, task = load_checkpoint(checkpoint)[:2]
+    records = records_for(task, cfg, checkpoint, data, split)
+    timed = onnx_latency(
+        checkpoint,
+        done.model_file,
+        records=records,
+        batch_size=opts.batch_size,
+        batches=opts.latency_batches,
+        warmup=opts.warmup,
+        threads=opts.threads,
+    )
+    where = data if data is not None else f"{split} split"
+    _write(done.folder, {"kind": "onnx", "data": where, "parity": done.info["parity"], **timed})
+    lines.append(f"latency on {where} ({len(records)} examples, {timed['threads']} CPU threads):")
+    lines.append(latency_table(timed))
+    return "\n".join(lines)
+
+
+def latency_table(timed: dict[str, Any]) -> str:
+    """PyTorch against onnxruntime: p50 latency at batch 1, throughput at the served batch."""
+    bs1, big = timed["latency_bs1"], timed["throughput"]
+    size = big["pytorch"]["batch_size"]
+    speedup = big["onnxruntime"]["examples_per_s"] / big["pytorch"]["examples_per_s"]
+    rows = [
+        [
+            "latency batch 1, p50 (ms)",
+            f"{bs1['pytorch']['p50_ms']:.2f}",
+            f"{bs1['onnxruntime']['p50_ms']:.2f}",
+            f"{bs1['pytorch']['p50_ms'] / bs1['onnxruntime']['p50_ms']:.2f}x faster",
+        ],
+        [
+            f"throughput batch {size} (examples/s)",
+            f"{big['pytorch']['examples_per_s']:.1f}",
+            f"{big['onnxruntime']['examples_per_s']:.1f}",
+            f"{speedup:.2f}x faster",
+        ],
+    ]
+    return text_table(["", "pytorch", "onnxruntime", "change"], rows)
+
+
+def _nothing_measured(checkpoint: str | Path) -> str:
+    return (
+        f"nothing measured: no held-out split recorded next to {checkpoint}; "
+        "give --data FILE to compare size, latency and quality"
+    )
+
+
+def _write(folder: Path, report: dict[str, Any]) -> None:
+    (Path(folder) / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
