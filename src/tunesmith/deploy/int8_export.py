@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tunesmith.deploy.plain import plain_model
 from tunesmith.deploy.quantize import quantize_int8, save_quantized
 from tunesmith.errors import ConfigError
 from tunesmith.methods.base import METHODS
@@ -38,15 +39,8 @@ def export_int8(checkpoint: str | Path, output: str | Path) -> Path:
     manifest = checkpoint_manifest(checkpoint)
     check_quantizable(checkpoint, manifest)
     cfg, _task, model, tokenizer, _labels = load_checkpoint(checkpoint)
-    method = METHODS.get(cfg.method.name)
-    if method.saves_adapter:
-        model = method.merged(model)
-        if model is None:
-            why = method.merge_blocker or "its adapters are extra modules, not weight changes"
-            raise ConfigError(
-                f"export --quantize: {checkpoint} holds a '{cfg.method.name}' adapter, which "
-                f"cannot be merged into the base weights ({why}); int8 export needs a plain model"
-            )
+    if METHODS.get(cfg.method.name).saves_adapter:
+        model = plain_model(cfg.method.name, model, "export --quantize int8")
         manifest = merged_manifest(manifest)
     quantize_int8(model)
     # The fp32 model's validation metrics do not describe this one: the comparison does.

@@ -42,6 +42,7 @@ from tunesmith.deploy.onnx_runtime import (
     random_inputs,
     require_onnx,
 )
+from tunesmith.deploy.plain import plain_model
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods.base import METHODS
 from tunesmith.modeling import checkpoint_manifest, max_positions
@@ -206,23 +207,14 @@ def load_served_model(
     cfg, task, model, tokenizer, labels = load_checkpoint(
         checkpoint, trust_remote_code=trust_remote_code, allow_unsafe_weights=allow_unsafe_weights
     )
-    method = METHODS.get(cfg.method.name)
-    if method.saves_adapter:
-        merged = method.merged(model)
-        if merged is None:
-            reason = method.merge_blocker or "its extra modules cannot be folded into base weights"
-            raise ConfigError(
-                f"export --format onnx: method '{cfg.method.name}' cannot be merged into the base "
-                f"weights ({reason}); ONNX export needs one plain model"
-            )
-        model = merged
+    model = plain_model(cfg.method.name, model, "export --format onnx")
     return ServedModel(
         model=model.float().cpu().eval(),
         tokenizer=tokenizer,
         task=task,
         labels=labels,
         max_length=effective_limit(tokenizer, cfg.data.max_length),
-        merged_from=cfg.method.name if method.saves_adapter else None,
+        merged_from=cfg.method.name if METHODS.get(cfg.method.name).saves_adapter else None,
     )
 
 
@@ -307,45 +299,30 @@ def onnx_latency(
     texts: Sequence[str] | None = None,
     *,
     records: Sequence[dict[str, Any]] | None = None,
-    batch_size: int = 32,
-    batches: int = 20,
-    warmup: int = 2,
-    threads: int | None = None,
-    device: str = "cpu",
-    level: str = "all",
     trust_remote_code: bool = False,
     allow_unsafe_weights: bool = False,
+    **timing: Any,
 ) -> dict[str, Any]:
-    """p50 latency at batch 1 and throughput at ``batch_size``: PyTorch fp32 vs onnxruntime.
+    """p50 latency at batch 1 and throughput at a batch size: PyTorch fp32 vs onnxruntime.
 
     Both run the same tokenised ``texts``, or data ``records`` of the task
     (a test split: real lengths), encoded as the task encodes them,
     turn by turn on every batch (``forward_latency``), with the same number
     of threads, so the ratio holds on a busy machine. PyTorch is the served
-    model, adapters merged, as the graph was exported from it.
+    model, adapters merged, as the graph was exported from it. ``timing``:
+    ``latency_pair``'s batch size, batches, warm-up, threads, device and level.
 
     Returns:
         ``{"device", "threads", "level", "latency_bs1": {...}, "throughput": {...}}``,
         the last two with a ``Latency`` dict per runtime (``pytorch``, ``onnxruntime``).
     """
+    if (texts is None) == (records is None):
+        raise ConfigError("onnx_latency: give texts or records, not both")
     served = load_served_model(
         checkpoint, trust_remote_code=trust_remote_code, allow_unsafe_weights=allow_unsafe_weights
     )
-    if (texts is None) == (records is None):
-        raise ConfigError("onnx_latency: give texts or records, not both")
     if records is None:
         records = served.task.text_records(list(texts or []))
     features = served.task.encode(records, served.tokenizer, None)
     collator = Collator(served.tokenizer.pad_token_id, served.padding_side)
-    return latency_pair(
-        served.model,
-        onnx_file,
-        features,
-        collator,
-        batch_size=batch_size,
-        batches=batches,
-        warmup=warmup,
-        threads=threads,
-        device=device,
-        level=level,
-    )
+    return latency_pair(served.model, onnx_file, features, collator, **timing)
