@@ -153,11 +153,10 @@ def paired_speed(
         torch.set_num_threads(held)
 
 
-def format_comparison(c: Comparison) -> str:
-    """The comparison as a terminal table with one line of context above it."""
-    b, a = c.before, c.after
-    bs = c.batch_size
-    rows = [
+def comparison_rows(c: Comparison) -> list[list[str]]:
+    """Size, latency, throughput and metric rows: before, after, change (for text tables)."""
+    b, a, bs = c.before, c.after, c.batch_size
+    return [
         [
             "weights on disk (MB)",
             f"{b.weights_mb:.2f}",
@@ -179,11 +178,15 @@ def format_comparison(c: Comparison) -> str:
         ],
         [c.metric, f"{b.metrics[c.metric]:.4f}", f"{a.metrics[c.metric]:.4f}", _change(c)],
     ]
+
+
+def format_comparison(c: Comparison) -> str:
+    """The comparison as a terminal table with one line of context above it."""
     head = (
         f"{c.checkpoint} -> {c.quantized} on {c.data} "
         f"({c.examples} examples, {c.threads} CPU threads)"
     )
-    return head + "\n" + text_table(["", "fp32", "int8", "change"], rows)
+    return head + "\n" + text_table(["", "fp32", "int8", "change"], comparison_rows(c))
 
 
 def _change(c: Comparison) -> str:

@@ -64,10 +64,17 @@ def check_quantizable(checkpoint: str | Path, manifest: dict[str, Any]) -> None:
     """Refuse, before loading, checkpoints that int8 export cannot take.
 
     Raises:
-        ConfigError: Already int8, or a multi-task model.
+        ConfigError: Already int8, structurally pruned, or a multi-task model.
     """
+    from tunesmith.deploy.pruned_format import is_pruned
+
     if manifest.get("quantized"):
         raise ConfigError(f"export --quantize: {checkpoint} is already {manifest['quantized']}")
+    if is_pruned(checkpoint):  # the int8 format rebuilds the unpruned shapes from config.json
+        raise ConfigError(
+            f"export --quantize: {checkpoint} had heads or neurons removed (tunesmith prune); "
+            "int8 export takes unpruned or magnitude-pruned checkpoints"
+        )
     if manifest.get("task") == "multitask":
         raise ConfigError(
             f"export --quantize: {checkpoint} is a multi-task model; int8 export takes "

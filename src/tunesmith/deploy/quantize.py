@@ -38,6 +38,7 @@ from typing import Any
 
 from torch import nn
 
+from tunesmith.deploy.folder_format import build_from_config, load_strict, read_versioned
 from tunesmith.deploy.int8_modules import Int8DynamicLinear, Int8Embedding
 from tunesmith.errors import ModelError
 
@@ -157,26 +158,17 @@ def load_quantized(
         ModelError: ``quantization.json`` is missing or of another format, or the
             tensors do not fit the architecture.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
     from transformers import AutoConfig
 
     folder = Path(folder)
     spec = read_spec(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    model = _build(model_class or _architecture(spec, folder), config, trust_remote_code)
+    model = build_from_config(model_class or _architecture(spec, folder), config, trust_remote_code)
     try:
         _swap(model, spec["modules"], _EMPTY, check=True)
-        missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=False)
-    except (OSError, ValueError, SafetensorError, RuntimeError) as err:
-        raise ModelError(f"{folder / WEIGHTS}: cannot load the int8 model ({err})") from None
-    if missing or unexpected:
-        names = ", ".join(sorted([*missing, *unexpected])[:5])
-        raise ModelError(
-            f"{folder / WEIGHTS}: tensors do not fit the architecture in config.json "
-            f"({len(missing)} missing, {len(unexpected)} unexpected: {names})"
-        )
-    return model.eval()
+    except ValueError as err:
+        raise ModelError(f"{folder / SPEC}: does not fit the architecture ({err})") from None
+    return load_strict(model, folder / WEIGHTS, what="int8 model")
 
 
 def read_spec(folder: Path) -> dict[str, Any]:
@@ -186,17 +178,9 @@ def read_spec(folder: Path) -> dict[str, Any]:
         ModelError: Missing, unreadable, another format or version, or an unknown module kind.
     """
     path = folder / SPEC
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{path}: cannot read the quantization manifest ({err})") from None
-    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
-        raise ModelError(f"{path}: not a {FORMAT} manifest")
-    if spec.get("version") != VERSION:
-        raise ModelError(
-            f"{path}: format version {spec.get('version')} (this tunesmith reads {VERSION}); "
-            "upgrade tunesmith or export the int8 model again"
-        )
+    spec = read_versioned(
+        path, FORMAT, VERSION, what="quantization manifest", redo="export the int8 model again"
+    )
     modules = spec.get("modules")
     if not isinstance(modules, dict) or any(k not in _INT8_TYPES for k in modules.values()):
         raise ModelError(f"{path}: 'modules' must map module names to linear/embedding")
@@ -241,10 +225,3 @@ def _architecture(spec: Mapping[str, Any], folder: Path) -> Any:
             "pass model_class"
         )
     return cls
-
-
-def _build(model_class: Any, config: Any, trust_remote_code: bool) -> nn.Module:
-    """The fp32 architecture from its config (randomly initialised; weights come later)."""
-    if hasattr(model_class, "from_config"):  # AutoModelFor* classes
-        return model_class.from_config(config, trust_remote_code=trust_remote_code)
-    return model_class._from_config(config)

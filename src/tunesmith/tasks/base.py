@@ -221,10 +221,12 @@ class Task(ABC):
         Adapter checkpoints hold only adapter and head weights: the base model
         named in the config is built first and the method puts them back. An
         int8 export (``deploy.quantize``) is built from its config with int8
-        modules swapped in.
+        modules swapped in; a structurally pruned model (``deploy.pruned_format``)
+        is built from its config and sliced to the heads and neurons it kept.
         """
         from pathlib import Path
 
+        from tunesmith.deploy.pruned_format import is_pruned, load_pruned
         from tunesmith.deploy.quantize import is_quantized, load_quantized
         from tunesmith.methods.base import METHODS
         from tunesmith.modeling import load_pretrained
@@ -232,6 +234,9 @@ class Task(ABC):
         if is_quantized(path):
             trust = self.cfg.model.trust_remote_code
             return load_quantized(path, self.auto_class(), trust_remote_code=trust)
+        if is_pruned(path):
+            trust = self.cfg.model.trust_remote_code
+            return load_pruned(path, self.auto_class(), trust_remote_code=trust)
         method = METHODS.get(self.cfg.method.name)
         if method.saves_adapter:
             return method.load_saved(self.build_model(labels, tokenizer), Path(path))
