@@ -247,3 +247,25 @@ def save_base(folder: Path, model: nn.Module, tokenizer_from: Path) -> Path:
         if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
             shutil.copy(f, folder / f.name)
     return folder
+
+
+def train_spying(cfg: Config, spy: Any) -> tuple[Any, dict[str, Any]]:
+    """``api.train`` with ``spy(model, method)`` called on the model handed to the Trainer.
+
+    Why: tests of what trains (adapters, quantized bases) need the very object the
+    loop updates, before its first step; ``spy`` returns what to keep of it.
+    """
+    from tunesmith import api
+
+    captured: dict[str, Any] = {}
+
+    class Spy(Trainer):
+        @classmethod
+        def for_method(cls, cfg, task, model, method, *args, **kwargs):  # type: ignore[override]
+            captured.update(spy(model, method))
+            return super().for_method(cfg, task, model, method, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api, "Trainer", Spy)
+        result = api.train(cfg, progress=False)
+    return result, captured

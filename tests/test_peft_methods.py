@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import tunesmith.api as api
 from conftest import tiny_config, toy_rows, write_csv
 from helpers import (
     PEFT_TEST_MARKS,
@@ -30,6 +29,7 @@ from helpers import (
     build_model,
     make_trainer,
     save_base,
+    train_spying,
 )
 from tunesmith.api import TrainResult, evaluate, load_checkpoint, predict, train
 from tunesmith.config import Config
@@ -73,22 +73,15 @@ def train_capturing(cfg: Config) -> Run:
     """``api.train`` with the model handed to the Trainer captured (same object it trains)."""
     from peft import get_peft_model_state_dict
 
-    captured: dict[str, Any] = {}
+    def spy(model: nn.Module, method: Any) -> dict[str, Any]:
+        return {
+            "model": model,
+            "initial": {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()},
+            "trainable": {n for n, p in model.named_parameters() if p.requires_grad},
+            "padding_side": method.padding_side or "right",
+        }
 
-    class Spy(Trainer):
-        @classmethod
-        def for_method(cls, cfg, task, model, method, *args, **kwargs):
-            captured["model"] = model
-            captured["initial"] = {
-                k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()
-            }
-            captured["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
-            captured["padding_side"] = method.padding_side or "right"
-            return super().for_method(cfg, task, model, method, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(api, "Trainer", Spy)
-        result = train(cfg, progress=False)
+    result, captured = train_spying(cfg, spy)
     assert result.loop.steps > 0
     return Run(
         result,

@@ -167,7 +167,7 @@ def test_lora_is_merged_then_quantized(runs, tmp_path):
 
 # -- refusals ----------------------------------------------------------------------------
 def test_refuses_unmergeable_adapter_existing_output_and_int8_input(runs, exported, tmp_path):
-    with pytest.raises(ConfigError, match="export --quantize int8: method 'bottleneck' cannot be merged"):
+    with pytest.raises(ConfigError, match="int8: method 'bottleneck' cannot be merged"):
         export_int8(runs["bottleneck"], tmp_path / "b")
     with pytest.raises(ConfigError, match="already exists"):
         export_int8(runs["full"], exported)

@@ -23,6 +23,7 @@ from tunesmith.config import Config
 from tunesmith.errors import ConfigError
 from tunesmith.methods.base import METHODS
 from tunesmith.methods.peft_methods import PeftMethod, adapter_load_errors
+from tunesmith.methods.quantized_base import read_marker
 from tunesmith.modeling import (
     check_base_model,
     check_weights,
@@ -97,6 +98,13 @@ class AdapterLibrary:
             raise ConfigError(
                 f"{checkpoint}: a multi-task checkpoint (one encoder adapter, a head per task) "
                 "cannot join the library; predict with it directly"
+            )
+        recorded = read_marker(Path(checkpoint))
+        if recorded is not None:  # the library's shared base is full precision
+            raise ConfigError(
+                f"{checkpoint}: a QLoRA adapter (method.quantize_base {recorded[0]}) needs its "
+                "quantized base, and the library serves one full-precision base; predict with "
+                "the checkpoint directly"
             )
         check_weights(Path(checkpoint), hint=_SAFETENSORS_ONLY)
         check_base_model(checkpoint, manifest)

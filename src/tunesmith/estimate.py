@@ -37,6 +37,7 @@ import torch
 
 from tunesmith.config import Config
 from tunesmith.data.batching import FeatureDataset, padded_tokens
+from tunesmith.methods.quantized_base import storage_bytes
 from tunesmith.modeling import check_model_source, quiet_transformers
 from tunesmith.run_parts import build_run_parts
 from tunesmith.tasks.base import get_task
@@ -92,8 +93,21 @@ class Estimate:
 
 
 def tensor_bytes(tensors: Any) -> int:
-    """Bytes of the tensors' elements."""
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes of the tensors' elements (a quantized QLoRA weight: its packed parts)."""
+    return sum(storage_bytes(t) for t in tensors)
+
+
+def _storages(tensor: torch.Tensor) -> list[tuple[int, int]]:
+    """``(data pointer, bytes)`` of the storages behind a tensor.
+
+    A tensor subclass (a QLoRA NF4/int8 weight) has none of its own: its inner tensors do.
+    """
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is not None:
+        inner = [getattr(tensor, name) for name in flatten()[0]]
+        return [s for t in inner if isinstance(t, torch.Tensor) for s in _storages(t)]
+    storage = tensor.untyped_storage()
+    return [(storage.data_ptr(), storage.nbytes())]
 
 
 def optimizer_state_bytes(trainable: list[torch.nn.Parameter]) -> int:
@@ -105,14 +119,13 @@ class _SavedTensors:
     """Counts the distinct storages autograd saves for backward (parameters excluded)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.skip = {ptr for p in model.parameters() for ptr, _ in _storages(p)}
         self.seen: dict[int, int] = {}
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in self.skip:
-            self.seen[ptr] = storage.nbytes()
+        for ptr, nbytes in _storages(tensor):
+            if ptr not in self.skip:
+                self.seen[ptr] = nbytes
         return tensor
 
     @property

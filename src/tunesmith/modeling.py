@@ -66,6 +66,11 @@ def quiet_transformers() -> None:
     """Silence transformers' own load reports and progress bars; we log what matters."""
     import warnings
 
+    # Import-time notices of the optional QLoRA libraries (transformers and peft import them
+    # when installed) about kernels for hardware this process does not use (CUDA mxfp8, CPU
+    # bf16 gemm). Set before the first import of transformers.
+    for name in ("torchao", "bitsandbytes", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -73,6 +78,11 @@ def quiet_transformers() -> None:
     # peft still calls a renamed transformers property while saving; not the user's concern.
     warnings.filterwarnings(
         "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+    )
+    # QLoRA (method.quantize_base): peft warns that its int8 LoRA layer cannot merge; tunesmith
+    # merges into the dequantized base itself (methods.quantized_base.merge_dequantized).
+    warnings.filterwarnings(
+        "ignore", message="TorchaoLoraLinear was instantiated without", category=UserWarning
     )
 
 

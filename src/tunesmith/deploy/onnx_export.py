@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import shutil
 import warnings
 from collections.abc import Callable, Sequence
@@ -255,6 +256,8 @@ def export_graph(model: nn.Module, names: Sequence[str], path: Path, *, opset: i
     )
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
     inline = sum(p.numel() * p.element_size() for p in model.parameters()) < _INLINE_WEIGHTS_LIMIT
+    # The exporter lists the vision operators it skips when torchvision is absent.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         for message in _EXPORTER_NOISE:
             warnings.filterwarnings("ignore", message=message)

@@ -23,6 +23,14 @@ from torch import nn
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods.base import Method, ParamGroup, register_method
 from tunesmith.methods.layers import EMBEDDINGS, HEAD, LayerMap, discover_layers, head_module_names
+from tunesmith.methods.quantized_base import (
+    QuantizedBase,
+    is_quantized,
+    merge_dequantized,
+    quantize_base,
+    read_marker,
+    write_marker,
+)
 from tunesmith.methods.selection import lr_multiplier_fn
 from tunesmith.modeling import first_line, unpickling_refused
 
@@ -64,6 +72,7 @@ class PeftMethod(Method):
         # A pretrained LM head (seq2seq) stays frozen: saving it with the adapter would
         # copy a vocabulary-sized matrix and untie it from the embeddings.
         self.head_modules = head_module_names(model) if self.task_has_new_head() else []
+        model = self.prepare_base(model)
         config = self.peft_config(model)
         config.modules_to_save = list(self.head_modules) or None  # peft extends the list
         wrapped = get_peft_model(model, config)
@@ -76,6 +85,10 @@ class PeftMethod(Method):
             log.info("%s wraps %d modules: %s", self.name, len(adapted), _sample(adapted))
         log.info("trained and saved with the adapter: %s", ", ".join(self.head_modules) or "-")
         return wrapped
+
+    def prepare_base(self, model: nn.Module) -> nn.Module:
+        """Change the frozen base before peft wraps it (QLoRA quantizes it); default: nothing."""
+        return model
 
     # -- groups -------------------------------------------------------------
     def group_for(self, name: str) -> str:
@@ -163,21 +176,59 @@ class PeftMethod(Method):
         return chosen
 
 
+_LORA_KEYS = _SHARED_KEYS | {
+    "target_modules",
+    "r",
+    "alpha",
+    "dropout",
+    "rslora",
+    "loraplus_lr_ratio",
+    "train_layers",
+}
+
+
 @register_method
 class LoRA(PeftMethod):
-    """Low-rank updates ``W + (alpha/r) B A`` on the target projections."""
+    """Low-rank updates ``W + (alpha/r) B A`` on the target projections.
+
+    With ``quantize_base`` (QLoRA) the frozen base's linear weights are held in
+    NF4 or int8 (``methods.quantized_base``); the adapters and the head train in
+    full precision on top.
+    """
 
     name = "lora"
-    keys = _SHARED_KEYS | {
-        "target_modules",
-        "r",
-        "alpha",
-        "dropout",
-        "rslora",
-        "loraplus_lr_ratio",
-        "train_layers",
-    }
+    keys = _LORA_KEYS | {"quantize_base"}
     use_dora = False
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.quantized: QuantizedBase | None = None
+
+    def prepare_base(self, model: nn.Module) -> nn.Module:
+        if self.cfg.method.quantize_base:
+            self.quantized = quantize_base(
+                model, self.cfg.method.quantize_base, keep=self.head_modules
+            )
+        return model
+
+    def save_weights(self, model: nn.Module, folder: Path) -> None:
+        super().save_weights(model, folder)
+        if self.quantized is not None:  # eval/predict quantize the base again the same way
+            write_marker(folder, self.quantized)
+
+    @classmethod
+    def load_saved(cls, base: nn.Module, folder: Path) -> nn.Module:
+        recorded = read_marker(folder)
+        if recorded is not None:
+            kind, modules = recorded
+            quantize_base(base, kind, only=modules)
+        return super().load_saved(base, folder)
+
+    @classmethod
+    def merged(cls, model: nn.Module) -> nn.Module | None:
+        if any(is_quantized(p) for p in model.parameters()):
+            return merge_dequantized(model)
+        return super().merged(model)
 
     def peft_config(self, model: nn.Module) -> Any:
         from peft import LoraConfig
@@ -199,6 +250,8 @@ class DoRA(LoRA):
     """LoRA with a learned magnitude per output (weight-decomposed)."""
 
     name = "dora"
+    # QLoRA is LoRA only: peft's DoRA cannot take the norm of a torchao NF4 weight.
+    keys = _LORA_KEYS
     use_dora = True
 
 

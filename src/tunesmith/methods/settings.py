@@ -114,6 +114,12 @@ class MethodConfig(Section):
     loraplus_lr_ratio: float | None = Field(
         None, gt=0, description="lora/dora: LoRA+ learning-rate ratio of B over A (e.g. 16)."
     )
+    quantize_base: Literal["nf4", "int8"] | None = Field(
+        None,
+        description="lora: QLoRA, the frozen base's linear weights held in 4-bit NF4 or int8 "
+        "(CPU: torchao, pip install 'tunesmith[qlora]'; CUDA: pip install bitsandbytes); "
+        "eval and predict quantize the base the same way; null: full precision.",
+    )
     num_virtual_tokens: int = Field(20, ge=1, description="prefix/prompt: virtual tokens.")
     prefix_projection: bool = Field(
         False, description="prefix: reparameterise the prefix through an MLP."
