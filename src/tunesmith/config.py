@@ -209,9 +209,11 @@ class Config(Section):
             self.eval.metric = task.default_metric(self)
         task.check_config(self)
         from tunesmith.augment.settings import check_augment
+        from tunesmith.data.packing import check_padding_free
         from tunesmith.regularize.checks import check_objective_sections
 
         check_augment(self)
+        check_padding_free(self)
         check_objective_sections(self)
         return self
 

@@ -110,6 +110,11 @@ class DataConfig(Section):
         description="Training-data augmentation (training split only, seeded).",
     )
     group_by_length: bool = Field(True, description="Batch similar lengths: less padding.")
+    padding_free: bool = Field(
+        False,
+        description="causal_lm: train on packed rows (a batch's examples concatenated, "
+        "attention kept within each by position_ids): no padding at all.",
+    )
     empty_rows: Literal["drop", "error"] = Field(
         "drop",
         description="Rows with an empty text or label: drop them (counted in the log) or fail.",

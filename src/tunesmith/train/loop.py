@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from tunesmith.config import Config
 from tunesmith.data.batching import Collator, FeatureDataset
+from tunesmith.data.packing import PackedCollator, real_tokens
 from tunesmith.errors import TrainingDiverged, TrainingInterrupted
 from tunesmith.evaluate.runner import evaluate_dataset
 from tunesmith.methods.base import Method
@@ -157,8 +158,10 @@ class Trainer:
             group_by_length=cfg.data.group_by_length,
             seed=t.seed,
         )
+        # Packed rows for training only: evaluation scores each example on its own row.
+        train_collate = PackedCollator() if cfg.data.padding_free else collator
         loader = DataLoader(
-            train_set, batch_size=t.batch_size, sampler=self.sampler, collate_fn=collator
+            train_set, batch_size=t.batch_size, sampler=self.sampler, collate_fn=train_collate
         )
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -179,6 +182,7 @@ class Trainer:
             train_set,
             collator,
             cacheable=cacheable
+            and not cfg.data.padding_free
             and not self.hooks
             and task.mixed_batches
             and getattr(train_set, "fixed_inputs", True),
@@ -437,8 +441,7 @@ class Trainer:
                     total = total + penalty
             acc.backward(total)
             loss_sum += part.detach().float()
-            if "attention_mask" in batch:
-                tokens += int(batch["attention_mask"].sum())
+            tokens += real_tokens(batch)
         return float(loss_sum), float(local), tokens
 
     def _replaying(self, batch: Batch) -> Any:

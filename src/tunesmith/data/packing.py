@@ -1,0 +1,96 @@
+"""Padding-free training batches for causal LMs: the batch's examples in one row.
+
+Why: chats differ in length a lot more than review snippets, and every pad
+token of a padded batch costs a full pass through every layer. Packed, a
+batch of B examples is one row of their real tokens only, with
+``position_ids`` restarting at 0 for each example. Given ``position_ids`` and
+no ``attention_mask``, transformers' mask builder (``masking_utils``) finds
+where each example starts and keeps attention within each one, so a token
+never sees another example; the logits equal those of the padded batch.
+
+The first label of each example is ignored: a causal LM's loss predicts token
+``t + 1`` from position ``t``, and across a boundary that would train the
+last token of one example to predict the first of the next. In a padded
+batch that first label is never a target either (nothing precedes it), so
+the targets, and hence the loss sum and its normalisation, are the same.
+
+Training only: evaluation and generation score or decode each example on its
+own row, so they keep the padded collator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from tunesmith.losses import IGNORE
+
+#: Tasks whose model takes ``position_ids`` and builds its mask from them when packed.
+PACKABLE_TASKS = ("causal_lm",)
+#: Methods whose extra inputs are per row: virtual tokens would sit before the whole row.
+UNPACKABLE_METHODS = ("prefix", "prompt")
+
+
+class PackedCollator:
+    """Concatenates a batch's ``input_ids`` (and ``labels``) into one row of real tokens.
+
+    Returns ``input_ids``, ``position_ids`` and ``labels`` of shape ``[1, total]``
+    (plus ``index`` when the features carry one); no ``attention_mask``, so the
+    model derives the per-example causal mask from ``position_ids``.
+    """
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        ids: list[int] = []
+        positions: list[int] = []
+        labels: list[int] = []
+        for feature in features:
+            row = list(feature["input_ids"])
+            ids += row
+            positions += range(len(row))
+            own = list(feature.get("labels", row))
+            labels += [IGNORE, *own[1:]] if own else []
+        batch = {
+            "input_ids": torch.tensor([ids]),
+            "position_ids": torch.tensor([positions]),
+            "labels": torch.tensor([labels]),
+        }
+        if "index" in features[0]:
+            batch["index"] = torch.tensor([f["index"] for f in features])
+        return batch
+
+
+def real_tokens(batch: Mapping[str, torch.Tensor]) -> int:
+    """Tokens of a batch that are not padding (a packed batch has none; 0 when unknown)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if "position_ids" in batch and "input_ids" in batch:
+        return int(batch["input_ids"].numel())
+    return 0
+
+
+def check_padding_free(cfg: Any) -> None:
+    """Refuse ``data.padding_free`` where packed rows would change the results.
+
+    Raises:
+        ValueError: Naming the key and why (config validation).
+    """
+    if not cfg.data.padding_free:
+        return
+    if cfg.task.type not in PACKABLE_TASKS:
+        raise ValueError(
+            f"data.padding_free: only for task.type {' or '.join(PACKABLE_TASKS)} (decoders "
+            "whose attention mask follows position_ids); encoder tasks pool or tag per row, "
+            "and data.group_by_length already leaves them ~2% padding"
+        )
+    if cfg.method.name in UNPACKABLE_METHODS:
+        raise ValueError(
+            f"data.padding_free: method {cfg.method.name} adds virtual tokens per row, which "
+            "a packed row of several examples cannot have; set padding_free: false"
+        )
+    if getattr(cfg.distill, "teacher", None):
+        raise ValueError(
+            "data.padding_free: distillation matches teacher outputs per example row; "
+            "set padding_free: false"
+        )
