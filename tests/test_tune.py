@@ -143,9 +143,11 @@ def test_invalid_combinations_are_pruned_with_their_error(
 def test_interrupted_study_continues_without_repeating_trials(
     tiny_bert: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = tune_config(tiny_bert, tmp_path, {"optim.lr": {"loguniform": [1e-3, 1e-2]}})
-    # Long enough trials that the interruption lands inside the second one.
-    changes = ["train.epochs=24", "train.num_threads=1"]
+    # Long enough trials, never pruned, that the interruption lands inside the second one
+    # even on a fast machine.
+    space = {"optim.lr": {"loguniform": [1e-3, 1e-2]}}
+    path = tune_config(tiny_bert, tmp_path, space, pruner="none")
+    changes = ["train.epochs=48", "train.num_threads=1"]
     cmd = [sys.executable, "-m", "tunesmith", "tune", str(path), "--trials", "5", *changes]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     db = tmp_path / "run-tune" / "study.db"

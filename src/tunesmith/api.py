@@ -47,7 +47,7 @@ from tunesmith.train.checkpoint import read_manifest, save_model_folder
 from tunesmith.train.interrupt import GracefulInterrupt
 from tunesmith.train.loop import LoopResult, Trainer
 from tunesmith.train.monitor import MetricsLog
-from tunesmith.train.precision import new_accelerator, resolve_precision
+from tunesmith.train.precision import eval_autocast, new_accelerator, resolve_precision
 from tunesmith.train.resume import (
     Checkpointer,
     check_disk_space,
@@ -324,15 +324,16 @@ def evaluate(
     dataset = FeatureDataset(
         task.encode(records, tokenizer, {lab: i for i, lab in enumerate(labels)})
     )
-    metrics, _ = evaluate_dataset(
-        model,
-        task,
-        dataset,
-        Collator(tokenizer.pad_token_id, tokenizer.padding_side),
-        labels,
-        batch_size,
-        generate=cfg.generate.in_eval,
-    )
+    with eval_autocast(cfg.train.precision, next(model.parameters()).device):
+        metrics, _ = evaluate_dataset(
+            model,
+            task,
+            dataset,
+            Collator(tokenizer.pad_token_id, tokenizer.padding_side),
+            labels,
+            batch_size,
+            generate=cfg.generate.in_eval,
+        )
     return metrics
 
 

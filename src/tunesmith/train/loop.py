@@ -159,9 +159,14 @@ class Trainer:
             seed=t.seed,
         )
         # Packed rows for training only: evaluation scores each example on its own row.
-        train_collate = PackedCollator() if cfg.data.padding_free else collator
+        # Features are pre-tokenised, so collating in the main process keeps up; on a GPU
+        # pinned pages let the copy to the device overlap with compute.
         loader = DataLoader(
-            train_set, batch_size=t.batch_size, sampler=self.sampler, collate_fn=train_collate
+            train_set,
+            batch_size=t.batch_size,
+            sampler=self.sampler,
+            collate_fn=PackedCollator() if cfg.data.padding_free else collator,
+            pin_memory=accelerator.device.type == "cuda",
         )
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(model)

@@ -120,3 +120,25 @@ def new_accelerator(mixed_precision: str, *, find_unused_parameters: bool = Fals
         else []
     )
     return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=handlers)
+
+
+def eval_autocast(requested: str, device: torch.device) -> Any:
+    """The autocast a run's validation used on this machine, for ``eval`` of its checkpoints.
+
+    Why: ``tunesmith eval`` must reproduce the validation numbers the run
+    logged, and a run under bf16 (``auto`` picks it on hardware with native
+    bf16) validated under bf16 autocast. An explicit bf16 on a CPU without
+    native bf16 evaluates in fp32: it would only be many times slower.
+    """
+    from contextlib import nullcontext
+
+    cuda = device.type == "cuda"
+    if requested == "fp16" and not cuda:
+        return nullcontext()
+    if requested == "bf16" and not cuda and not cpu_bf16_native():
+        return nullcontext()
+    mode = resolve_precision(requested, cuda=cuda)
+    if mode == "no":
+        return nullcontext()
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
