@@ -269,3 +269,31 @@ def train_spying(cfg: Config, spy: Any) -> tuple[Any, dict[str, Any]]:
         mp.setattr(api, "Trainer", Spy)
         result = api.train(cfg, progress=False)
     return result, captured
+
+
+def train_tiny_methods(
+    tiny_bert: Path, tmp: Path, rows: int, lengths: dict[str, dict[str, Any]]
+) -> dict[str, Path]:
+    """``best/`` per method of fp32 runs on the tiny BERT over ``rows`` toy sentences.
+
+    ``lengths``: method -> its ``train`` overrides (epochs or max_steps). LoRA
+    gets lr 1e-2 (its updates start at zero), the others 2e-3. Why shared: the
+    export, quantization and pruning tests all need trained runs of several methods.
+    """
+    from tunesmith.api import train
+
+    data = write_csv(tmp / "train.csv", toy_rows(rows))
+    out = {}
+    for method, length in lengths.items():
+        cfg = tiny_config(
+            tiny_bert,
+            data,
+            tmp / method,
+            method={"name": method},
+            optim={"lr": 1e-2 if method == "lora" else 2e-3},
+            train={**length, "precision": "fp32"},
+        )
+        result = train(Config.from_dict(cfg), progress=False, test=False)
+        assert result.best_dir is not None
+        out[method] = result.best_dir
+    return out

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import tiny_config, toy_rows, write_csv
-from helpers import PEFT_TEST_MARKS, build_model
+from helpers import PEFT_TEST_MARKS, build_model, train_tiny_methods
 from tunesmith.api import evaluate, load_checkpoint, predict, train
 from tunesmith.config import Config
 from tunesmith.data.batching import Collator, FeatureDataset
@@ -39,22 +39,8 @@ pytestmark = PEFT_TEST_MARKS  # includes the one_thread fixture
 def runs(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``best/`` of a trained full run, a short LoRA run and a one-step bottleneck run."""
     tmp = tmp_path_factory.mktemp("prune-runs")
-    data = write_csv(tmp / "train.csv", toy_rows(96))
     lengths = {"full": {"epochs": 4}, "lora": {"max_steps": 3}, "bottleneck": {"max_steps": 1}}
-    out = {}
-    for method, length in lengths.items():
-        cfg = tiny_config(
-            tiny_bert,
-            data,
-            tmp / method,
-            method={"name": method},
-            optim={"lr": 1e-2 if method == "lora" else 2e-3},
-            train={**length, "precision": "fp32"},
-        )
-        result = train(Config.from_dict(cfg), progress=False, test=False)
-        assert result.best_dir is not None
-        out[method] = result.best_dir
-    return out
+    return train_tiny_methods(tiny_bert, tmp, 96, lengths)
 
 
 def toy_batch(checkpoint: Path, n: int = 24) -> dict[str, torch.Tensor]:

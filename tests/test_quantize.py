@@ -18,10 +18,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import tiny_config, toy_rows, write_csv
-from helpers import PEFT_TEST_MARKS
-from tunesmith.api import evaluate, load_checkpoint, predict, train
-from tunesmith.config import Config
+from conftest import toy_rows
+from helpers import PEFT_TEST_MARKS, train_tiny_methods
+from tunesmith.api import evaluate, load_checkpoint, predict
 from tunesmith.data.batching import Collator
 from tunesmith.deploy.compare import compare_quantized, format_comparison
 from tunesmith.deploy.int8_export import export_int8
@@ -41,22 +40,8 @@ ALLOWED_SUFFIXES = {".safetensors", ".json", ".txt"}
 def runs(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``best/`` of a trained full run, a one-epoch LoRA run and a one-step bottleneck run."""
     tmp = tmp_path_factory.mktemp("quantize-runs")
-    data = write_csv(tmp / "train.csv", toy_rows(160))
     lengths = {"full": {"epochs": 6}, "lora": {"epochs": 1}, "bottleneck": {"max_steps": 1}}
-    out = {}
-    for method, length in lengths.items():
-        cfg = tiny_config(
-            tiny_bert,
-            data,
-            tmp / method,
-            method={"name": method},
-            optim={"lr": 1e-2 if method == "lora" else 2e-3},
-            train={**length, "precision": "fp32"},
-        )
-        result = train(Config.from_dict(cfg), progress=False, test=False)
-        assert result.best_dir is not None
-        out[method] = result.best_dir
-    return out
+    return train_tiny_methods(tiny_bert, tmp, 160, lengths)
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,23 @@ def read_versioned(path: Path, fmt: str, version: int, *, what: str, redo: str) 
     return spec
 
 
+def save_with_manifest(
+    model: nn.Module, folder: Path, *, weights: str, manifest: str, spec: dict[str, Any]
+) -> Path:
+    """Write ``config.json``, the tensors as ``weights`` and ``spec`` as JSON ``manifest``.
+
+    ``spec`` gets the model's class as ``architecture`` (what loading builds).
+    """
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    save_model(model, str(folder / weights), metadata={"format": str(spec["format"])})
+    spec = {**spec, "architecture": type(model).__name__}
+    (folder / manifest).write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
+    return folder
+
+
 def build_from_config(model_class: Any, config: Any, trust_remote_code: bool) -> nn.Module:
     """The architecture from its config, randomly initialised (the weights load later)."""
     if hasattr(model_class, "from_config"):  # AutoModelFor* classes

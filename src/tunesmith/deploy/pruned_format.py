@@ -23,13 +23,17 @@ the pruned layers at random without failing.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from tunesmith.deploy.folder_format import build_from_config, load_strict, read_versioned
+from tunesmith.deploy.folder_format import (
+    build_from_config,
+    load_strict,
+    read_versioned,
+    save_with_manifest,
+)
 from tunesmith.deploy.prune_structured import KINDS, Kept, apply_kept
 from tunesmith.errors import ModelError
 
@@ -41,20 +45,12 @@ SPEC = "pruning.json"
 
 def save_pruned(model: nn.Module, folder: str | Path, kept: Kept) -> Path:
     """Write ``config.json``, ``pruned.safetensors`` and ``pruning.json`` into ``folder``."""
-    from safetensors.torch import save_model
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(folder)
-    save_model(model, str(folder / WEIGHTS), metadata={"format": FORMAT})
     spec = {
         "format": FORMAT,
         "version": VERSION,
-        "architecture": type(model).__name__,
         "kept": {kind: kept[kind] for kind in KINDS},
     }
-    (folder / SPEC).write_text(json.dumps(spec) + "\n", encoding="utf-8")
-    return folder
+    return save_with_manifest(model, Path(folder), weights=WEIGHTS, manifest=SPEC, spec=spec)
 
 
 def is_pruned(folder: str | Path) -> bool:

@@ -31,14 +31,18 @@ tensors with ``strict`` checking, so a file that does not fit is refused.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from tunesmith.deploy.folder_format import build_from_config, load_strict, read_versioned
+from tunesmith.deploy.folder_format import (
+    build_from_config,
+    load_strict,
+    read_versioned,
+    save_with_manifest,
+)
 from tunesmith.deploy.int8_modules import Int8DynamicLinear, Int8Embedding
 from tunesmith.errors import ModelError
 
@@ -118,24 +122,16 @@ def save_quantized(model: nn.Module, folder: str | Path) -> Path:
     Raises:
         ModelError: ``model`` holds no int8 modules (quantize it first).
     """
-    from safetensors.torch import save_model
-
-    folder = Path(folder)
     modules = quantized_modules(model)
     if not modules:
         raise ModelError("save_quantized: the model has no int8 modules; run quantize_int8 first")
-    folder.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(folder)
-    save_model(model, str(folder / WEIGHTS), metadata={"format": FORMAT})
     spec = {
         "format": FORMAT,
         "version": VERSION,
-        "architecture": type(model).__name__,
         "modules": modules,
         "schemes": {kind: SCHEMES[kind] for kind in sorted(set(modules.values()))},
     }
-    (folder / SPEC).write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
-    return folder
+    return save_with_manifest(model, Path(folder), weights=WEIGHTS, manifest=SPEC, spec=spec)
 
 
 def is_quantized(folder: str | Path) -> bool:
