@@ -112,3 +112,16 @@ def build_scheduler(
         for g in optimizer.param_groups
     ]
     return LambdaLR(optimizer, lambdas)
+
+
+def optimized_groups(
+    optimizer: torch.optim.Optimizer, groups: dict[str, list[torch.nn.Parameter]] | None
+) -> dict[str, list[torch.nn.Parameter]]:
+    """The named layer groups cut down to what ``optimizer`` updates (gradient-norm logging).
+
+    Groups without an optimized parameter are dropped; with no groups, one ``all``.
+    """
+    optimized = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = {id(p) for p in optimized}
+    by_group = {name: [p for p in ps if id(p) in ids] for name, ps in (groups or {}).items()}
+    return {k: v for k, v in by_group.items() if v} or {"all": optimized}

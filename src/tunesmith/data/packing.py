@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from tunesmith.losses import IGNORE
 
@@ -59,6 +60,23 @@ class PackedCollator:
         if "index" in features[0]:
             batch["index"] = torch.tensor([f["index"] for f in features])
         return batch
+
+
+def training_loader(
+    train_set: Any, batch_size: int, sampler: Any, collator: Any, padding_free: bool, acc: Any
+) -> DataLoader:
+    """The training DataLoader: packed rows with ``padding_free``, else ``collator``'s batches.
+
+    Features are pre-tokenised, so collating in the main process keeps up; on a
+    GPU, pinned pages let the copy to the device overlap with compute.
+    """
+    return DataLoader(
+        train_set,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=PackedCollator() if padding_free else collator,
+        pin_memory=acc.device.type == "cuda",
+    )
 
 
 def real_tokens(batch: Mapping[str, torch.Tensor]) -> int:

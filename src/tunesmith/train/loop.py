@@ -27,17 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from tunesmith.config import Config
 from tunesmith.data.batching import Collator, FeatureDataset
-from tunesmith.data.packing import PackedCollator, real_tokens
+from tunesmith.data.packing import real_tokens, training_loader
 from tunesmith.errors import TrainingDiverged, TrainingInterrupted
 from tunesmith.evaluate.runner import evaluate_dataset
 from tunesmith.methods.base import Method
 from tunesmith.modeling import enable_gradient_checkpointing
-from tunesmith.optim import build_optimizer, build_scheduler
+from tunesmith.optim import build_optimizer, build_scheduler, optimized_groups
 from tunesmith.tasks.base import Batch, Task
 from tunesmith.train.early_stop import EarlyStopping
 from tunesmith.train.feature_cache import plan_cache
@@ -158,15 +157,8 @@ class Trainer:
             group_by_length=cfg.data.group_by_length,
             seed=t.seed,
         )
-        # Packed rows for training only: evaluation scores each example on its own row.
-        # Features are pre-tokenised, so collating in the main process keeps up; on a GPU
-        # pinned pages let the copy to the device overlap with compute.
-        loader = DataLoader(
-            train_set,
-            batch_size=t.batch_size,
-            sampler=self.sampler,
-            collate_fn=PackedCollator() if cfg.data.padding_free else collator,
-            pin_memory=accelerator.device.type == "cuda",
+        loader = training_loader(
+            train_set, t.batch_size, self.sampler, collator, cfg.data.padding_free, accelerator
         )
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -198,13 +190,7 @@ class Trainer:
             progress=progress and accelerator.is_main_process,
         )
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps, lr_factor)
-        optimized = [p for g in self.optimizer.param_groups for p in g["params"]]
-        ids = {id(p) for p in optimized}
-        by_group = {
-            name: [p for p in params if id(p) in ids]
-            for name, params in (grad_groups or {}).items()
-        }
-        self.grad_groups = {k: v for k, v in by_group.items() if v} or {"all": optimized}
+        self.grad_groups = optimized_groups(self.optimizer, grad_groups)
         self.stopper = EarlyStopping(
             cfg.eval.higher_is_better(), patience=t.early_stopping_patience
         )
