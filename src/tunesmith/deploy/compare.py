@@ -55,6 +55,8 @@ class Comparison:
     threads: int
     before: ModelNumbers
     after: ModelNumbers
+    #: What the checkpoint's weights are: fp32, or the quantized base of a QLoRA run.
+    before_label: str = "fp32"
 
     @property
     def size_ratio(self) -> float:
@@ -123,6 +125,7 @@ def compare_quantized(
         batch_size=opts.batch_size,
         threads=opts.threads or torch.get_num_threads(),
         **sides,
+        before_label=f"{cfg.method.quantize_base} base" if cfg.method.quantize_base else "fp32",
     )
 
 
@@ -186,7 +189,7 @@ def format_comparison(c: Comparison) -> str:
         f"{c.checkpoint} -> {c.quantized} on {c.data} "
         f"({c.examples} examples, {c.threads} CPU threads)"
     )
-    return head + "\n" + text_table(["", "fp32", "int8", "change"], comparison_rows(c))
+    return head + "\n" + text_table(["", c.before_label, "int8", "change"], comparison_rows(c))
 
 
 def _change(c: Comparison) -> str:
