@@ -27,17 +27,14 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "runs" / "deploy"
 
 
-def onnx_agreement(checkpoint: Path, onnx_file: Path, split: str) -> dict[str, Any]:
+def onnx_agreement(served: Any, checkpoint: Path, onnx_file: Path, split: str) -> dict[str, Any]:
     """Share of the split's predictions where onnxruntime and PyTorch pick the same label."""
-    from tunesmith.api import load_checkpoint, records_for
+    from tunesmith.api import records_for
     from tunesmith.data.batching import Collator
-    from tunesmith.deploy.onnx_export import load_served_model
     from tunesmith.deploy.onnx_runtime import OrtRunner, TorchRunner, ort_session
 
-    cfg, task = load_checkpoint(checkpoint)[:2]
-    served = load_served_model(checkpoint)
-    records = records_for(task, cfg, checkpoint, None, split)
-    features = task.encode(records, served.tokenizer, None)
+    records = records_for(served.task, served.cfg, checkpoint, None, split)
+    features = served.task.encode(records, served.tokenizer, None)
     collator = Collator(served.tokenizer.pad_token_id, served.padding_side)
     runners = (TorchRunner(served.model), OrtRunner(ort_session(onnx_file, spin=False)))
     same = worst = 0.0
@@ -51,7 +48,7 @@ def onnx_agreement(checkpoint: Path, onnx_file: Path, split: str) -> dict[str, A
 
 
 def main(checkpoint: Path, threads: int) -> None:
-    from tunesmith.deploy.compare import compare_quantized, format_comparison
+    from tunesmith.deploy.compare import compare_checkpoints, format_comparison
     from tunesmith.deploy.int8_export import export_int8
     from tunesmith.deploy.onnx_export import export_onnx, onnx_latency
     from tunesmith.deploy.reports import latency_table
@@ -65,18 +62,18 @@ def main(checkpoint: Path, threads: int) -> None:
     shutil.rmtree(int8_dir, ignore_errors=True)
     export_int8(checkpoint, int8_dir)
     options = EvalOptions(batch_size=32, latency_batches=30, warmup=3, threads=threads)
-    int8 = compare_quantized(checkpoint, int8_dir, split="test", options=options)
+    int8 = compare_checkpoints(checkpoint, int8_dir, split="test", options=options)
     print(format_comparison(int8))
     done = export_onnx(checkpoint, OUT / "onnx")
-    from tunesmith.api import load_checkpoint, records_for
+    from tunesmith.api import records_for
 
-    cfg, task = load_checkpoint(checkpoint)[:2]
-    records = records_for(task, cfg, checkpoint, None, "test")
+    served = done.served
+    records = records_for(served.task, served.cfg, checkpoint, None, "test")
     timed = onnx_latency(
-        checkpoint, done.model_file, records=records, batches=30, warmup=3, threads=threads
+        served, done.model_file, records=records, batches=30, warmup=3, threads=threads
     )
     print(latency_table(timed))
-    agree = onnx_agreement(checkpoint, done.model_file, "test")
+    agree = onnx_agreement(served, checkpoint, done.model_file, "test")
     print(f"ONNX parity {done.parity.max_abs_diff:.2e}; test predictions agree {agree}")
     results = {
         "checkpoint": str(checkpoint),

@@ -366,14 +366,14 @@ def test_merged_export_computes_what_the_qlora_model_computes(kind, runs, tmp_pa
 
 @needs_torchao
 def test_int8_export_of_a_qlora_run_names_its_quantized_base(runs):
-    from tunesmith.deploy.compare import compare_quantized, format_comparison
+    from tunesmith.deploy.compare import compare_checkpoints, format_comparison
     from tunesmith.deploy.int8_export import export_int8
     from tunesmith.evaluate.evaluator import EvalOptions
 
     best = runs("nf4").result.best_dir
     out = export_int8(best, best.parent / "int8")  # inside the run: its splits are found
     options = EvalOptions(batch_size=4, latency_batches=1, warmup=0)
-    result = compare_quantized(best, out, split="validation", options=options)
+    result = compare_checkpoints(best, out, split="validation", options=options)
     assert result.before_label == "nf4 base"
     assert format_comparison(result).splitlines()[1].split()[:2] == ["nf4", "base"]
 

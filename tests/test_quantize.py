@@ -22,7 +22,7 @@ from conftest import toy_rows
 from helpers import PEFT_TEST_MARKS, train_tiny_methods
 from tunesmith.api import evaluate, load_checkpoint, predict
 from tunesmith.data.batching import Collator
-from tunesmith.deploy.compare import compare_quantized, format_comparison
+from tunesmith.deploy.compare import compare_checkpoints, format_comparison
 from tunesmith.deploy.int8_export import export_int8
 from tunesmith.deploy.int8_modules import Int8DynamicLinear, Int8Embedding, quantize_rows
 from tunesmith.deploy.quantize import SPEC, WEIGHTS, int8_plan, load_quantized, quantize_int8
@@ -129,7 +129,7 @@ def test_eval_and_predict_work_on_the_export(runs, exported):
 
 def test_comparison_reports_size_speed_and_quality(runs, exported):
     options = EvalOptions(batch_size=8, latency_batches=2, warmup=1)
-    result = compare_quantized(runs["full"], exported, split="validation", options=options)
+    result = compare_checkpoints(runs["full"], exported, split="validation", options=options)
     assert result.size_ratio > 1 and result.examples == 16
     assert result.after.latency_bs1_ms > 0 and result.after.throughput > 0
     table = format_comparison(result)

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from tunesmith.api import load_checkpoint
+from tunesmith.deploy.plain import merged_manifest
 from tunesmith.errors import ConfigError
 from tunesmith.methods.base import METHODS
 from tunesmith.train.checkpoint import read_manifest, save_model_folder
@@ -41,17 +42,9 @@ def export(checkpoint: str | Path, output: str | Path, *, merge: bool = False) -
             f"export --merge: method '{cfg.method.name}' cannot be merged into the base "
             f"weights ({method.merge_blocker}); export without --merge"
         )
-    config = {**manifest["config"], "method": {"name": "full"}}
-    meta = {
-        **manifest,
-        "config": config,
-        "method": "full",
-        "adapter": False,
-        "merged_from": cfg.method.name,
-    }
     return save_model_folder(
         output,
         lambda folder: merged.save_pretrained(folder, safe_serialization=True),
         tokenizer,
-        meta,
+        merged_manifest(manifest),
     )

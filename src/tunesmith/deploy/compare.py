@@ -1,4 +1,4 @@
-"""Before/after numbers of a quantized export: size on disk, latency, throughput, quality.
+"""Before/after numbers of an export (int8, pruned): size on disk, latency, throughput, quality.
 
 Both models are timed on the same batches, taking turns batch by batch
 (``evaluate.speed.forward_latency``), so load from other processes on a shared
@@ -44,10 +44,10 @@ class ModelNumbers:
 
 @dataclass
 class Comparison:
-    """An fp32 checkpoint against its quantized export on the same data."""
+    """A checkpoint against a model derived from it (int8, pruned) on the same data."""
 
     checkpoint: str
-    quantized: str
+    derived: str
     data: str
     examples: int
     metric: str
@@ -60,7 +60,7 @@ class Comparison:
 
     @property
     def size_ratio(self) -> float:
-        """How many times smaller the quantized weights are."""
+        """How many times smaller the derived model's weights are."""
         return self.before.weights_mb / self.after.weights_mb
 
     @property
@@ -82,15 +82,15 @@ class Comparison:
         return asdict(self) | ratios
 
 
-def compare_quantized(
+def compare_checkpoints(
     checkpoint: str | Path,
-    quantized: str | Path,
+    derived: str | Path,
     data: str | None = None,
     *,
     split: str | None = None,
     options: EvalOptions | None = None,
 ) -> Comparison:
-    """Measure ``checkpoint`` and its export ``quantized`` on a data file or a split.
+    """Measure ``checkpoint`` and the model ``derived`` from it on a data file or a split.
 
     ``split`` is a split of ``checkpoint``'s run (``splits.json`` next to it);
     ``options`` gives the served batch size, timed batches, warm-up and threads.
@@ -98,16 +98,16 @@ def compare_quantized(
     from tunesmith.api import load_checkpoint, records_for
 
     opts = options or EvalOptions()
-    cfg, task, fp32, tokenizer, labels = load_checkpoint(checkpoint)
-    int8 = load_checkpoint(quantized)[2]
+    cfg, task, before, tokenizer, labels = load_checkpoint(checkpoint)
+    after = load_checkpoint(derived)[2]
     records = records_for(task, cfg, checkpoint, data, split)
     label2id = {lab: i for i, lab in enumerate(labels)}
     task.check_labels(records, label2id, split or "evaluation")
     dataset = FeatureDataset(task.encode(records, tokenizer, label2id))
     collator = Collator(tokenizer.pad_token_id, tokenizer.padding_side)
-    models = {"before": fp32, "after": int8}
+    models = {"before": before, "after": after}
     timed = paired_speed(models, task, dataset.features, collator, opts)
-    folders = {"before": Path(checkpoint), "after": Path(quantized)}
+    folders = {"before": Path(checkpoint), "after": Path(derived)}
     sides = {}
     for name, model in models.items():
         metrics, _ = evaluate_dataset(model, task, dataset, collator, labels, opts.batch_size)
@@ -118,7 +118,7 @@ def compare_quantized(
         )
     return Comparison(
         checkpoint=str(checkpoint),
-        quantized=str(quantized),
+        derived=str(derived),
         data=data if data is not None else f"{split} split",
         examples=len(records),
         metric=cfg.eval.metric,
@@ -186,7 +186,7 @@ def comparison_rows(c: Comparison) -> list[list[str]]:
 def format_comparison(c: Comparison) -> str:
     """The comparison as a terminal table with one line of context above it."""
     head = (
-        f"{c.checkpoint} -> {c.quantized} on {c.data} "
+        f"{c.checkpoint} -> {c.derived} on {c.data} "
         f"({c.examples} examples, {c.threads} CPU threads)"
     )
     return head + "\n" + text_table(["", c.before_label, "int8", "change"], comparison_rows(c))

@@ -12,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tunesmith.deploy.plain import plain_model
+from tunesmith.deploy.plain import plain_checkpoint
 from tunesmith.deploy.quantize import quantize_int8, save_quantized
 from tunesmith.errors import ConfigError
-from tunesmith.methods.base import METHODS
 from tunesmith.modeling import checkpoint_manifest
 from tunesmith.train.checkpoint import save_model_folder
 
@@ -39,25 +38,12 @@ def export_int8(checkpoint: str | Path, output: str | Path) -> Path:
     manifest = checkpoint_manifest(checkpoint)
     check_quantizable(checkpoint, manifest)
     cfg, _task, model, tokenizer, _labels = load_checkpoint(checkpoint)
-    if METHODS.get(cfg.method.name).saves_adapter:
-        model = plain_model(cfg.method.name, model, "export --quantize int8")
-        manifest = merged_manifest(manifest)
+    model, manifest = plain_checkpoint(cfg.method.name, model, manifest, "export --quantize int8")
     quantize_int8(model)
     # The fp32 model's validation metrics do not describe this one: the comparison does.
     meta = {k: v for k, v in manifest.items() if k != "validation"}
     meta |= {"quantized": "int8", "quantized_from": str(checkpoint)}
     return save_model_folder(output, lambda folder: save_quantized(model, folder), tokenizer, meta)
-
-
-def merged_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The manifest of an adapter checkpoint rewritten for its merged (plain, full) model."""
-    return {
-        **manifest,
-        "config": {**manifest["config"], "method": {"name": "full"}},
-        "method": "full",
-        "adapter": False,
-        "merged_from": manifest.get("method"),
-    }
 
 
 def check_quantizable(checkpoint: str | Path, manifest: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ import logging
 import shutil
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,8 @@ class OnnxExport:
     parity: Parity | None
     #: The content of ``onnx.json``.
     info: dict[str, Any]
+    #: The model the graph was exported from (for timing it without loading it again).
+    served: ServedModel = field(repr=False)
 
 
 # -- export -------------------------------------------------------------------------------------
@@ -144,6 +146,7 @@ def export_onnx(
         opset=opset,
         parity=written["parity"],
         info=written["info"],
+        served=served,
     )
 
 
@@ -155,6 +158,8 @@ class ServedModel:
     tokenizer: Any
     task: Any
     labels: list[str]
+    #: The checkpoint's config (its data section says where its splits come from).
+    cfg: Any
     #: Length training truncated to (and the model's position table, if smaller).
     max_length: int
     #: Method the adapters were merged from (None: the checkpoint was a plain model).
@@ -210,6 +215,7 @@ def load_served_model(
     )
     model = plain_model(cfg.method.name, model, "export --format onnx")
     return ServedModel(
+        cfg=cfg,
         model=model.float().cpu().eval(),
         tokenizer=tokenizer,
         task=task,
@@ -297,7 +303,7 @@ def _write_new_folder(output: Path, write: Callable[[Path], None]) -> None:
 
 # -- latency --------------------------------------------------------------------------------------
 def onnx_latency(
-    checkpoint: str | Path,
+    checkpoint: str | Path | ServedModel,
     onnx_file: str | Path,
     texts: Sequence[str] | None = None,
     *,
@@ -321,8 +327,14 @@ def onnx_latency(
     """
     if (texts is None) == (records is None):
         raise ConfigError("onnx_latency: give texts or records, not both")
-    served = load_served_model(
-        checkpoint, trust_remote_code=trust_remote_code, allow_unsafe_weights=allow_unsafe_weights
+    served = (
+        checkpoint
+        if isinstance(checkpoint, ServedModel)
+        else load_served_model(
+            checkpoint,
+            trust_remote_code=trust_remote_code,
+            allow_unsafe_weights=allow_unsafe_weights,
+        )
     )
     if records is None:
         records = served.task.text_records(list(texts or []))

@@ -7,6 +7,8 @@ without peft wrappers or extra modules, and must refuse the same methods
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from tunesmith.errors import ConfigError
@@ -35,3 +37,23 @@ def plain_model(method_name: str, model: nn.Module, command: str) -> nn.Module:
             f"({reason}); {command} needs one plain model"
         )
     return merged
+
+
+def plain_checkpoint(
+    method_name: str, model: nn.Module, manifest: dict[str, Any], command: str
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``plain_model`` with the checkpoint's manifest rewritten to describe what it returns."""
+    if not METHODS.get(method_name).saves_adapter:
+        return model, manifest
+    return plain_model(method_name, model, command), merged_manifest(manifest)
+
+
+def merged_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of an adapter checkpoint rewritten for its merged (plain, full) model."""
+    return {
+        **manifest,
+        "config": {**manifest["config"], "method": {"name": "full"}},
+        "method": "full",
+        "adapter": False,
+        "merged_from": manifest.get("method"),
+    }

@@ -12,13 +12,12 @@ batches); the report is written as JSON into the pruned folder too
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from tunesmith.deploy.compare import Comparison, compare_quantized, comparison_rows
+from tunesmith.deploy.compare import Comparison, compare_checkpoints, comparison_rows
 from tunesmith.deploy.prune_run import PruneResult, PruneSettings, prune_checkpoint
-from tunesmith.deploy.reports import default_split
+from tunesmith.deploy.reports import default_split, nothing_measured, write_report
 from tunesmith.evaluate.evaluator import EvalOptions, checkpoint_size
 from tunesmith.tables import text_table
 
@@ -46,12 +45,9 @@ def prune_report(
     lines = [f"pruned model written to {result.folder}", describe(result)]
     comparison = None
     if data is None and split is None:
-        lines.append(
-            f"speed and quality not measured: no held-out split recorded next to {checkpoint}; "
-            "give --data FILE to compare them"
-        )
+        lines.append(nothing_measured(checkpoint))
     else:
-        comparison = compare_quantized(
+        comparison = compare_checkpoints(
             checkpoint, result.folder, data, split=split, options=options
         )
         lines.append(
@@ -62,9 +58,7 @@ def prune_report(
     report = {"kind": "prune", **result.as_dict()}
     if comparison is not None:
         report["comparison"] = comparison.as_dict()
-    (result.folder / REPORT_FILE).write_text(
-        json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8"
-    )
+    write_report(result.folder, report, REPORT_FILE)
     return "\n".join(lines)
 
 

@@ -32,8 +32,7 @@ from tunesmith.config import Config
 from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.deploy import prune_magnitude as pm
 from tunesmith.deploy import prune_structured as ps
-from tunesmith.deploy.int8_export import merged_manifest
-from tunesmith.deploy.plain import plain_model
+from tunesmith.deploy.plain import plain_checkpoint
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.methods.base import METHODS, get_method
 from tunesmith.modeling import checkpoint_manifest
@@ -231,8 +230,7 @@ def _merged(
     """The plain model, config and manifest to prune: adapters merged into the base."""
     if not METHODS.get(cfg.method.name).saves_adapter:
         return model, cfg, manifest
-    merged = plain_model(cfg.method.name, model, "prune")
-    manifest = merged_manifest(manifest)
+    merged, manifest = plain_checkpoint(cfg.method.name, model, manifest, "prune")
     plain = Config.from_dict(manifest["config"], source=f"{checkpoint} (merged)")
     plain = plain.model_copy(update={"model": cfg.model})  # the caller's permissions
     return merged, plain, manifest

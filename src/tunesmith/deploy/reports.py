@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tunesmith.deploy.compare import compare_quantized, format_comparison
+from tunesmith.deploy.compare import compare_checkpoints, format_comparison
 from tunesmith.deploy.int8_export import export_int8
 from tunesmith.evaluate.evaluator import EvalOptions
 from tunesmith.tables import text_table
@@ -53,9 +53,9 @@ def int8_export_report(
     split = default_split(checkpoint, data, split)
     lines = [f"exported int8 model to {folder}"]
     if data is None and split is None:
-        return "\n".join([*lines, _nothing_measured(checkpoint)])
-    comparison = compare_quantized(checkpoint, folder, data, split=split, options=options)
-    _write(folder, {"kind": "int8", **comparison.as_dict()})
+        return "\n".join([*lines, nothing_measured(checkpoint)])
+    comparison = compare_checkpoints(checkpoint, folder, data, split=split, options=options)
+    write_report(folder, {"kind": "int8", **comparison.as_dict()})
     return "\n".join([*lines, format_comparison(comparison)])
 
 
@@ -69,7 +69,7 @@ def onnx_export_report(
     opset: int | None = None,
 ) -> str:
     """Export ``checkpoint`` to ONNX in ``output``; parity, and latency of both runtimes."""
-    from tunesmith.api import load_checkpoint, records_for
+    from tunesmith.api import records_for
     from tunesmith.deploy.onnx_export import DEFAULT_OPSET, export_onnx, onnx_latency
 
     done = export_onnx(checkpoint, output, opset=opset or DEFAULT_OPSET)
@@ -82,12 +82,12 @@ def onnx_export_report(
         )
     split = default_split(checkpoint, data, split)
     if data is None and split is None:
-        return "\n".join([*lines, _nothing_measured(checkpoint)])
+        return "\n".join([*lines, nothing_measured(checkpoint)])
     opts = options or EvalOptions()
-    cfg, task = load_checkpoint(checkpoint)[:2]
-    records = records_for(task, cfg, checkpoint, data, split)
+    served = done.served  # the exported model: timed without loading the checkpoint again
+    records = records_for(served.task, served.cfg, checkpoint, data, split)
     timed = onnx_latency(
-        checkpoint,
+        served,
         done.model_file,
         records=records,
         batch_size=opts.batch_size,
@@ -96,7 +96,9 @@ def onnx_export_report(
         threads=opts.threads,
     )
     where = data if data is not None else f"{split} split"
-    _write(done.folder, {"kind": "onnx", "data": where, "parity": done.info["parity"], **timed})
+    write_report(
+        done.folder, {"kind": "onnx", "data": where, "parity": done.info["parity"], **timed}
+    )
     lines.append(f"latency on {where} ({len(records)} examples, {timed['threads']} CPU threads):")
     lines.append(latency_table(timed))
     return "\n".join(lines)
@@ -124,12 +126,16 @@ def latency_table(timed: dict[str, Any]) -> str:
     return text_table(["", "pytorch", "onnxruntime", "change"], rows)
 
 
-def _nothing_measured(checkpoint: str | Path) -> str:
+def nothing_measured(checkpoint: str | Path) -> str:
+    """Why an export or pruning run printed no speed or quality numbers."""
     return (
         f"nothing measured: no held-out split recorded next to {checkpoint}; "
         "give --data FILE to compare size, latency and quality"
     )
 
 
-def _write(folder: Path, report: dict[str, Any]) -> None:
-    (Path(folder) / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+def write_report(folder: Path, report: dict[str, Any], name: str = REPORT_FILE) -> None:
+    """The printed numbers as JSON next to the exported files."""
+    (Path(folder) / name).write_text(
+        json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8"
+    )
