@@ -44,7 +44,7 @@ COMMON = ["train.overwrite=true", "train.save_minutes=null"]
 def run(arm: str, seed: int) -> dict[str, Any]:
     """Train one arm with one seed (unless done); its summary.json."""
     from tunesmith.api import train
-    from tunesmith.config import Config
+    from tunesmith.config.root import Config
 
     out = OUT / f"{arm}-seed{seed}"
     if not (out / "summary.json").is_file():

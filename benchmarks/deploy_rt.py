@@ -29,9 +29,9 @@ OUT = ROOT / "runs" / "deploy"
 
 def onnx_agreement(served: Any, checkpoint: Path, onnx_file: Path, split: str) -> dict[str, Any]:
     """Share of the split's predictions where onnxruntime and PyTorch pick the same label."""
-    from tunesmith.api import records_for
     from tunesmith.data.batching import Collator
     from tunesmith.deploy.onnx_runtime import OrtRunner, TorchRunner, ort_session
+    from tunesmith.runs.load import records_for
 
     records = records_for(served.task, served.cfg, checkpoint, None, split)
     features = served.task.encode(records, served.tokenizer, None)
@@ -52,7 +52,7 @@ def main(checkpoint: Path, threads: int) -> None:
     from tunesmith.deploy.int8_export import export_int8
     from tunesmith.deploy.onnx_export import export_onnx, onnx_latency
     from tunesmith.deploy.reports import latency_table
-    from tunesmith.evaluate.evaluator import EvalOptions
+    from tunesmith.evaluation.evaluator import EvalOptions
 
     torch.set_num_threads(threads)
     shutil.rmtree(OUT, ignore_errors=True)
@@ -65,7 +65,7 @@ def main(checkpoint: Path, threads: int) -> None:
     int8 = compare_checkpoints(checkpoint, int8_dir, split="test", options=options)
     print(format_comparison(int8))
     done = export_onnx(checkpoint, OUT / "onnx")
-    from tunesmith.api import records_for
+    from tunesmith.runs.load import records_for
 
     served = done.served
     records = records_for(served.task, served.cfg, checkpoint, None, "test")

@@ -43,7 +43,7 @@ SMALL = [
 def run(name: str, config: Path, overrides: list[str]) -> dict[str, Any]:
     """Train ``config`` into runs/losses/<name> (unless done); its summary.json."""
     from tunesmith.api import train
-    from tunesmith.config import Config
+    from tunesmith.config.root import Config
 
     out = OUT / name
     if not (out / "summary.json").is_file():
@@ -189,7 +189,7 @@ def _imbalanced_split(folder: Path) -> None:
     """10% fresh (the positive class) in every split; the rest rotten."""
     import csv
 
-    from tunesmith.assets import ROTTEN_TOMATOES, locate
+    from tunesmith.assets.locate import ROTTEN_TOMATOES, locate
     from tunesmith.data.loading import load_records
 
     source = str(locate(ROTTEN_TOMATOES))

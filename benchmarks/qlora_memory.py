@@ -29,7 +29,7 @@ MIB = 2**20
 
 def _reviews(n: int) -> list[str]:
     """The first ``n`` Rotten Tomatoes review snippets (fresh/rotten rows only)."""
-    from tunesmith.config import Config
+    from tunesmith.config.root import Config
 
     cfg = Config.load(ROOT / "examples" / "sentiment.yaml")
     import pandas as pd
@@ -43,9 +43,9 @@ def weight_table(batch_size: int = 32) -> str:
     """Markdown: bytes, fidelity and forward time of the MiniLM classifier per base format."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tunesmith.assets import ASSETS, locate
+    from tunesmith.assets.locate import ASSETS, locate
     from tunesmith.methods.quantized_base import quantize_base, storage_bytes, weight_bytes
-    from tunesmith.modeling import quiet_transformers
+    from tunesmith.models.loading import quiet_transformers
 
     quiet_transformers()
     folder = str(locate(ASSETS["minilm"]))

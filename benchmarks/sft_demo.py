@@ -18,9 +18,10 @@ from pathlib import Path
 
 from _runs import ROOT
 
-from tunesmith.api import predict, predict_records, train
-from tunesmith.config import Config
-from tunesmith.modeling import load_tokenizer
+from tunesmith.api import predict, train
+from tunesmith.config.root import Config
+from tunesmith.models.loading import load_tokenizer
+from tunesmith.runs.predict import predict_records
 from tunesmith.tasks.base import get_task
 
 

@@ -4,7 +4,7 @@ Three pairs (full fine-tuning, LoRA r=8 on query/value, top-2 blocks + head),
 each contender in its own process; prints the machine, a per-contender table
 (train time, real tokens/s, samples/s, peak RSS, test accuracy, share of the
 fp32 matmul peak) and tunesmith/HF ratios. The logic lives in
-``tunesmith.bench`` (fairness rules and the FLOP formula are documented there).
+``tunesmith.studies.bench`` (fairness rules and the FLOP formula are documented there).
 
     python benchmarks/vs_hf.py                       # 4,000 train rows, 1 epoch, bs 16
     python benchmarks/vs_hf.py --quick               # smoke run: 200 rows
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from tunesmith.bench import main
+from tunesmith.studies.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -129,7 +129,7 @@ def tiny_config(model: Path, data_file: Path, out: Path, **sections: dict) -> di
 def tiny_runs(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``best/`` of a one-epoch full, LoRA and bottleneck run on the tiny BERT, by method."""
     from tunesmith.api import train
-    from tunesmith.config import Config
+    from tunesmith.config.root import Config
 
     tmp = tmp_path_factory.mktemp("tiny-runs")
     data = write_csv(tmp / "train.csv", toy_rows(40))

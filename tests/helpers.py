@@ -15,14 +15,14 @@ from torch import nn
 
 from conftest import tiny_config, toy_rows, write_csv
 from tunesmith.cli import main
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.methods.base import Method, get_method
-from tunesmith.modeling import load_tokenizer
+from tunesmith.models.loading import load_tokenizer
 from tunesmith.tasks.base import get_task
-from tunesmith.train.loop import Trainer
-from tunesmith.train.monitor import MetricsLog
-from tunesmith.train.precision import new_accelerator
+from tunesmith.training.loop import Trainer
+from tunesmith.training.monitor import MetricsLog
+from tunesmith.training.precision import new_accelerator
 
 VOCAB = 54
 
@@ -255,7 +255,7 @@ def train_spying(cfg: Config, spy: Any) -> tuple[Any, dict[str, Any]]:
     Why: tests of what trains (adapters, quantized bases) need the very object the
     loop updates, before its first step; ``spy`` returns what to keep of it.
     """
-    from tunesmith import api
+    from tunesmith.runs import train as api
 
     captured: dict[str, Any] = {}
 

@@ -15,9 +15,9 @@ import torch
 
 from conftest import tiny_config, toy_rows, write_csv
 from helpers import make_trainer
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.data.batching import Collator
-from tunesmith.modeling import load_tokenizer
+from tunesmith.models.loading import load_tokenizer
 from tunesmith.tasks.base import get_task
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_config, toy_rows, write_csv
-from tunesmith.adapters import AdapterLibrary
 from tunesmith.api import predict, train
 from tunesmith.cli import main
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.errors import ConfigError
+from tunesmith.runs.library import AdapterLibrary
 
 TEXTS = ["the movie was great", "a dull plot", "it was fun", "boring and weak"]
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import yaml
 
 from conftest import tiny_config, toy_rows, write_csv
-from tunesmith.analyze import Analysis, analyze, render
 from tunesmith.cli import main
-from tunesmith.config import Config
+from tunesmith.config.root import Config
+from tunesmith.inspect.analyze import Analysis, analyze, render
 
 
 def test_analyze_reports_every_group_and_a_valid_suggestion(tiny_bert: Path, tmp_path: Path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunesmith.assets import MINILM, ROTTEN_TOMATOES, Asset, find, locate
+from tunesmith.assets.locate import MINILM, ROTTEN_TOMATOES, Asset, find, locate
 from tunesmith.errors import AssetError
 
 

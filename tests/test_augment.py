@@ -19,12 +19,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_config, toy_rows, write_csv
-from tunesmith.augment.apply import Augmenter
-from tunesmith.augment.eda import OPS, draw_ops, edit_words
-from tunesmith.augment.masking import MaskedFeatureDataset
-from tunesmith.augment.settings import AugmentConfig
-from tunesmith.augment.synonyms import EmbeddingSynonyms, WordNetSynonyms, find_wordnet
-from tunesmith.config import Config
+from tunesmith.config.augment import AugmentConfig
+from tunesmith.config.root import Config
+from tunesmith.data.augment.apply import Augmenter
+from tunesmith.data.augment.eda import OPS, draw_ops, edit_words
+from tunesmith.data.augment.masking import MaskedFeatureDataset
+from tunesmith.data.augment.synonyms import EmbeddingSynonyms, WordNetSynonyms, find_wordnet
 from tunesmith.errors import ConfigError
 
 SYNONYMS = {
@@ -268,8 +268,8 @@ def test_limit_per_class_keeps_k_rows_per_label_nested(tmp_path: Path, tiny_bert
 
 def test_back_translation_plumbing_with_tiny_models(tmp_path: Path) -> None:
     from test_seq2seq import WORDS, build_tiny_t5
-    from tunesmith.augment.back_translation import BackTranslator
-    from tunesmith.augment.settings import BackTranslationConfig
+    from tunesmith.config.augment import BackTranslationConfig
+    from tunesmith.data.augment.back_translation import BackTranslator
 
     fwd, bwd = build_tiny_t5(tmp_path / "fwd"), build_tiny_t5(tmp_path / "bwd")
     bt = BackTranslationConfig(
@@ -297,7 +297,7 @@ def test_back_translation_plumbing_with_tiny_models(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("one_thread")
 def test_training_with_augmentation_and_masking(tmp_path: Path, tiny_bert: Path) -> None:
     from tunesmith.api import train
-    from tunesmith.run_parts import build_run_parts
+    from tunesmith.runs.parts import build_run_parts
     from tunesmith.tasks.base import get_task
 
     data = write_csv(tmp_path / "t.csv", toy_rows(60))

@@ -18,7 +18,7 @@ import pytest
 from conftest import build_tiny_bert, tiny_config, toy_rows, write_csv
 from helpers import build_model, cli_fails, write_config
 from tunesmith.cli import main
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.errors import DataError
 from tunesmith.tasks.base import get_task
 

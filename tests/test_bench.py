@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import build_tiny_bert, toy_rows, write_csv
-from tunesmith import bench
-from tunesmith.bench import PAIRS, RunSpec, TokenCounter, flops_per_token, trainable_names
 from tunesmith.data.batching import Collator
+from tunesmith.studies import bench
+from tunesmith.studies.bench import PAIRS, RunSpec, TokenCounter, flops_per_token, trainable_names
 
 #: peft still reads a renamed transformers property (not what these tests are about).
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")

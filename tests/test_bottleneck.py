@@ -22,7 +22,7 @@ from torch import nn
 from conftest import tiny_config, toy_rows, write_csv
 from helpers import build_model
 from tunesmith.api import evaluate, load_checkpoint, predict, train
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods.base import METHODS, get_method
 from tunesmith.methods.bottleneck import (
@@ -34,7 +34,7 @@ from tunesmith.methods.bottleneck import (
     adapters_of,
 )
 from tunesmith.testing import gradcheck_module
-from tunesmith.train.monitor import read_metrics
+from tunesmith.training.monitor import read_metrics
 
 ACTIVATIONS = ["relu", "gelu", "tanh", "silu"]
 #: Module path of the block lists, and of the attention sub-module inside a block.
@@ -291,7 +291,7 @@ def test_registered_and_not_mergeable():
 @pytest.fixture(scope="module")
 def run(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory):
     """A short bottleneck run on the tiny BERT, with the model it held in memory."""
-    import tunesmith.train.loop as loop
+    import tunesmith.training.loop as loop
 
     tmp = tmp_path_factory.mktemp("bottleneck")
     data = write_csv(tmp / "toy.csv", toy_rows(120))

@@ -11,14 +11,14 @@ import torch
 
 from chat_fixtures import build_tiny_llama, write_jsonl
 from tunesmith.api import predict, train
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.data.chat import load_chats
 from tunesmith.errors import DataError, ModelError
-from tunesmith.losses import IGNORE
-from tunesmith.modeling import load_tokenizer
+from tunesmith.models.loading import load_tokenizer
 from tunesmith.tasks.base import get_task
 from tunesmith.tasks.causal_lm import left_aligned
 from tunesmith.tasks.chat_template import PLAIN_TEMPLATE, reply_spans
+from tunesmith.tasks.losses import IGNORE
 
 REPLY = "I am a tiny bot."
 QUESTIONS = ["What is your name?", "Where do you live?", "How old are you?", "Tell me a joke."]
@@ -259,7 +259,7 @@ def test_data_audit_marks_replies(tiny_llama: Path, tmp_path: Path, capsys) -> N
 
 
 def test_chatterbot_conversion_is_cached_and_atomic(tmp_path: Path, monkeypatch) -> None:
-    from tunesmith import asset_prep
+    from tunesmith.assets import prepare as asset_prep
 
     folder = tmp_path / "english"
     folder.mkdir()
@@ -298,7 +298,7 @@ def test_chatterbot_conversion_is_cached_and_atomic(tmp_path: Path, monkeypatch)
 def test_real_smollm2_masks_replies_and_predicts_sensibly(tmp_path: Path) -> None:
     """The converted GGUF model: its own template is masked exactly, and it is a sane LM."""
     from tunesmith.data.batching import Collator, FeatureDataset
-    from tunesmith.evaluate.runner import evaluate_dataset
+    from tunesmith.tasks.inference import evaluate_dataset
 
     cfg = Config.load(Path(__file__).parent.parent / "examples" / "sft_smollm2.yaml")
     task = get_task(cfg)

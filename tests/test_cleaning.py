@@ -17,7 +17,7 @@ import pytest
 from conftest import tiny_config, write_csv
 from helpers import cli_fails, write_config
 from tunesmith.cli import main
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.data.cleaning import normalize_record, normalize_text
 from tunesmith.data.leakage import find_leaks, jaccard, match_key
 from tunesmith.errors import DataError

@@ -12,10 +12,10 @@ import yaml
 from conftest import tiny_config, toy_rows, write_csv
 from helpers import cli_fails
 from tunesmith.cli import main
-from tunesmith.compare.presets import method_overrides, parse_methods, parse_sets
 from tunesmith.errors import ConfigError
-from tunesmith.report import render_report
-from tunesmith.train.monitor import read_metrics
+from tunesmith.evaluation.report import render_report
+from tunesmith.studies.compare.presets import method_overrides, parse_methods, parse_sets
+from tunesmith.training.monitor import read_metrics
 
 
 class Collect(HTMLParser):
@@ -190,7 +190,7 @@ def test_tensorboard_without_the_package_fails_before_training(
 ) -> None:
     import importlib.util
 
-    from tunesmith.train import tensorboard
+    from tunesmith.training import tensorboard
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

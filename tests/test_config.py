@@ -1,4 +1,4 @@
-"""Tests for tunesmith.config: loading, overrides, round trips and one-line errors."""
+"""Tests for tunesmith.config.root: loading, overrides, round trips and one-line errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.config import (
+from tunesmith.config.root import (
     Config,
     DataConfig,
     EvalConfig,

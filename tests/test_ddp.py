@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config, toy_rows, write_csv
 from tunesmith.api import train
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
 

@@ -15,16 +15,16 @@ from test_objective_e2e import _quick, _train_records, reference_run
 from tunesmith.api import TrainResult, load_checkpoint, train
 from tunesmith.cli import main
 from tunesmith.data.batching import Collator, FeatureDataset
-from tunesmith.distill.hidden import (
+from tunesmith.errors import ConfigError
+from tunesmith.evaluation.speed import forward_latency, make_batches, percentile
+from tunesmith.objectives.distill.hidden import (
     BlockOutputs,
     HiddenTerm,
     LiveTeacher,
     masked_mse,
     matched_blocks,
 )
-from tunesmith.distill.teacher import TeacherLogits
-from tunesmith.errors import ConfigError
-from tunesmith.evaluate.speed import forward_latency, make_batches, percentile
+from tunesmith.objectives.distill.teacher import TeacherLogits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 __all__ = ["reference_run"]

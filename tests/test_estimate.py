@@ -11,10 +11,10 @@ import torch
 from conftest import tiny_config, toy_rows, write_csv
 from helpers import LABELS, bert_features, make_trainer
 from tunesmith.cli import main
-from tunesmith.config import Config
-from tunesmith.estimate import estimate, format_estimate
+from tunesmith.config.root import Config
+from tunesmith.inspect.estimate import estimate, format_estimate
 from tunesmith.methods.base import get_method
-from tunesmith.modeling import load_tokenizer
+from tunesmith.models.loading import load_tokenizer
 from tunesmith.tasks.base import get_task
 
 

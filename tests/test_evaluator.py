@@ -13,15 +13,15 @@ from torch import nn
 from conftest import toy_rows, write_csv
 from helpers import cli_fails
 from tunesmith.cli import main
-from tunesmith.evaluate import memory
-from tunesmith.evaluate.evaluator import (
+from tunesmith.evaluation import memory
+from tunesmith.evaluation.evaluator import (
     EVALUATION_FILE,
     EvalOptions,
     evaluate_checkpoint,
     format_evaluation,
 )
-from tunesmith.evaluate.memory import PeakMemory
-from tunesmith.evaluate.speed import forward_latency, percentile
+from tunesmith.evaluation.memory import PeakMemory
+from tunesmith.evaluation.speed import forward_latency, percentile
 
 
 class SlowFirstCall(nn.Module):

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from tunesmith.api import train
-from tunesmith.config import Config
-from tunesmith.demo import demo_settings
+from tunesmith.config.root import Config
+from tunesmith.runs.demo import demo_settings
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 

@@ -20,16 +20,16 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import tunesmith.api as api
+import tunesmith.runs.train as api
 from conftest import tiny_config, toy_rows, write_csv
 from helpers import PEFT_TEST_MARKS
 from tunesmith.api import TrainResult, load_checkpoint, predict, train
 from tunesmith.cli import main
-from tunesmith.config import Config
+from tunesmith.config.root import Config
+from tunesmith.deploy.export import export
 from tunesmith.errors import ConfigError, ModelError
-from tunesmith.export import export
-from tunesmith.train.checkpoint import read_manifest
-from tunesmith.train.loop import Trainer
+from tunesmith.models.folders import read_manifest
+from tunesmith.training.loop import Trainer
 
 TEXTS = ["the film was superb and fun and lovely", "a dull boring story", "poor", "it was great"]
 MERGEABLE = ["lora", "dora", "ia3"]

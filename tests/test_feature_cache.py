@@ -10,13 +10,13 @@ import torch
 
 from conftest import build_tiny_bert
 from helpers import LABELS, bert_config, bert_features, build_model, make_trainer
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.errors import ConfigError
 from tunesmith.methods.base import get_method
-from tunesmith.modeling import load_tokenizer
+from tunesmith.models.loading import load_tokenizer
 from tunesmith.tasks.base import get_task
-from tunesmith.train.feature_cache import FeatureCache, frozen_prefix, plan_cache
+from tunesmith.training.feature_cache import FeatureCache, frozen_prefix, plan_cache
 
 
 def _freeze_top(model: torch.nn.Module, cfg) -> torch.nn.Module:

@@ -20,7 +20,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.data import load_records
 from tunesmith.errors import ConfigError, DataError, TunesmithError
 

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import torch
 
+from tunesmith.config.tasks import GenerateConfig
 from tunesmith.tasks.generation import (
     NO_TOKEN,
     decode,
@@ -17,7 +18,6 @@ from tunesmith.tasks.generation import (
     generation_kwargs,
     mask_after_eos,
 )
-from tunesmith.tasks.settings import GenerateConfig
 
 X = NO_TOKEN
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import build_tiny_bert, tiny_config, toy_rows, write_csv  # noqa: E402
+from conftest import build_tiny_bert, tiny_config, toy_rows, write_csv
 
 #: Keys that measure the machine, not the training.
 MACHINE_KEYS = {"tokens_per_s", "rss_mb", "samples_per_s", "time", "elapsed_s", "seconds"}
@@ -46,7 +46,7 @@ def _record(name: str, root: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     from tunesmith.api import train
-    from tunesmith.config import Config
+    from tunesmith.config.root import Config
 
     model = build_tiny_bert(root / "model")
     data = write_csv(root / "toy.csv", toy_rows(64))

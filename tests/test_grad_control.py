@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from conftest import tiny_config, toy_rows, write_csv
 from helpers import bert_config, bert_features, make_trainer
 from tunesmith.api import train
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.errors import TrainingDiverged
-from tunesmith.train.loop import Trainer
-from tunesmith.train.monitor import read_metrics
+from tunesmith.training.loop import Trainer
+from tunesmith.training.monitor import read_metrics
 
 GROUPS = ["embeddings", "block.0", "block.1", "head"]
 #: A weight of block.1 of the tiny BERT classifier.
@@ -183,7 +183,7 @@ def test_non_finite_gradient_skips_the_step_and_names_the_group(
     lr_before = [g["lr"] for g in trainer.optimizer.param_groups]
     epoch_before = trainer.scheduler.last_epoch
 
-    with caplog.at_level(logging.WARNING, logger="tunesmith.train.loop"):
+    with caplog.at_level(logging.WARNING, logger="tunesmith.training.loop"):
         stats = trainer.train_step([trainer.collator(features[:16])])
     assert stats.skipped
     assert "block.1" in stats.bad_where
@@ -238,7 +238,7 @@ def test_consecutive_bad_steps_stop_the_run(tiny_bert, data, tmp_path, monkeypat
         tiny_config(tiny_bert, data, tmp_path / "run", train={"epochs": 3, "precision": "fp32"})
     )
     with (
-        caplog.at_level(logging.WARNING, logger="tunesmith.train.loop"),
+        caplog.at_level(logging.WARNING, logger="tunesmith.training.loop"),
         pytest.raises(TrainingDiverged) as info,
     ):
         train(cfg, progress=False)

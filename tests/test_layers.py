@@ -14,7 +14,7 @@ from torch import nn
 #: Vocabulary size of the tiny models (the conftest WordPiece vocabulary has 54 tokens).
 from helpers import build_model
 from tunesmith.errors import ConfigError
-from tunesmith.methods.layers import EMBEDDINGS, HEAD, LayerMap, discover_layers
+from tunesmith.models.layers import EMBEDDINGS, HEAD, LayerMap, discover_layers
 
 
 def _names(model: nn.Module) -> list[str]:
@@ -203,7 +203,7 @@ def test_blocks_override_on_a_transformers_model_matches_discovery():
 
 
 def test_blocks_override_through_the_method_config(tmp_path):
-    from tunesmith.config import Config
+    from tunesmith.config.root import Config
     from tunesmith.methods.base import get_method
 
     base = {

@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tunesmith.config import Config
+from tunesmith.config.losses import LossConfig
+from tunesmith.config.root import Config
 from tunesmith.errors import ConfigError
-from tunesmith.losses.class_weights import computed_weights, label_counts, resolve_class_weights
-from tunesmith.losses.classification import ClassificationLoss
-from tunesmith.losses.distill import kd_loss_sum
-from tunesmith.losses.settings import LossConfig
-from tunesmith.train.objective import Objective
+from tunesmith.objectives.class_weights import computed_weights, label_counts, resolve_class_weights
+from tunesmith.objectives.distill.kd import kd_loss_sum
+from tunesmith.objectives.objective import Objective
+from tunesmith.tasks.losses.classification import ClassificationLoss
 
 
 def _data(seed: int = 0, n: int = 6, classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tunesmith.train.monitor import peak_rss_mb, rss_mb
+from tunesmith.training.monitor import peak_rss_mb, rss_mb
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
@@ -17,7 +17,7 @@ def test_peak_memory_of_a_child_process_is_its_own_not_its_parents():
     ballast = bytearray(1200 * 2**20)
     ballast[::4096] = b"\1" * len(range(0, len(ballast), 4096))  # touch every page
     assert rss_mb() > 1200
-    code = "from tunesmith.train.monitor import peak_rss_mb; print(peak_rss_mb())"
+    code = "from tunesmith.training.monitor import peak_rss_mb; print(peak_rss_mb())"
     child = float(
         subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True

@@ -30,14 +30,15 @@ from test_ner import FILLER as NER_FILLER
 from test_ner import LETTERS, PEOPLE, PIECES, ner_config, ner_sentences, write_conll
 from tunesmith.api import evaluate, predict, train
 from tunesmith.cli import main
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.data.task_sampler import TaskBatchSampler, batch_quotas, mixing_rates
 from tunesmith.errors import ConfigError
 from tunesmith.methods.base import get_method
-from tunesmith.modeling import load_tokenizer
+from tunesmith.models.folders import read_manifest
+from tunesmith.models.loading import load_tokenizer
 from tunesmith.tasks.base import get_task
-from tunesmith.train.checkpoint import read_manifest
+from tunesmith.tasks.inference import predict_dataset
 
 pytestmark = PEFT_TEST_MARKS
 
@@ -267,7 +268,7 @@ def test_save_and_reload_are_exact_for_each_method(method, mt_bert, mt_data, tmp
     records = task.text_records(["alice visited paris today !", "a really dull plot"])
     features = FeatureDataset(task.encode(records, tokenizer, None))
     for mine, theirs in zip(
-        *(task.predict_dataset(m, features, Collator(0), 8)[0].items() for m in (model, reloaded)),
+        *(predict_dataset(task, m, features, Collator(0), 8)[0].items() for m in (model, reloaded)),
         strict=True,
     ):
         assert mine[0] == theirs[0]

@@ -17,14 +17,15 @@ from safetensors.torch import load_file
 from helpers import PEFT_TEST_MARKS
 from test_multitask import mt_bert, mt_config, mt_data  # fixtures and config
 from tunesmith.api import evaluate, train
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods.base import get_method
-from tunesmith.modeling import load_tokenizer
+from tunesmith.models.folders import read_manifest
+from tunesmith.models.loading import load_tokenizer
 from tunesmith.tasks.base import get_task
+from tunesmith.tasks.inference import predict_dataset
 from tunesmith.tasks.multitask_model import unwrap
-from tunesmith.train.checkpoint import read_manifest
 
 pytestmark = PEFT_TEST_MARKS
 __all__ = ["mt_bert", "mt_data"]
@@ -50,7 +51,7 @@ def build(cfg: Config):
 def logits_per_task(task, tokenizer, model) -> dict[str, torch.Tensor]:
     records = task.text_records(TEXTS)
     features = FeatureDataset(task.encode(records, tokenizer, None))
-    preds = task.predict_dataset(model.eval(), features, Collator(0), 8)[0]
+    preds = predict_dataset(task, model.eval(), features, Collator(0), 8)[0]
     return {k: v for k, v in preds.items() if "/" in k and v.is_floating_point()}
 
 

@@ -16,12 +16,12 @@ import pytest
 from conftest import SPECIAL, build_tiny_bert
 from tunesmith.api import TrainResult, evaluate, predict, train
 from tunesmith.cli import main
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.data.tagged import load_tagged, split_words
 from tunesmith.errors import DataError, ModelError
-from tunesmith.evaluate.metrics import entity_metrics
-from tunesmith.modeling import load_tokenizer
+from tunesmith.models.loading import load_tokenizer
 from tunesmith.tasks.base import get_task
+from tunesmith.tasks.metrics import entity_metrics
 from tunesmith.tasks.token_classification import align_labels
 
 LETTERS = list("abcdefghijklmnopqrstuvwxyz")

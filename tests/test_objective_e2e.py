@@ -9,9 +9,9 @@ import pytest
 
 from conftest import NEGATIVE, POSITIVE, tiny_config, toy_rows, write_csv
 from tunesmith.api import TrainResult, evaluate, train
-from tunesmith.config import Config
-from tunesmith.train.checkpoint import read_manifest
-from tunesmith.train.monitor import read_metrics
+from tunesmith.config.root import Config
+from tunesmith.models.folders import read_manifest
+from tunesmith.training.monitor import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,8 +188,8 @@ def test_resume_reuses_the_fisher_and_teacher_logits_and_ends_identical(
     import torch
     from safetensors.torch import load_file
 
-    from tunesmith.distill import teacher
-    from tunesmith.regularize import fisher
+    from tunesmith.objectives.distill import teacher
+    from tunesmith.objectives.regularize import fisher
 
     data = write_csv(tmp_path / "new.csv", toy_rows(40, seed=7))
     reference = write_csv(tmp_path / "reference.csv", toy_rows(24, seed=8))

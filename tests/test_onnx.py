@@ -20,7 +20,7 @@ import torch
 
 from test_ner import build_ner_bert, ner_config, ner_sentences, write_conll
 from tunesmith.api import predict, train
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.deploy import onnx_export, onnx_runtime
 from tunesmith.deploy.onnx_export import OnnxExport
 from tunesmith.errors import ConfigError, ModelError

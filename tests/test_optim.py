@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from tunesmith.config import OptimConfig
+from tunesmith.config.root import OptimConfig
 from tunesmith.methods.base import ParamGroup
-from tunesmith.optim import build_optimizer, build_scheduler, schedule_factor, warmup_steps
+from tunesmith.training.optim import build_optimizer, build_scheduler, schedule_factor, warmup_steps
 
 
 def _model() -> nn.Module:

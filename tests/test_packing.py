@@ -19,13 +19,13 @@ import torch
 from chat_fixtures import build_tiny_llama, write_jsonl
 from test_causal_lm import chats, sft_config
 from tunesmith.api import train
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.data.batching import Collator
 from tunesmith.data.packing import PackedCollator, real_tokens
 from tunesmith.errors import ConfigError
-from tunesmith.losses import IGNORE
-from tunesmith.modeling import load_tokenizer
+from tunesmith.models.loading import load_tokenizer
 from tunesmith.tasks.base import get_task
+from tunesmith.tasks.losses import IGNORE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

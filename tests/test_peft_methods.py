@@ -32,11 +32,11 @@ from helpers import (
     train_spying,
 )
 from tunesmith.api import TrainResult, evaluate, load_checkpoint, predict, train
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.errors import ConfigError
 from tunesmith.methods.base import get_method
-from tunesmith.train.loop import Trainer
-from tunesmith.train.monitor import read_metrics
+from tunesmith.training.loop import Trainer
+from tunesmith.training.monitor import read_metrics
 
 BERT_METHODS = ["lora", "dora", "ia3", "prefix", "prompt"]
 TEXTS = ["the film was superb and fun and lovely", "a dull boring story", "poor", "it was great"]

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunesmith.evaluate.perturb import (
+from tunesmith.data.perturb import (
     KINDS,
     perturb_record,
     perturb_records,

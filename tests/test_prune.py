@@ -22,15 +22,15 @@ from torch import nn
 from conftest import tiny_config, toy_rows, write_csv
 from helpers import PEFT_TEST_MARKS, build_model, train_tiny_methods
 from tunesmith.api import evaluate, load_checkpoint, predict, train
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.deploy import prune_magnitude as pm
-from tunesmith.deploy import prune_structured as ps
 from tunesmith.deploy.int8_export import export_int8
 from tunesmith.deploy.prune_run import PruneSettings, prune_checkpoint, recover
-from tunesmith.deploy.pruned_format import SPEC, WEIGHTS
 from tunesmith.errors import ConfigError, DataError, ModelError
-from tunesmith.train.checkpoint import read_manifest
+from tunesmith.models import prune_structured as ps
+from tunesmith.models.folders import read_manifest
+from tunesmith.models.pruned_format import SPEC, WEIGHTS
 
 pytestmark = PEFT_TEST_MARKS  # includes the one_thread fixture
 

@@ -28,9 +28,9 @@ from torch import nn
 from conftest import tiny_config, toy_rows, write_csv
 from helpers import PEFT_TEST_MARKS, train_spying
 from tunesmith.api import TrainResult, evaluate, load_checkpoint
-from tunesmith.config import Config
+from tunesmith.config.root import Config
+from tunesmith.deploy.export import export
 from tunesmith.errors import ConfigError, ModelError
-from tunesmith.export import export
 from tunesmith.methods.quantized_base import (
     MARKER,
     dequantize_base,
@@ -39,7 +39,7 @@ from tunesmith.methods.quantized_base import (
     read_marker,
     weight_bytes,
 )
-from tunesmith.train.monitor import read_metrics
+from tunesmith.training.monitor import read_metrics
 
 KINDS = ["nf4", "int8"]
 CPU = torch.device("cpu")
@@ -368,7 +368,7 @@ def test_merged_export_computes_what_the_qlora_model_computes(kind, runs, tmp_pa
 def test_int8_export_of_a_qlora_run_names_its_quantized_base(runs):
     from tunesmith.deploy.compare import compare_checkpoints, format_comparison
     from tunesmith.deploy.int8_export import export_int8
-    from tunesmith.evaluate.evaluator import EvalOptions
+    from tunesmith.evaluation.evaluator import EvalOptions
 
     best = runs("nf4").result.best_dir
     out = export_int8(best, best.parent / "int8")  # inside the run: its splits are found
@@ -380,7 +380,7 @@ def test_int8_export_of_a_qlora_run_names_its_quantized_base(runs):
 
 @needs_torchao
 def test_the_adapter_library_refuses_a_qlora_adapter(runs, tmp_path):
-    from tunesmith.adapters import AdapterLibrary
+    from tunesmith.runs.library import AdapterLibrary
 
     with pytest.raises(ConfigError, match=r"a QLoRA adapter .*quantize_base nf4.*directly"):
         AdapterLibrary(tmp_path / "library").add("q", runs("nf4").result.best_dir)

@@ -24,11 +24,11 @@ from tunesmith.api import evaluate, load_checkpoint, predict
 from tunesmith.data.batching import Collator
 from tunesmith.deploy.compare import compare_checkpoints, format_comparison
 from tunesmith.deploy.int8_export import export_int8
-from tunesmith.deploy.int8_modules import Int8DynamicLinear, Int8Embedding, quantize_rows
-from tunesmith.deploy.quantize import SPEC, WEIGHTS, int8_plan, load_quantized, quantize_int8
 from tunesmith.errors import ConfigError, ModelError
-from tunesmith.evaluate.evaluator import EvalOptions, checkpoint_size
-from tunesmith.train.checkpoint import read_manifest
+from tunesmith.evaluation.evaluator import EvalOptions, checkpoint_size
+from tunesmith.models.folders import read_manifest
+from tunesmith.models.int8_modules import Int8DynamicLinear, Int8Embedding, quantize_rows
+from tunesmith.models.quantize import SPEC, WEIGHTS, int8_plan, load_quantized, quantize_int8
 
 pytestmark = PEFT_TEST_MARKS
 

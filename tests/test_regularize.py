@@ -11,16 +11,21 @@ from torch import nn
 
 from conftest import toy_rows
 from helpers import build_model
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.data.batching import Collator
-from tunesmith.distill.student import keep_indices, shrink
-from tunesmith.distill.teacher import TeacherLogits, compute_logits, load_cache, save_cache
 from tunesmith.errors import ConfigError
-from tunesmith.modeling import load_tokenizer
-from tunesmith.regularize.dropout import dropout_changes
-from tunesmith.regularize.fisher import estimate_fisher, load_ewc, save_ewc
-from tunesmith.regularize.penalties import ewc, l2_sp
-from tunesmith.regularize.replay import ReplaySampler
+from tunesmith.models.dropout import dropout_changes
+from tunesmith.models.loading import load_tokenizer
+from tunesmith.objectives.distill.student import keep_indices, shrink
+from tunesmith.objectives.distill.teacher import (
+    TeacherLogits,
+    compute_logits,
+    load_cache,
+    save_cache,
+)
+from tunesmith.objectives.regularize.fisher import estimate_fisher, load_ewc, save_ewc
+from tunesmith.objectives.regularize.penalties import ewc, l2_sp
+from tunesmith.objectives.regularize.replay import ReplaySampler
 from tunesmith.tasks.base import get_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -26,11 +26,11 @@ from safetensors.torch import load_file
 
 from conftest import build_tiny_bert, tiny_config, toy_rows, write_csv
 from tunesmith.api import train
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.errors import CheckpointError
-from tunesmith.train import resume as resume_mod
-from tunesmith.train.monitor import read_metrics
-from tunesmith.train.resume import list_checkpoints, read_state
+from tunesmith.training import resume as resume_mod
+from tunesmith.training.monitor import read_metrics
+from tunesmith.training.resume import list_checkpoints, read_state
 
 #: Every training step writes a checkpoint and nothing is pruned, so a test can
 #: pick any step the killed process reached.
@@ -209,7 +209,7 @@ def test_sigterm_writes_a_resumable_checkpoint(reference, dropout_bert, data_csv
 def test_second_signal_aborts_at_once(tmp_path):
     code = (
         "import os, signal, time\n"
-        "from tunesmith.train.interrupt import GracefulInterrupt\n"
+        "from tunesmith.training.interrupt import GracefulInterrupt\n"
         "with GracefulInterrupt() as it:\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    assert it.requested == signal.SIGTERM\n"
@@ -306,7 +306,7 @@ def test_too_little_disk_space_fails_before_training(dropout_bert, data_csv, tmp
 
 
 def test_atomic_folder_write_never_leaves_a_mix(tmp_path):
-    from tunesmith.train.checkpoint import atomic_dir_write, read_manifest
+    from tunesmith.models.folders import atomic_dir_write, read_manifest
 
     target = tmp_path / "best"
 
@@ -333,7 +333,7 @@ def test_atomic_folder_write_never_leaves_a_mix(tmp_path):
 
 
 def test_checkpoints_are_due_by_steps_or_by_minutes(tmp_path, monkeypatch):
-    from tunesmith.train.resume import Checkpointer
+    from tunesmith.training.resume import Checkpointer
 
     now = [1000.0]
     monkeypatch.setattr(resume_mod.time, "monotonic", lambda: now[0])

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from conftest import tiny_config, toy_rows, write_csv
 from helpers import Recorder, bert_config, bert_features, build_model, make_trainer, save_base
 from tunesmith.api import train
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.errors import ConfigError
 from tunesmith.methods.base import get_method
 
@@ -223,7 +223,7 @@ def test_unknown_method_is_a_config_error():
 # -- end to end: frozen weights are bit-identical in the saved model -----------------------
 def _spy_initial(monkeypatch) -> dict[str, torch.Tensor]:
     """Copies of the trainable parameters as the optimizer receives them."""
-    import tunesmith.train.loop as loop
+    import tunesmith.training.loop as loop
 
     initial: dict[str, torch.Tensor] = {}
     real = loop.build_optimizer

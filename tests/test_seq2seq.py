@@ -18,15 +18,15 @@ import pytest
 import torch
 
 from tunesmith.api import TrainResult, evaluate, load_checkpoint, predict, train
-from tunesmith.config import Config
+from tunesmith.config.root import Config
+from tunesmith.config.tasks import GenerateConfig
 from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.errors import ConfigError, DataError, ModelError
-from tunesmith.evaluate.runner import evaluate_dataset
 from tunesmith.methods.base import get_method
-from tunesmith.modeling import load_tokenizer
+from tunesmith.models.loading import load_tokenizer
 from tunesmith.tasks.base import get_task
+from tunesmith.tasks.inference import evaluate_dataset
 from tunesmith.tasks.seq2seq import Seq2Seq, shift_right, target_ids, text_metrics
-from tunesmith.tasks.settings import GenerateConfig
 
 WORDS = list("abcdefgh")
 SPECIALS = {"<pad>": 0, "</s>": 1, "<unk>": 2}

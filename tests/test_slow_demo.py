@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tunesmith.api import evaluate, predict
-from tunesmith.demo import demo_config
+from tunesmith.runs.demo import demo_config
 
 pytestmark = pytest.mark.slow
 

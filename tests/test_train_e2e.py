@@ -10,8 +10,8 @@ import torch
 
 from conftest import tiny_config, toy_rows, write_csv
 from tunesmith.api import TrainResult, evaluate, predict, train
-from tunesmith.config import Config
-from tunesmith.train.monitor import read_metrics
+from tunesmith.config.root import Config
+from tunesmith.training.monitor import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_trained_model_is_freed_before_the_test_evaluation(tiny_bert, tmp_path, 
     optimizer state (it would raise the run's peak memory)."""
     import gc
 
-    import tunesmith.api as api
+    import tunesmith.runs.train as api
 
     alive: list[int] = []
     real_evaluate = api.evaluate

@@ -12,12 +12,12 @@ import torch
 
 from conftest import tiny_config, toy_rows, write_csv
 from tunesmith.api import train
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.errors import ConfigError, TrainingDiverged
 from tunesmith.tasks.base import get_task
-from tunesmith.train import precision
-from tunesmith.train.early_stop import EarlyStopping
-from tunesmith.train.monitor import read_metrics
+from tunesmith.training import precision
+from tunesmith.training.early_stop import EarlyStopping
+from tunesmith.training.monitor import read_metrics
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_non_finite_loss_skips_steps_then_stops(tiny_bert, data, tmp_path, monke
 
 
 def test_new_head_is_xavier_uniform(tiny_bert, data, tmp_path):
-    from tunesmith.modeling import load_tokenizer
+    from tunesmith.models.loading import load_tokenizer
 
     cfg = Config.from_dict(tiny_config(tiny_bert, data, tmp_path / "run"))
     model = get_task(cfg).build_model(["a", "b", "c"], load_tokenizer(str(tiny_bert)))
@@ -114,7 +114,7 @@ def test_text_pairs(tiny_bert, tmp_path):
         )
     )
     task = get_task(cfg)
-    from tunesmith.modeling import load_tokenizer
+    from tunesmith.models.loading import load_tokenizer
 
     feats = task.encode(
         task.load_records(str(data))[:2], load_tokenizer(str(tiny_bert)), {"neg": 0, "pos": 1}

@@ -16,9 +16,9 @@ import yaml
 from conftest import tiny_config, toy_rows, write_csv
 from helpers import cli_fails
 from tunesmith.cli import main
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.errors import ConfigError
-from tunesmith.tune.space import as_overrides, decode, suggest
+from tunesmith.studies.tune.space import as_overrides, decode, suggest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -176,8 +176,8 @@ def test_interrupted_study_continues_without_repeating_trials(
 
 @pytest.mark.parametrize("pruner", ["median", "asha"])
 def test_warmup_evals_protects_the_first_evaluations(pruner: str) -> None:
-    from tunesmith.tune.settings import TuneConfig
-    from tunesmith.tune.study import make_pruner
+    from tunesmith.config.tune import TuneConfig
+    from tunesmith.studies.tune.study import make_pruner
 
     settings = TuneConfig(pruner=pruner, startup_trials=1, warmup_evals=1)
     study = optuna.create_study(direction="maximize", pruner=make_pruner(settings))

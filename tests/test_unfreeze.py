@@ -1,6 +1,6 @@
 """Progressive unfreezing on the tiny BERT: who trains at each step, and at which LR.
 
-The Trainer is built the way ``tunesmith.api.train`` builds it (method groups,
+The Trainer is built the way ``tunesmith.runs.train.train`` builds it (method groups,
 layer groups, hooks, LR factors); the optimizer's ``step`` is wrapped to record,
 just before every update, the learning rate of each optimizer group, which
 parameters received a gradient and a copy of every weight.
@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from helpers import Recorder, bert_config, bert_features, make_trainer
-from tunesmith.config import Config
+from tunesmith.config.root import Config
 from tunesmith.errors import ConfigError
 from tunesmith.methods.base import Method
-from tunesmith.methods.layers import EMBEDDINGS, HEAD
-from tunesmith.train.loop import Trainer
+from tunesmith.models.layers import EMBEDDINGS, HEAD
+from tunesmith.training.loop import Trainer
 
 
 def _params_by_group(method: Method, model: torch.nn.Module) -> dict[str, set[str]]:
@@ -120,7 +120,7 @@ def test_warmup_of_a_released_group_is_linear(tiny_bert, features, tmp_path):
 
 
 def test_unfreezing_factor_multiplies_the_schedule(tiny_bert, features, tmp_path):
-    from tunesmith.optim import schedule_factor
+    from tunesmith.training.optim import schedule_factor
 
     cfg = bert_config(
         tiny_bert,
@@ -239,7 +239,7 @@ def test_every_epochs_lr_is_zero_at_the_first_step(tiny_bert, features, tmp_path
 
 
 def test_release_is_logged(tiny_bert, features, tmp_path):
-    from tunesmith.train.monitor import read_metrics
+    from tunesmith.training.monitor import read_metrics
 
     cfg = bert_config(
         tiny_bert,

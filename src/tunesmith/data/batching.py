@@ -17,6 +17,10 @@ from torch.utils.data import Dataset, Sampler
 
 #: Pad values by feature name; features not listed pad with 0. -100 marks "no value"
 #: where 0 is a real one (label ids, word indices, character offsets).
+#: Label of a position that no loss reads (prompt tokens, padding, word pieces after
+#: the first): the ``ignore_index`` of every cross-entropy in the package.
+IGNORE = -100
+
 PAD_VALUES = {
     "labels": -100,
     "attention_mask": 0,

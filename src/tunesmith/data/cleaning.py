@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunesmith.config.data import CleanConfig
 from tunesmith.data.labels import label_counts, sort_labels
 from tunesmith.data.leakage import Leak, find_leaks
-from tunesmith.data.settings import CleanConfig
 from tunesmith.errors import DataError
 
 Records = list[dict[str, Any]]

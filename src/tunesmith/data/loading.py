@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tunesmith import paths
+from tunesmith.core import paths
 from tunesmith.data.labels import normalise_label
 from tunesmith.errors import DataError
 

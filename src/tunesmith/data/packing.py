@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from tunesmith.losses import IGNORE
+from tunesmith.data.batching import IGNORE
 
 #: Tasks whose model takes ``position_ids`` and builds its mask from them when packed.
 PACKABLE_TASKS = ("causal_lm",)

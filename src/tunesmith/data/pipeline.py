@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from tunesmith.config.data import DataConfig
 from tunesmith.data.cleaning import CleaningReport, FileReport, clean_file, split_report
 from tunesmith.data.cleaning import summary_paragraph as cleaning_summary
-from tunesmith.data.settings import DataConfig
 from tunesmith.data.splits import cap_records, grouped_split, per_class, stratified_split
 
 Records = list[dict[str, Any]]

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunesmith.core.tables import text_table
 from tunesmith.data.batching import Collator, FeatureDataset
-from tunesmith.evaluate.evaluator import EvalOptions, checkpoint_size
-from tunesmith.evaluate.runner import evaluate_dataset
-from tunesmith.evaluate.speed import forward_latency, make_batches
-from tunesmith.tables import text_table
+from tunesmith.evaluation.evaluator import EvalOptions, checkpoint_size
+from tunesmith.evaluation.speed import forward_latency, make_batches
+from tunesmith.tasks.inference import evaluate_dataset
 
 
 @dataclass
@@ -95,7 +95,7 @@ def compare_checkpoints(
     ``split`` is a split of ``checkpoint``'s run (``splits.json`` next to it);
     ``options`` gives the served batch size, timed batches, warm-up and threads.
     """
-    from tunesmith.api import load_checkpoint, records_for
+    from tunesmith.runs.load import load_checkpoint, records_for
 
     opts = options or EvalOptions()
     cfg, task, before, tokenizer, labels = load_checkpoint(checkpoint)

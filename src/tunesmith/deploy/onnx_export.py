@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunesmith import __version__
+from tunesmith._version import __version__
 from tunesmith.data.batching import Collator
 from tunesmith.deploy.onnx_runtime import (
     PARITY_ATOL,
@@ -46,9 +46,9 @@ from tunesmith.deploy.onnx_runtime import (
 from tunesmith.deploy.plain import plain_model
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods.base import METHODS
-from tunesmith.modeling import checkpoint_manifest, max_positions
+from tunesmith.models.folders import atomic_dir_write
+from tunesmith.models.loading import checkpoint_manifest, max_positions
 from tunesmith.tasks.encoding import effective_limit
-from tunesmith.train.checkpoint import atomic_dir_write
 
 ONNX_FILE = "model.onnx"
 #: What a server needs besides the graph and the tokenizer (labels, inputs, lengths).
@@ -206,7 +206,7 @@ def load_served_model(
         ConfigError: The task is not a classification, or the method cannot be merged.
         ModelError: The folder is no loadable checkpoint.
     """
-    from tunesmith.api import load_checkpoint
+    from tunesmith.runs.load import load_checkpoint
 
     manifest = checkpoint_manifest(checkpoint)
     check_task(str(manifest.get("task", "")))

@@ -19,8 +19,8 @@ from torch import nn
 
 from tunesmith.data.batching import Collator
 from tunesmith.errors import ConfigError, ModelError
-from tunesmith.evaluate.speed import forward_latency, make_batches
-from tunesmith.modeling import first_line, max_positions
+from tunesmith.evaluation.speed import forward_latency, make_batches
+from tunesmith.models.loading import first_line, max_positions
 
 PARITY_ATOL = 1e-4
 #: (batch, length) of the parity inputs; lengths above the model's positions are cut to them.

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunesmith.deploy.quantize import HEAD_NAMES
 from tunesmith.errors import ModelError
+from tunesmith.models.quantize import HEAD_NAMES
 
 #: Child-module names that are never pruned: task heads and the pooler (part of the head).
 PRUNE_SKIP = HEAD_NAMES | {"pooler"}

@@ -15,11 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tunesmith.core.tables import text_table
 from tunesmith.deploy.compare import Comparison, compare_checkpoints, comparison_rows
 from tunesmith.deploy.prune_run import PruneResult, PruneSettings, prune_checkpoint
 from tunesmith.deploy.reports import default_split, nothing_measured, write_report
-from tunesmith.evaluate.evaluator import EvalOptions, checkpoint_size
-from tunesmith.tables import text_table
+from tunesmith.evaluation.evaluator import EvalOptions, checkpoint_size
 
 REPORT_FILE = "prune_report.json"
 _WHAT = {

@@ -17,10 +17,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tunesmith.core.tables import text_table
 from tunesmith.deploy.compare import compare_checkpoints, format_comparison
 from tunesmith.deploy.int8_export import export_int8
-from tunesmith.evaluate.evaluator import EvalOptions
-from tunesmith.tables import text_table
+from tunesmith.evaluation.evaluator import EvalOptions
 
 REPORT_FILE = "export_report.json"
 
@@ -69,8 +69,8 @@ def onnx_export_report(
     opset: int | None = None,
 ) -> str:
     """Export ``checkpoint`` to ONNX in ``output``; parity, and latency of both runtimes."""
-    from tunesmith.api import records_for
     from tunesmith.deploy.onnx_export import DEFAULT_OPSET, export_onnx, onnx_latency
+    from tunesmith.runs.load import records_for
 
     done = export_onnx(checkpoint, output, opset=opset or DEFAULT_OPSET)
     lines = [f"exported ONNX graph to {done.model_file} (opset {done.opset})"]

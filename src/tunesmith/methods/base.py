@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from tunesmith.registry import Registry
+from tunesmith.core.registry import Registry
 
 if TYPE_CHECKING:
-    from tunesmith.config import Config
+    from tunesmith.config.root import Config
 
 
 @dataclass

@@ -33,8 +33,9 @@ from torch import nn
 
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods.base import register_method
-from tunesmith.methods.layers import HEAD, LayerMap, discover_layers, head_module_names
 from tunesmith.methods.selection import LayeredMethod
+from tunesmith.models.adapter_modules import BottleneckAdapter, map_hidden
+from tunesmith.models.layers import HEAD, LayerMap, discover_layers, head_module_names
 
 log = logging.getLogger(__name__)
 
@@ -47,66 +48,10 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "bottleneck_config.json"
 FORMAT_VERSION = 1
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "gelu": nn.GELU,
-    "tanh": nn.Tanh,
-    "silu": nn.SiLU,
-}
 _HIDDEN_KEYS = ("hidden_size", "d_model", "n_embd", "dim")
 #: Child names that are an attention sub-module (``attention``, ``self_attn``, ``SelfAttention``).
 _ATTENTION_NAME = re.compile(r"(self_?)?(attn|attention)", re.IGNORECASE)
 _ATTENTION_LIKE = re.compile(r"attn|attention", re.IGNORECASE)
-
-
-class BottleneckAdapter(nn.Module):
-    """``h + up(act(down(h)))``; the identity until trained (``up`` starts at zero).
-
-    Args:
-        hidden_size: Size ``d`` of the hidden states it adapts.
-        reduction_factor: The bottleneck has ``d // reduction_factor`` units.
-        activation: ``relu`` | ``gelu`` | ``tanh`` | ``silu``.
-
-    The adapter's weights stay in their own dtype (float32 as created); inputs
-    of another dtype are cast in and the update cast back, so an adapter on a
-    half-precision base still trains in float32.
-    """
-
-    def __init__(self, hidden_size: int, reduction_factor: int = 16, activation: str = "relu"):
-        super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(
-                f"unknown activation '{activation}' (one of: {', '.join(ACTIVATIONS)})"
-            )
-        bottleneck = hidden_size // reduction_factor
-        if bottleneck < 1:
-            raise ValueError(
-                f"reduction_factor {reduction_factor} leaves no bottleneck unit for hidden "
-                f"size {hidden_size}"
-            )
-        self.hidden_size = hidden_size
-        self.bottleneck_size = bottleneck
-        self.activation = activation
-        self.down = nn.Linear(hidden_size, bottleneck)
-        self.act = ACTIVATIONS[activation]()
-        self.up = nn.Linear(bottleneck, hidden_size)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Xavier-uniform ``down`` (zero bias); ``up`` all zero: the exact identity."""
-        nn.init.xavier_uniform_(self.down.weight)
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        dtype = self.down.weight.dtype
-        x = hidden if hidden.dtype == dtype else hidden.to(dtype)
-        update = self.up(self.act(self.down(x)))
-        return hidden + (update if update.dtype == hidden.dtype else update.to(hidden.dtype))
-
-    def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, bottleneck={self.bottleneck_size}"
 
 
 # -- insertion -------------------------------------------------------------------
@@ -118,35 +63,6 @@ def _adapter_hook(key: str, module: nn.Module, args: Any, output: Any) -> Any:
     """
     adapter = module._modules[ADAPTERS_ATTR][key]  # type: ignore[index]
     return map_hidden(output, lambda hidden: _run(adapter, hidden, module), module)
-
-
-def map_hidden(output: Any, fn: Any, module: nn.Module) -> Any:
-    """``output`` with its hidden states (the first tensor) replaced by ``fn(hidden)``.
-
-    Blocks return a tensor, a (named) tuple or list whose first element is the
-    hidden states, or a ``ModelOutput``; the rest passes through unchanged.
-
-    Raises:
-        ModelError: The output holds no hidden-state tensor first.
-    """
-    if isinstance(output, torch.Tensor):
-        return fn(output)
-    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-        first = fn(output[0])
-        if hasattr(output, "_fields"):  # a namedtuple keeps its type
-            return output._replace(**{output._fields[0]: first})  # type: ignore[attr-defined]
-        return (first, *output[1:])
-    if isinstance(output, list) and output and isinstance(output[0], torch.Tensor):
-        return [fn(output[0]), *output[1:]]
-    if isinstance(output, dict) and output:  # transformers ModelOutput
-        name = next(iter(output))
-        if isinstance(output[name], torch.Tensor):
-            output[name] = fn(output[name])
-            return output
-    raise ModelError(
-        f"cannot adapt the output of {type(module).__name__} ({type(output).__name__}); "
-        "name the block lists with method.blocks"
-    )
 
 
 def _run(adapter: BottleneckAdapter, hidden: torch.Tensor, module: nn.Module) -> torch.Tensor:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from tunesmith.methods.base import register_method
-from tunesmith.methods.layers import EMBEDDINGS, LayerMap
 from tunesmith.methods.selection import SHAPING_KEYS, LayeredMethod
+from tunesmith.models.layers import EMBEDDINGS, LayerMap
 
 
 @register_method

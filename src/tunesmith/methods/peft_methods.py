@@ -22,7 +22,6 @@ from torch import nn
 
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods.base import Method, ParamGroup, register_method
-from tunesmith.methods.layers import EMBEDDINGS, HEAD, LayerMap, discover_layers, head_module_names
 from tunesmith.methods.quantized_base import (
     QuantizedBase,
     is_quantized,
@@ -32,7 +31,15 @@ from tunesmith.methods.quantized_base import (
     write_marker,
 )
 from tunesmith.methods.selection import lr_multiplier_fn
-from tunesmith.modeling import first_line, unpickling_refused
+from tunesmith.models.layers import (
+    EMBEDDINGS,
+    HEAD,
+    LayerMap,
+    decoder_only,
+    discover_layers,
+    head_module_names,
+)
+from tunesmith.models.loading import first_line, unpickling_refused
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +315,7 @@ class PromptTuning(PrefixTuning):
     def peft_config(self, model: nn.Module) -> Any:
         from peft import PromptTuningConfig
 
-        if _decoder_only(model):
+        if decoder_only(model):
             # The input arrives as embeddings, so a decoder classifier cannot find
             # the last real token through pad ids: pad on the left instead.
             self.padding_side = "left"
@@ -380,19 +387,6 @@ def _default_feedforward(model: nn.Module) -> list[str]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return list(
         constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type, [])
-    )
-
-
-def _decoder_only(model: nn.Module) -> bool:
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    model_type = getattr(getattr(model, "config", None), "model_type", "")
-    return (
-        model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-        and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
     )
 
 

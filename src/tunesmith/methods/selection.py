@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
+from tunesmith.config.methods import MethodConfig
 from tunesmith.errors import ConfigError
 from tunesmith.methods.base import Method, ParamGroup
-from tunesmith.methods.layers import EMBEDDINGS, HEAD, LayerMap, discover_layers
-from tunesmith.methods.settings import MethodConfig
 from tunesmith.methods.unfreeze import ProgressiveUnfreezing
+from tunesmith.models.layers import EMBEDDINGS, HEAD, LayerMap, discover_layers
 
 log = logging.getLogger(__name__)
 

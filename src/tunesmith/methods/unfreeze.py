@@ -17,8 +17,8 @@ from typing import Any
 
 from torch import nn
 
-from tunesmith.methods.layers import EMBEDDINGS, HEAD, LayerMap
-from tunesmith.methods.settings import UnfreezeConfig
+from tunesmith.config.methods import UnfreezeConfig
+from tunesmith.models.layers import EMBEDDINGS, HEAD, LayerMap
 
 log = logging.getLogger(__name__)
 

@@ -12,16 +12,25 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tunesmith.registry import Registry
+from tunesmith.core.registry import Registry
+from tunesmith.data.batching import EpochSampler
+from tunesmith.data.cleaning import EMPTY, normalize_record
+from tunesmith.data.labels import check_labels
+from tunesmith.data.pipeline import select_by_source
+from tunesmith.errors import DataError
+from tunesmith.models.dropout import configured_dropout
+from tunesmith.models.loading import load_pretrained
+from tunesmith.tasks.encoding import effective_limit, full_lengths
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from tunesmith.config import Config
+    from tunesmith.config.root import Config
     from tunesmith.data.cleaning import CleaningReport, FileReport
 
 Feature = dict[str, Any]
@@ -124,7 +133,6 @@ class Task(ABC):
         the first (``what`` says what they lack) and counts them in ``report``
         (the file's cleaning report); ``error`` fails on it.
         """
-        from tunesmith.data.cleaning import EMPTY
 
         empty: list[str] | None = [] if self.cfg.data.empty_rows == "drop" else None
         records = self.load_records(path, dropped=empty)
@@ -150,9 +158,6 @@ class Task(ABC):
         """
         import os
 
-        from tunesmith.data.pipeline import select_by_source
-        from tunesmith.errors import DataError
-
         try:
             rows, files = provenance["rows"], list(provenance["files"].values())
         except (KeyError, TypeError, AttributeError) as err:
@@ -166,8 +171,6 @@ class Task(ABC):
         pool = [r for p in files for r in self.load_records(p, dropped=[])]
         records = select_by_source(pool, rows[split])
         if self.cfg.data.clean.normalize:
-            from tunesmith.data.cleaning import normalize_record
-
             # Rows that normalise to nothing were dropped in training, so are not listed.
             records = [normalize_record(r) or r for r in records]
         return records
@@ -184,7 +187,6 @@ class Task(ABC):
         Raises:
             DataError: Naming that row, its label and the training labels.
         """
-        from tunesmith.data.labels import check_labels
 
         check_labels(records, label2id, split)
 
@@ -197,7 +199,6 @@ class Task(ABC):
         ``data inspect`` can count the rows ``data.max_length`` cuts and the
         tokens lost. This default measures ``text`` (and ``text_pair``).
         """
-        from tunesmith.tasks.encoding import effective_limit, full_lengths
 
         texts = [r["text"] for r in records]
         pairs = [r["text_pair"] for r in records] if records and "text_pair" in records[0] else None
@@ -213,31 +214,16 @@ class Task(ABC):
     def auto_class(self) -> Any:
         """The transformers ``AutoModelFor*`` class of this task's models."""
 
-    def load_trained(
-        self, path: str, labels: Sequence[str], tokenizer: PreTrainedTokenizerBase
+    def load_saved(
+        self, path: str, labels: Sequence[str], tokenizer: PreTrainedTokenizerBase, method: Any
     ) -> PreTrainedModel:
-        """Load a folder this task saved (``best/``, ``final/``) for eval or predict.
+        """Load a folder this task saved (``best/``, ``final/``) in its own layout.
 
         Adapter checkpoints hold only adapter and head weights: the base model
-        named in the config is built first and the method puts them back. An
-        int8 export (``deploy.quantize``) is built from its config with int8
-        modules swapped in; a structurally pruned model (``deploy.pruned_format``)
-        is built from its config and sliced to the heads and neurons it kept.
+        named in the config is built first and ``method`` (the run's method, which
+        knows its files) puts them back. Exported formats (int8, pruned) are
+        recognised before this is called (``runs.load``).
         """
-        from pathlib import Path
-
-        from tunesmith.deploy.pruned_format import is_pruned, load_pruned
-        from tunesmith.deploy.quantize import is_quantized, load_quantized
-        from tunesmith.methods.base import METHODS
-        from tunesmith.modeling import load_pretrained
-
-        if is_quantized(path):
-            trust = self.cfg.model.trust_remote_code
-            return load_quantized(path, self.auto_class(), trust_remote_code=trust)
-        if is_pruned(path):
-            trust = self.cfg.model.trust_remote_code
-            return load_pruned(path, self.auto_class(), trust_remote_code=trust)
-        method = METHODS.get(self.cfg.method.name)
         if method.saves_adapter:
             return method.load_saved(self.build_model(labels, tokenizer), Path(path))
         return load_pretrained(
@@ -246,6 +232,10 @@ class Task(ABC):
             trust_remote_code=self.cfg.model.trust_remote_code,
             allow_unsafe_weights=self.cfg.model.allow_unsafe_weights,
         )
+
+    def loaded(self, model: Any, tokenizer: PreTrainedTokenizerBase, path: str) -> None:
+        """Called with every model loaded from ``path``; tasks that keep facts of it note them."""
+        return None
 
     @abstractmethod
     def build_model(
@@ -274,8 +264,6 @@ class Task(ABC):
         ``config_changes`` go to ``from_pretrained`` (a new head's size and
         labels); generative tasks use the model's own head and pass none.
         """
-        from tunesmith.modeling import load_pretrained
-        from tunesmith.regularize.dropout import configured_dropout
 
         m = self.cfg.model
         # regularize.*_dropout: model config keys, set before the modules are built.
@@ -352,35 +340,18 @@ class Task(ABC):
         Its order must depend on the seed and the epoch alone: resuming skips
         the micro-batches of the interrupted epoch by re-creating its order.
         """
-        from tunesmith.data.batching import EpochSampler
 
         lengths = [self.feature_length(f) for f in features]
         return EpochSampler(lengths, batch_size, group_by_length=group_by_length, seed=seed)
 
-    def predict_dataset(
-        self,
-        model: Any,
-        dataset: Any,
-        collator: Any,
-        batch_size: int,
-        accelerator: Any | None = None,
-        *,
-        generate: bool = False,
-        generate_limit: int | None = None,
-    ) -> tuple[dict[str, torch.Tensor], float | None]:
-        """Predictions for every feature of ``dataset`` (dataset order) and the mean loss.
+    def prediction_parts(self, dataset: Any) -> list[tuple[str, Task, list[int], float]] | None:
+        """How a task made of sub-tasks splits a data set for prediction (None: it does not).
 
-        Evaluation and ``predict`` both come through here; see
-        ``evaluate.runner.predict_loader`` for the arguments.
+        Multi-task returns, per task present in ``dataset``: its name, its task,
+        the positions of its features and its loss weight; ``tasks.inference``
+        then predicts each part through its own head and joins them.
         """
-        from tunesmith.evaluate.runner import make_eval_loader, predict_loader
-
-        loader = make_eval_loader(self, dataset, collator, batch_size)
-        if accelerator is not None:
-            loader = accelerator.prepare_data_loader(loader)
-        return predict_loader(
-            model, self, loader, accelerator, generate=generate, generate_limit=generate_limit
-        )
+        return None
 
     def save_weights(self, method: Any, model: Any, folder: Any) -> None:
         """Write the trained weights of ``model`` into ``folder`` (``best/``, ``final/``).

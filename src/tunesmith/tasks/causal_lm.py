@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from tunesmith.data.chat import load_chats, prompt_record
 from tunesmith.data.pipeline import assemble_splits
 from tunesmith.errors import DataError
-from tunesmith.losses import IGNORE, shifted_token_cross_entropy_sum
 from tunesmith.tasks.base import Batch, DataSplits, Feature, Task, register_task
 from tunesmith.tasks.chat_template import label_tokens, render, reply_spans, resolve_template
 from tunesmith.tasks.encoding import effective_limit, full_lengths, require_fast_tokenizer
 from tunesmith.tasks.generation import generate_ids, generated_rows
+from tunesmith.tasks.losses import IGNORE, shifted_token_cross_entropy_sum
 
 log = logging.getLogger(__name__)
 

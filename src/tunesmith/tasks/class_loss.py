@@ -1,7 +1,7 @@
 """The loss of the classification-like tasks, shared by sequence and token classification.
 
 Both tasks are a class per target (a text, or a sub-token), so they share one
-:class:`~tunesmith.losses.classification.ClassificationLoss` configured by
+:class:`~tunesmith.tasks.losses.classification.ClassificationLoss` configured by
 ``task.label_smoothing`` and the ``loss`` section; they differ only in which
 logits line up with the labels (``loss_logits``).
 """
@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from tunesmith.losses.classification import ClassificationLoss
 from tunesmith.tasks.base import Batch
+from tunesmith.tasks.losses.classification import ClassificationLoss
 
 
 class ClassLoss:

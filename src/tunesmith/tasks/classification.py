@@ -12,10 +12,10 @@ from tunesmith.data.cleaning import LABEL_NOT_LISTED, FileReport
 from tunesmith.data.labels import build_label_list, check_labels
 from tunesmith.data.loading import filter_labels, load_records
 from tunesmith.data.pipeline import assemble_splits
-from tunesmith.evaluate.metrics import classification_metrics
 from tunesmith.tasks.base import Batch, DataSplits, Feature, Task, register_task
 from tunesmith.tasks.class_loss import ClassLoss
 from tunesmith.tasks.encoding import chunks, position_cut
+from tunesmith.tasks.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from tunesmith.tasks.settings import GenerateConfig
+from tunesmith.config.tasks import GenerateConfig
 
 #: Marks "no token" in generated id tensors (after EOS, padding of ragged batches).
 NO_TOKEN = -100

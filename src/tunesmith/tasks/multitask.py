@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-from tunesmith.config import Config
-from tunesmith.data.batching import FeatureDataset
+from tunesmith.config.multitask import MULTITASK, MultitaskConfig
+from tunesmith.config.root import Config
 from tunesmith.data.task_sampler import TaskBatchSampler, mixing_rates
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.tasks.base import TASKS, Batch, DataSplits, Feature, Task, register_task
@@ -49,7 +49,6 @@ from tunesmith.tasks.multitask_model import (
     save_adapter_encoder,
     unwrap,
 )
-from tunesmith.tasks.multitask_settings import MULTITASK, MultitaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -262,12 +261,9 @@ class MultiTask(Task):
     def build_model(self, labels: Sequence[str], tokenizer: Any) -> MultiTaskModel:
         return self._assemble(self._load_encoder(self.cfg.model.name_or_path), labels)
 
-    def load_trained(self, path: str, labels: Sequence[str], tokenizer: Any) -> Any:
+    def load_saved(self, path: str, labels: Sequence[str], tokenizer: Any, method: Any) -> Any:
         """``encoder/`` (a model, or an adapter on the configured base) plus every head."""
-        from tunesmith.methods.base import METHODS
-
         folder = Path(path)
-        method = METHODS.get(self.cfg.method.name)
         if method.saves_adapter:
             model = method.load_saved(self.build_model(labels, tokenizer), folder / ENCODER_DIR)
         else:
@@ -284,7 +280,7 @@ class MultiTask(Task):
         save_adapter_encoder(method, model, Path(folder) / ENCODER_DIR)
 
     def _load_encoder(self, path: str) -> Any:
-        from tunesmith.modeling import load_pretrained
+        from tunesmith.models.loading import load_pretrained
 
         m = self.cfg.model
         return load_pretrained(
@@ -326,44 +322,19 @@ class MultiTask(Task):
     def outputs_to_predictions(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
         return self._task_of(batch)[1].outputs_to_predictions(outputs, batch)
 
-    def predict_dataset(
-        self,
-        model: Any,
-        dataset: Any,
-        collator: Any,
-        batch_size: int,
-        accelerator: Any | None = None,
-        *,
-        generate: bool = False,
-        generate_limit: int | None = None,
-    ) -> tuple[dict[str, torch.Tensor], float | None]:
-        """Each task's features through its own head; keys ``<task>/<key>``.
+    def prediction_parts(self, dataset: Any) -> list[tuple[str, Task, list[int], float]]:
+        """Each task's features through its own head (``tasks.inference`` joins them).
 
-        ``<task>:loss`` holds the task's mean loss and ``<task>:positions``
-        where its features sit in ``dataset``; the returned loss is the
+        Keys become ``<task>/<key>``; ``<task>:loss`` holds the task's mean loss and
+        ``<task>:positions`` where its features sit in ``dataset``; the loss is the
         weighted sum of the tasks' mean losses.
         """
-        preds: dict[str, torch.Tensor] = {}
-        total: float | None = None
+        parts = []
         for t, name in enumerate(self.names):
             positions = [i for i, f in enumerate(dataset.features) if f["task_id"] == t]
-            if not positions:
-                continue
-            part, loss = self.subtasks[name].predict_dataset(
-                model,
-                FeatureDataset([dataset.features[i] for i in positions]),
-                collator,
-                batch_size,
-                accelerator,
-                generate=generate,
-                generate_limit=generate_limit,
-            )
-            preds |= {f"{name}/{key}": value for key, value in part.items()}
-            preds[f"{name}:positions"] = torch.tensor(positions)
-            if loss is not None:
-                preds[f"{name}:loss"] = torch.tensor(loss, dtype=torch.float64)
-                total = (total or 0.0) + self.weights[t] * loss
-        return preds, total
+            if positions:
+                parts.append((name, self.subtasks[name], positions, self.weights[t]))
+        return parts
 
     def compute_metrics(
         self, predictions: Mapping[str, torch.Tensor], labels: Sequence[str]

@@ -48,9 +48,8 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from tunesmith.errors import ModelError
-from tunesmith.methods.bottleneck import BottleneckAdapter, map_hidden
-from tunesmith.methods.layers import discover_layers
-from tunesmith.methods.peft_methods import _decoder_only as decoder_only
+from tunesmith.models.adapter_modules import BottleneckAdapter, map_hidden
+from tunesmith.models.layers import decoder_only, discover_layers
 
 ENCODER_DIR = "encoder"
 HEADS_DIR = "heads"

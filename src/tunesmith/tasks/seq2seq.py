@@ -35,13 +35,13 @@ import torch
 from tunesmith.data.loading import load_records
 from tunesmith.data.pipeline import assemble_splits
 from tunesmith.errors import ModelError
-from tunesmith.losses import IGNORE, token_cross_entropy_sum
 from tunesmith.tasks.base import Batch, DataSplits, Feature, Task, register_task
 from tunesmith.tasks.encoding import chunks, effective_limit, full_lengths
 from tunesmith.tasks.generation import NO_TOKEN, decode, generate_ids, generated_rows
+from tunesmith.tasks.losses import IGNORE, token_cross_entropy_sum
 
 if TYPE_CHECKING:
-    from tunesmith.config import Config
+    from tunesmith.config.root import Config
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +180,9 @@ class Seq2Seq(Task):
         self.decoder_ids = decoder_ids(model, tokenizer, self.cfg.model.name_or_path)
         return model
 
-    def load_trained(self, path: str, labels: Sequence[str], tokenizer: Any) -> torch.nn.Module:
-        model = super().load_trained(path, labels, tokenizer)
+    def loaded(self, model: Any, tokenizer: Any, path: str) -> None:
+        """The decoder's start and end ids as the saved model has them."""
         self.decoder_ids = decoder_ids(model, tokenizer, path)
-        return model
 
     def model_inputs(self, batch: Batch) -> Batch:
         """Encoder inputs plus decoder inputs: the labels shifted right behind the start token.

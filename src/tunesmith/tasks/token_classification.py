@@ -30,7 +30,6 @@ from tunesmith.data.labels import build_label_list, check_labels
 from tunesmith.data.pipeline import assemble_splits
 from tunesmith.data.tagged import check_tag, load_tagged, text_record, word_spans
 from tunesmith.errors import ConfigError, DataError, ModelError
-from tunesmith.evaluate.metrics import entity_metrics
 from tunesmith.tasks.base import Batch, DataSplits, Feature, Task, register_task
 from tunesmith.tasks.class_loss import ClassLoss
 from tunesmith.tasks.encoding import (
@@ -39,6 +38,7 @@ from tunesmith.tasks.encoding import (
     full_lengths,
     require_fast_tokenizer,
 )
+from tunesmith.tasks.metrics import entity_metrics
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,87 @@
+"""The ``train`` section: length, batching, precision, speed levers and output.
+
+Kept apart from ``config.py`` (which assembles the sections) because the
+training loop's switches grow with every speed lever; each one is a plain key
+here so ``tunesmith config show`` documents it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from tunesmith.config.base import Section
+
+
+class TrainConfig(Section):
+    """Length, batching, precision and output of the training loop."""
+
+    epochs: int = Field(2, ge=1, description="Passes over the training split.")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+    batch_size: int = Field(16, gt=0, description="Examples per micro-batch, per device.")
+    eval_batch_size: int | None = Field(None, gt=0, description="null: 2 * batch_size.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Compute precision; auto: bf16 where supported, else fp32."
+    )
+    seed: int = Field(0, ge=0, description="Seed for splits, shuffling and initialisation.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; null: epoch.")
+    eval_at_start: bool = Field(
+        False,
+        description="Evaluate the untrained model first (step 0): the baseline in metrics.jsonl, "
+        "and a candidate for best/ (training must beat it).",
+    )
+    early_stopping_patience: int | None = Field(
+        3, ge=1, description="Evaluations without improvement before stopping; null disables."
+    )
+    log_steps: int = Field(10, gt=0, description="Log training metrics every N steps.")
+    grad_norm_steps: int | None = Field(
+        None, gt=0, description="Log per-layer-group gradient norms every N steps; null: log_steps."
+    )
+    max_bad_steps: int = Field(
+        3, ge=1, description="Stop after this many consecutive non-finite steps (each skipped)."
+    )
+    num_threads: int | None = Field(None, gt=0, description="Torch CPU threads; null: default.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, ~30% slower."
+    )
+    compile: bool = Field(
+        False, description="torch.compile the model (pays on GPU; measured slower on CPU)."
+    )
+    feature_cache: Literal["auto", "off", "memory", "disk"] = Field(
+        "auto",
+        description="Compute frozen bottom blocks once (eval mode) and train the top from "
+        "their cached output; auto: in memory when it fits, else on disk.",
+    )
+    save_steps: int | None = Field(
+        None, gt=0, description="Write a resumable checkpoint every N optimizer steps."
+    )
+    save_minutes: float | None = Field(
+        30.0, gt=0, description="Write a resumable checkpoint every N minutes; null: never."
+    )
+    save_total_limit: int = Field(
+        2, ge=1, description="Resumable checkpoints kept (the newest, plus the best step's)."
+    )
+    output_dir: str = Field(
+        "runs/my-run", min_length=1, description="Run folder; relative to the working directory."
+    )
+    overwrite: bool = Field(False, description="Replace an existing run folder.")
+    tensorboard: bool = Field(
+        False,
+        description="Also write the metrics as TensorBoard scalars in output_dir/tensorboard "
+        "(needs the tensorboard package).",
+    )
+
+    @field_validator("feature_cache", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare off/no as false and on/yes as true.
+        if isinstance(value, bool):
+            return "auto" if value else "off"
+        return value
+
+    @property
+    def effective_eval_batch_size(self) -> int:
+        """Evaluation batch size with the null default applied (no gradients: 2x fits)."""
+        return self.eval_batch_size or 2 * self.batch_size

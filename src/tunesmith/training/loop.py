@@ -1,0 +1,597 @@
+"""The training loop: one explicit loop, readable top to bottom.
+
+It runs on ``accelerate.Accelerator`` so ``accelerate launch`` gives DDP/FSDP
+without this file knowing. Per optimizer step:
+
+1. take ``grad_accum`` micro-batches;
+2. count the supervised targets of the *whole* window (all processes), so the
+   summed loss of each micro-batch is divided by the same number: the
+   gradient equals that of one big batch (transformers #24725 got this wrong);
+3. forward/backward each micro-batch (gradient sync only on the last);
+4. skip the step if the loss or gradient norm is not finite (stop after
+   ``MAX_BAD_STEPS`` in a row), clip, step optimizer and schedule;
+5. log, evaluate, keep the best, stop early.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from tunesmith.config.root import Config
+from tunesmith.data.batching import Collator, FeatureDataset
+from tunesmith.data.packing import real_tokens, training_loader
+from tunesmith.errors import TrainingDiverged, TrainingInterrupted
+from tunesmith.methods.base import Method
+from tunesmith.models.loading import enable_gradient_checkpointing
+from tunesmith.objectives.objective import Objective
+from tunesmith.tasks.base import Batch, Task
+from tunesmith.tasks.inference import evaluate_dataset
+from tunesmith.training.early_stop import EarlyStopping
+from tunesmith.training.feature_cache import plan_cache
+from tunesmith.training.interrupt import GracefulInterrupt
+from tunesmith.training.monitor import MetricsLog, peak_rss_mb, rss_mb
+from tunesmith.training.optim import build_optimizer, build_scheduler, optimized_groups
+from tunesmith.training.resume import Checkpointer, restore_rng
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopResult:
+    """What the loop did: steps, timing, the best evaluation."""
+
+    steps: int = 0
+    epochs: float = 0.0
+    train_seconds: float = 0.0
+    real_tokens: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    stopped_early: bool = False
+    peak_rss_mb: float = 0.0
+    last_validation: dict[str, Any] = field(default_factory=dict)
+    #: Seconds spent building the feature cache (also counted in ``train_seconds``).
+    cache_seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Real (non-pad) training tokens per second of training time."""
+        return self.real_tokens / self.train_seconds if self.train_seconds else 0.0
+
+
+@dataclass
+class StepStats:
+    """Sums over one optimizer step's micro-batches."""
+
+    loss_sum: float
+    targets: float
+    real_tokens: int
+    grad_norm: float | None
+    skipped: bool
+    group_norms: dict[str, float] = field(default_factory=dict)
+    bad_where: str = ""
+    #: The objective's parts of this step (``Objective.take_parts``).
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """Holds the pieces one run needs; ``run()`` is the loop.
+
+    Args:
+        cfg: The resolved config.
+        task: The task (loss, counting, metrics).
+        model: The model, already adapted by the method.
+        optimizer: Built from the method's parameter groups.
+        accelerator: The ``accelerate.Accelerator`` of this process.
+        train_set: Training features.
+        val_set: Validation features (may be empty: no evaluation).
+        collator: Pads batches.
+        labels: Label vocabulary for metrics.
+        metrics_log: Where metric records go.
+        on_best: Called with the (unwrapped) model and metrics at each new best.
+        progress: Show a progress bar.
+        grad_groups: Parameters by layer group, for per-group gradient norms,
+            per-group clipping and naming the group that went non-finite.
+        hooks: Objects with ``on_train_start(trainer)`` and/or
+            ``on_step_start(trainer, step)`` (e.g. progressive unfreezing);
+            ``on_train_start`` runs while the Trainer is built, before the schedule.
+        lr_factor: Extra per-step LR factor per method group (see ``build_scheduler``).
+        checkpointer: Writes resumable checkpoints (None: never).
+        interrupt: Set by SIGINT/SIGTERM; the loop then checkpoints and stops.
+        cacheable: Whether the method allows caching the frozen blocks' output
+            (``train.feature_cache``; also never with hooks, which may unfreeze).
+        objective: Loss terms and regularisers added to the task loss (None: none).
+        sampler: The training order (None: ``task.train_sampler``); replay passes
+            one that mixes reference examples in.
+
+    The loop's position (``epoch``, ``batches_in_epoch``) and counters are
+    attributes, so a checkpoint can store them and ``restore_training_state``
+    can put a fresh Trainer exactly where an interrupted one was.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        task: Task,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        accelerator: Any,
+        train_set: FeatureDataset,
+        val_set: FeatureDataset,
+        collator: Collator,
+        labels: list[str],
+        metrics_log: MetricsLog,
+        on_best: Callable[[torch.nn.Module, dict[str, Any]], None] | None = None,
+        progress: bool = True,
+        grad_groups: dict[str, list[torch.nn.Parameter]] | None = None,
+        hooks: list[Any] | None = None,
+        lr_factor: Callable[[str], Callable[[int], float] | None] | None = None,
+        checkpointer: Checkpointer | None = None,
+        interrupt: GracefulInterrupt | None = None,
+        cacheable: bool = True,
+        objective: Objective | None = None,
+        sampler: Any | None = None,
+    ) -> None:
+        self.cfg, self.task, self.labels = cfg, task, labels
+        self.acc = accelerator
+        self.collator, self.train_set, self.val_set = collator, train_set, val_set
+        self.metrics_log, self.on_best, self.progress = metrics_log, on_best, progress
+        self.objective = objective or Objective()
+        self.window_parts: dict[str, float] = {}  # the objective's parts since the last log
+        self._window_steps = 0
+        t = cfg.train
+        self.sampler = sampler or task.train_sampler(
+            train_set.features,
+            t.batch_size,
+            group_by_length=cfg.data.group_by_length,
+            seed=t.seed,
+        )
+        loader = training_loader(
+            train_set, t.batch_size, self.sampler, collator, cfg.data.padding_free, accelerator
+        )
+        if t.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        if t.compile:
+            model = torch.compile(model)
+        self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
+        # The plain module: the feature cache swaps its submodules during a step.
+        self._plain = accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        self.steps_per_epoch = max(1, math.ceil(len(self.loader) / t.grad_accum))
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        self.hooks = list(hooks or [])
+        # Hooks learn the run's length before the schedule computes its first LR.
+        self._call_hooks("on_train_start")
+        cache_started = time.perf_counter()
+        self.feature_cache = plan_cache(
+            t.feature_cache,
+            self._plain,
+            train_set,
+            collator,
+            cacheable=cacheable
+            and not cfg.data.padding_free
+            and not self.hooks
+            and task.mixed_batches
+            and getattr(train_set, "fixed_inputs", True),
+            batch_size=t.effective_eval_batch_size,
+            folder=Path(t.output_dir) / ".cache",
+            device=accelerator.device,
+            model_inputs=task.model_inputs,
+            progress=progress and accelerator.is_main_process,
+        )
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps, lr_factor)
+        self.grad_groups = optimized_groups(self.optimizer, grad_groups)
+        self.stopper = EarlyStopping(
+            cfg.eval.higher_is_better(), patience=t.early_stopping_patience
+        )
+        self.result = LoopResult()
+        if self.feature_cache is not None:  # part of training time: HF pays it every epoch
+            self.result.cache_seconds = time.perf_counter() - cache_started
+            self.result.train_seconds = self.result.cache_seconds
+        self.checkpointer, self.interrupt = checkpointer, interrupt
+        # Position and counters: all a checkpoint needs besides weights, optimizer, RNG.
+        self.epoch = 0
+        self.batches_in_epoch = 0  # micro-batches of the current epoch already consumed
+        self.bad_steps = 0
+        self.window = [0.0, 0.0, 0, 0.0]  # loss, targets, tokens, seconds since last log
+        self.last_eval_step: int | None = None
+        self.pending_rng: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None
+
+    @classmethod
+    def for_method(
+        cls,
+        cfg: Config,
+        task: Task,
+        model: torch.nn.Module,
+        method: Method,
+        accelerator: Any,
+        *data: Any,
+        hooks: Iterable[Any] = (),
+        **options: Any,
+    ) -> Trainer:
+        """A Trainer for ``model`` as adapted by ``method`` (already applied).
+
+        The one place that wires a method into the loop: its parameter groups
+        become the optimizer, its layer groups the gradient monitoring, its
+        hooks and LR factors the schedule. ``data`` is the constructor's
+        ``train_set, val_set, collator, labels, metrics_log``; ``options`` its
+        keyword arguments (``on_best``, ``progress``, ``checkpointer``, ...).
+        """
+        return cls(
+            cfg,
+            task,
+            model,
+            build_optimizer(method.param_groups(model), cfg.optim),
+            accelerator,
+            *data,
+            grad_groups=method.layer_groups(model),
+            hooks=[*method.hooks(), *hooks],
+            lr_factor=method.lr_factor,
+            cacheable=method.prefix_cacheable,
+            **options,
+        )
+
+    # -- the loop -----------------------------------------------------------
+    def run(self) -> LoopResult:
+        """Train until ``total_steps`` or early stopping; returns what happened."""
+        t, res = self.cfg.train, self.result
+        self.model.train()
+        bar = tqdm(
+            total=self.total_steps,
+            initial=res.steps,
+            desc="train",
+            unit="step",
+            disable=not (self.progress and self.acc.is_main_process),
+            dynamic_ncols=True,
+            # Redrawing every step floods logs when stderr is not a terminal.
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,
+        )
+        self._stop_if_interrupted()
+        if t.eval_at_start and res.steps == 0 and self.last_eval_step is None:
+            self.evaluate()
+        while res.steps < self.total_steps and not res.stopped_early:
+            for window in self._epoch_windows():
+                self.batches_in_epoch += len(window)
+                self.step_once(window, bar)
+                if t.eval_steps and res.steps % t.eval_steps == 0:
+                    self.evaluate()
+                if res.stopped_early or res.steps >= self.total_steps:
+                    break
+                if self.checkpointer is not None and self.checkpointer.due(res.steps):
+                    self.checkpointer.save(self)
+                self._stop_if_interrupted()
+            else:  # the epoch ran out (not stopped): the next one starts
+                self.epoch, self.batches_in_epoch = self.epoch + 1, 0
+                if not t.eval_steps and not res.stopped_early:
+                    self.evaluate()
+                continue
+            break
+        if self.last_eval_step != res.steps and not res.stopped_early:
+            self.evaluate()  # the final weights are always a candidate for best/
+        bar.close()
+        if not self.weights_finite():
+            raise TrainingDiverged(
+                f"training diverged: weights are non-finite after step {res.steps}; "
+                "final/ was not written (lower optim.lr)"
+            )
+        res.peak_rss_mb = round(peak_rss_mb(), 1)
+        return res
+
+    def _epoch_windows(self) -> Iterator[list[Batch]]:
+        """Accumulation windows of the current epoch, from the current position.
+
+        A resumed run re-creates the epoch's iterator, skips the micro-batches
+        already consumed and only then restores the RNG states, because
+        creating a DataLoader iterator draws from the global generator.
+        """
+        if hasattr(self.loader, "set_epoch"):  # accelerate re-seeds the sampler with this
+            self.loader.set_epoch(self.epoch)
+        self.sampler.set_epoch(self.epoch)
+        if hasattr(self.train_set, "set_epoch"):  # dynamic masking draws per epoch
+            self.train_set.set_epoch(self.epoch)
+        batches = iter(self.loader)
+        for _ in range(self.batches_in_epoch):
+            next(batches, None)
+        if self.pending_rng is not None:
+            restore_rng(*self.pending_rng)
+            self.pending_rng = None
+        mark = time.perf_counter()  # training time counts batching, not evaluation
+        for window in accumulation_windows(batches, self.cfg.train.grad_accum):
+            self._window_started = mark
+            yield window
+            mark = time.perf_counter()
+
+    def step_once(self, window: list[Batch], bar: Any) -> None:
+        """One optimizer step over ``window`` with its bookkeeping and logging."""
+        t, res = self.cfg.train, self.result
+        self._call_hooks("on_step_start", res.steps)
+        stats = self.train_step(window)
+        seconds = time.perf_counter() - self._window_started
+        res.train_seconds += seconds
+        self.window[3] += seconds
+        if stats.skipped:
+            self.bad_steps += 1
+            if self.bad_steps >= t.max_bad_steps:
+                raise TrainingDiverged(
+                    f"training diverged: non-finite loss or gradients in {self.bad_steps} "
+                    f"consecutive steps (last at step {res.steps}, "
+                    f"{stats.bad_where}); lower optim.lr or check the data"
+                )
+            return
+        self.bad_steps = 0
+        res.steps += 1
+        res.real_tokens += stats.real_tokens
+        self.window[0] += stats.loss_sum
+        self.window[1] += stats.targets
+        self.window[2] += stats.real_tokens
+        for name, value in stats.parts.items():
+            self.window_parts[name] = self.window_parts.get(name, 0.0) + value
+        self._window_steps += 1
+        res.epochs = res.steps / self.steps_per_epoch
+        if res.steps % t.log_steps == 0 or res.steps == self.total_steps:
+            loss, targets, tokens, secs = self.window
+            record = self._train_record(loss / max(targets, 1.0), tokens / max(secs, 1e-9), stats)
+            parts = self.objective.log_fields(
+                record["loss"], self.window_parts, targets, self._window_steps
+            )
+            record.update(parts)
+            self.window_parts, self._window_steps = {}, 0
+            self.metrics_log.write(record)
+            bar.set_postfix(
+                refresh=False,
+                loss=f"{record['loss']:.4f}",
+                lr=f"{record[f'lr/{self._first_group()}']:.2e}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+            )
+            self.window = [0.0, 0.0, 0, 0.0]
+        elif stats.group_norms:
+            self.metrics_log.write(
+                {"step": res.steps, "epoch": round(res.epochs, 4), "split": "train"}
+                | {f"grad_norm/{k}": v for k, v in stats.group_norms.items()}
+            )
+        bar.update(1)
+
+    def _stop_if_interrupted(self) -> None:
+        """After SIGINT/SIGTERM: write a resumable checkpoint (if any step ran) and stop."""
+        if self.interrupt is None or self.interrupt.requested is None:
+            return
+        name, steps = self.interrupt.signal_name, self.result.steps
+        if steps and self.checkpointer is not None:
+            where = self.checkpointer.save(self)
+            message = (
+                f"training interrupted by {name} after step {steps}: resumable checkpoint "
+                f"written to {where}; continue with --resume latest"
+            )
+        else:
+            message = f"training interrupted by {name} before any step; nothing to resume"
+        raise TrainingInterrupted(message, self.interrupt.requested)
+
+    def release(self) -> None:
+        """Drop the model, optimizer state and data loader once training is over."""
+        self.optimizer.state.clear()
+        if self.feature_cache is not None:
+            self.feature_cache.close()
+            self.feature_cache = None
+        self.model = self.optimizer = self.scheduler = self.loader = None  # type: ignore[assignment]
+        self._plain = None  # type: ignore[assignment]
+        self.grad_groups, self.hooks = {}, []
+
+    def train_step(self, window: list[Batch]) -> StepStats:
+        """One optimizer step over the micro-batches of ``window``."""
+        loss_sum, targets, tokens = self.accumulate(window)
+        grad_norm, norms, stepped, bad_where = self.apply_update(loss_sum)
+        want_norms = (self.result.steps + 1) % self._grad_norm_every == 0
+        return StepStats(
+            loss_sum,
+            targets,
+            tokens,
+            grad_norm,
+            not stepped,
+            norms if want_norms else {},
+            bad_where,
+            self.objective.take_parts(),
+        )
+
+    def accumulate(self, window: list[Batch]) -> tuple[float, float, int]:
+        """Forward/backward every micro-batch; gradients end up as for one big batch.
+
+        Returns:
+            The summed loss, this process's number of targets and real tokens.
+        """
+        acc, task = self.acc, self.task
+        local = sum(task.count_targets(b).to(acc.device) for b in window).float()
+        total = acc.reduce(local.clone(), "sum") if acc.num_processes > 1 else local
+        # DDP averages gradients over processes; multiplying by their number
+        # turns that mean back into a sum, so the normaliser is global.
+        scale = acc.num_processes / total.clamp(min=1.0)
+        loss_sum = torch.zeros((), device=acc.device)
+        tokens = 0
+        for i, batch in enumerate(window):
+            sync = i == len(window) - 1
+            with (
+                self._replaying(batch),
+                nullcontext() if sync else acc.no_sync(self.model),
+                acc.autocast(),
+            ):
+                outputs = self.model(**task.model_inputs(batch))
+                part = task.loss_sum(outputs, batch)
+                total = self.objective.batch_loss(part, outputs, batch) * scale
+                # Once per step, inside the step's gradient sync (see train/objective.py).
+                penalty = self.objective.step_penalty(self._plain) if sync else None
+                if penalty is not None:
+                    total = total + penalty
+            acc.backward(total)
+            loss_sum += part.detach().float()
+            tokens += real_tokens(batch)
+        return float(loss_sum), float(local), tokens
+
+    def _replaying(self, batch: Batch) -> Any:
+        """Run only the blocks above the cached frozen prefix (when there is a cache)."""
+        if self.feature_cache is None:
+            return nullcontext()
+        return self.feature_cache.replaying(self._plain, batch)
+
+    def apply_update(self, loss_sum: float) -> tuple[float, dict[str, float], bool, str]:
+        """Measure and clip gradients, then step unless loss or gradients are non-finite.
+
+        Returns:
+            The global gradient norm and the norm of each layer group (both
+            before clipping), whether a step was taken and, for a skipped step,
+            what was non-finite.
+        """
+        self.acc.unscale_gradients()  # fp16: measure and clip true gradients
+        norms = self.group_grad_norms()
+        total = math.sqrt(sum(v * v for v in norms.values()))
+        finite = math.isfinite(loss_sum) and math.isfinite(total)
+        bad_where = ""
+        if finite:
+            self._clip(norms, total)
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            bad_where = _describe_non_finite(loss_sum, norms)
+            log.warning(
+                "non-finite values at step %d (%s): step skipped", self.result.steps, bad_where
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, norms, finite, bad_where
+
+    def group_grad_norms(self) -> dict[str, float]:
+        """L2 norm of the gradients of each layer group (groups without gradients omitted)."""
+        norms = {}
+        for name, params in self.grad_groups.items():
+            grads = [p.grad.detach() for p in params if p.grad is not None]
+            if grads:
+                norms[name] = float(torch.nn.utils.get_total_norm(grads))
+        return norms
+
+    def _clip(self, norms: dict[str, float], total: float) -> None:
+        """Clip by the global norm, or each layer group by its own, with norms already known."""
+        max_norm = self.cfg.optim.max_grad_norm
+        if max_norm is None:
+            return
+        if self.acc.distributed_type == "FSDP":  # sharded gradients: only FSDP knows the norm
+            self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
+            return
+        if self.cfg.optim.clip_mode == "per_group":
+            for name, norm in norms.items():
+                params = [p for p in self.grad_groups[name] if p.grad is not None]
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm))
+        else:
+            params = [p for ps in self.grad_groups.values() for p in ps if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(total))
+
+    def weights_finite(self) -> bool:
+        """Whether every trained weight is finite (checked before anything is saved)."""
+        return all(bool(torch.isfinite(p).all()) for ps in self.grad_groups.values() for p in ps)
+
+    def _call_hooks(self, event: str, *args: Any) -> None:
+        for hook in self.hooks:
+            method = getattr(hook, event, None)
+            if method is not None:
+                method(self, *args)
+
+    @property
+    def _grad_norm_every(self) -> int:
+        return self.cfg.train.grad_norm_steps or self.cfg.train.log_steps
+
+    # -- evaluation -----------------------------------------------------------
+    def evaluate(self) -> dict[str, Any] | None:
+        """Evaluate on validation, log, track the best, decide early stopping."""
+        if not len(self.val_set):
+            return None
+        res = self.result
+        self.last_eval_step = res.steps
+        metrics, _ = evaluate_dataset(
+            self.model,
+            self.task,
+            self.val_set,
+            self.collator,
+            self.labels,
+            self.cfg.train.eval_batch_size or 2 * self.cfg.train.batch_size,
+            accelerator=self.acc,
+            generate=self.cfg.generate.in_eval,
+            generate_limit=self.cfg.generate.eval_samples,
+        )
+        res.last_validation = metrics
+        self.metrics_log.write(
+            {"step": res.steps, "epoch": round(res.epochs, 4), "split": "validation", **metrics}
+        )
+        if not (math.isfinite(metrics.get("loss", 0.0)) and self.weights_finite()):
+            raise TrainingDiverged(
+                f"training diverged: weights or validation loss are non-finite at step "
+                f"{res.steps}; nothing was saved from this point (lower optim.lr)"
+            )
+        value = metrics[self.cfg.eval.metric]
+        if self.stopper.update(value, res.steps):
+            res.best_metric, res.best_step = value, res.steps
+            if self.on_best is not None:
+                self.on_best(self.acc.unwrap_model(self.model), metrics)
+        if self.stopper.should_stop:
+            res.stopped_early = True
+            log.info(
+                "early stopping at step %d: %s has not improved for %d evaluations (best %.4f "
+                "at step %d)",
+                res.steps,
+                self.cfg.eval.metric,
+                self.stopper.bad_evals,
+                self.stopper.best,
+                self.stopper.best_step,
+            )
+        if self.acc.is_main_process:
+            log.info("step %d validation: %s", res.steps, _short(metrics, self.task.metric_names))
+        return metrics
+
+    # -- helpers ------------------------------------------------------------
+    def _first_group(self) -> str:
+        group = self.optimizer.param_groups[-1]  # the head's, usually the largest LR
+        return group.get("group", group["name"])
+
+    def _train_record(self, loss: float, tok_s: float, stats: StepStats) -> dict[str, Any]:
+        res = self.result
+        record: dict[str, Any] = {
+            "step": res.steps,
+            "epoch": round(res.epochs, 4),
+            "split": "train",
+            "loss": loss,
+        }
+        for group in self.optimizer.param_groups:  # decay/no-decay halves share one LR
+            record.setdefault(f"lr/{group.get('group', group['name'])}", group["lr"])
+        if stats.grad_norm is not None:
+            record["grad_norm"] = stats.grad_norm
+        for name, value in stats.group_norms.items():
+            record[f"grad_norm/{name}"] = value
+        record["tokens_per_s"] = tok_s
+        record["rss_mb"] = round(rss_mb(), 1)
+        return record
+
+
+def _describe_non_finite(loss_sum: float, norms: dict[str, float]) -> str:
+    """Which part went non-finite: the loss and/or named layer groups."""
+    bad = [name for name, value in norms.items() if not math.isfinite(value)]
+    groups = ", ".join(bad)
+    if not math.isfinite(loss_sum):
+        return f"loss is {loss_sum}" + (f"; gradients of {groups}" if bad else "")
+    return f"non-finite gradients in layer group(s) {groups or '?'}"
+
+
+def accumulation_windows(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
+    """Group micro-batches into accumulation windows (the last may be shorter)."""
+    it = iter(batches)
+    while window := list(itertools.islice(it, size)):
+        yield window
+
+
+def _short(metrics: dict[str, Any], names: tuple[str, ...]) -> str:
+    keys = ["loss", *names]
+    return ", ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
