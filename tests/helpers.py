@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,3 +298,121 @@ def train_tiny_methods(
         assert result.best_dir is not None
         out[method] = result.best_dir
     return out
+
+
+# -- one tiny run per task: the contract tests' data ------------------------------------------
+@dataclass
+class TaskData:
+    """A tiny model plus data for one task: the run's config and texts to predict."""
+
+    config: dict[str, Any]
+    texts: list[str]
+
+
+def _classification_data(folder: Path) -> TaskData:
+    from conftest import build_tiny_bert
+
+    model = build_tiny_bert(folder / "model")
+    data = write_csv(folder / "train.csv", toy_rows(40))
+    texts = ["the film was superb and fun", "a dull boring story", "it was really poor"]
+    return TaskData(tiny_config(model, data, folder / "run"), texts)
+
+
+def _token_classification_data(folder: Path) -> TaskData:
+    from test_ner import build_ner_bert, ner_config, ner_sentences, write_conll
+
+    model = build_ner_bert(folder / "model")
+    data = write_conll(folder / "train.conll", ner_sentences(40))
+    texts = ["alice lives in paris .", "bob met carol in new york"]
+    return TaskData(ner_config(model, data, folder / "run"), texts)
+
+
+def _causal_lm_data(folder: Path) -> TaskData:
+    from chat_fixtures import build_tiny_llama, write_jsonl
+    from test_causal_lm import chats, sft_config
+
+    model = build_tiny_llama(folder / "model")
+    data = write_jsonl(folder / "chats.jsonl", chats(30))
+    cfg = sft_config(model, data, folder / "run", generate={"max_new_tokens": 4})
+    return TaskData(cfg.model_dump(mode="json"), ["What is your name? 5", "Tell me a joke. 7"])
+
+
+def _seq2seq_data(folder: Path) -> TaskData:
+    from test_seq2seq import build_tiny_t5, copy_rows, s2s_config, write_jsonl
+
+    model = build_tiny_t5(folder / "model")
+    data = write_jsonl(folder / "copy.jsonl", copy_rows(24))
+    cfg = s2s_config(model, data, folder / "run", generate={"max_new_tokens": 4})
+    return TaskData(cfg, ["a b c", "d e f g"])
+
+
+def _multitask_data(folder: Path) -> TaskData:
+    from test_multitask import build_mt_bert, mt_config
+    from test_ner import ner_sentences, write_conll
+
+    model = build_mt_bert(folder / "model")
+    data = {
+        "sentiment": write_csv(folder / "sentiment.csv", toy_rows(40)),
+        "ner": write_conll(folder / "ner.conll", ner_sentences(40)),
+    }
+    texts = ["alice lives in paris .", "the film was awful"]
+    return TaskData(mt_config(model, data, folder / "run"), texts)
+
+
+#: ``task.type`` -> builder of a tiny model and data for it (in a given empty folder).
+#: Every registered task needs one: the contract tests fail for a task without.
+TASK_DATA: dict[str, Callable[[Path], TaskData]] = {
+    "sequence_classification": _classification_data,
+    "token_classification": _token_classification_data,
+    "causal_lm": _causal_lm_data,
+    "seq2seq": _seq2seq_data,
+    "multitask": _multitask_data,
+}
+
+#: The train settings of a contract run: a few fp32 steps, one validation at the end.
+CONTRACT_TRAIN = {
+    "max_steps": 3,
+    "batch_size": 8,
+    "eval_steps": 3,
+    "log_steps": 1,
+    "precision": "fp32",
+    "early_stopping_patience": None,
+}
+
+
+def task_data(task: str, folder: Path) -> TaskData:
+    """The tiny model and data of ``task`` built in ``folder``; fails naming a missing builder."""
+    if task not in TASK_DATA:
+        pytest.fail(f"add a data builder for task {task} (helpers.TASK_DATA)", pytrace=False)
+    return TASK_DATA[task](folder)
+
+
+def contract_config(data: TaskData, out: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """``data``'s config as a contract run into ``out``: ``CONTRACT_TRAIN`` plus ``sections``."""
+    cfg = copy.deepcopy(data.config)
+    cfg.setdefault("train", {}).update({**CONTRACT_TRAIN, "output_dir": str(out)})
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+#: Tolerances of a contract run's outputs compared across saving, reloading and merging
+#: (relative: for metrics far from 1, such as a perplexity of a few hundred).
+CONTRACT_ATOL, CONTRACT_RTOL = 1e-5, 1e-6
+
+
+def assert_outputs_close(got: Any, want: Any, where: str = "output") -> None:
+    """Predictions or metrics equal: nested dicts and lists alike, strings and labels
+    exactly, floats within ``CONTRACT_ATOL`` or ``CONTRACT_RTOL``."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (where, got, want)
+        for key in want:
+            assert_outputs_close(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), (where, got, want)
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_outputs_close(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, abs=CONTRACT_ATOL, rel=CONTRACT_RTOL), (where, got, want)
+    else:
+        assert got == want, (where, got, want)

@@ -44,12 +44,16 @@ pytestmark = PEFT_TEST_MARKS
 
 
 # -- fixtures -------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def mt_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_mt_bert(folder: Path) -> Path:
     """A random 2-layer BERT whose vocabulary covers both toy tasks."""
     words = sorted(set(POSITIVE + NEGATIVE + FILLER)) + PEOPLE + NER_FILLER + PIECES + LETTERS
     vocab = list(dict.fromkeys(SPECIAL + words + ["##" + c for c in LETTERS]))
-    return build_tiny_bert(tmp_path_factory.mktemp("mt-bert"), vocab=vocab)
+    return build_tiny_bert(folder, vocab=vocab)
+
+
+@pytest.fixture(scope="module")
+def mt_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_mt_bert(tmp_path_factory.mktemp("mt-bert"))
 
 
 @pytest.fixture(scope="module")
