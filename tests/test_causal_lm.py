@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -233,6 +234,28 @@ def test_lora_trains_only_adapters_and_beams_return_several(
     assert names and all("lora_" in n for n in names)  # the tied LM head is not saved/trained
     (row,) = predict(result.best_dir, ["What is your name? 5"])
     assert len(row["generated"]) == 3 and all(isinstance(t, str) for t in row["generated"])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_prompt_tuning_scores_the_text_not_the_virtual_tokens(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """Prompt tuning returns logits for its virtual tokens too; the loss reads the text's.
+
+    It used to fail at the first step (logits of 16 + L positions against L labels).
+    """
+    data = write_jsonl(tmp_path / "c.jsonl", chats(30))
+    cfg = sft_config(
+        tiny_llama,
+        data,
+        tmp_path / "prompt",
+        method={"name": "prompt", "num_virtual_tokens": 4},
+        train={"max_steps": 3, "eval_at_start": True},
+    )
+    train(cfg, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "prompt" / "metrics.jsonl").read_text().splitlines()]
+    val = [x for x in lines if x.get("split") == "validation"]
+    assert val and all(math.isfinite(x["loss"]) and x["perplexity"] > 1 for x in val)
 
 
 # -- command line -----------------------------------------------------------------------

@@ -35,14 +35,15 @@ from helpers import (
     task_data,
     train_spying,
 )
-from tunesmith.api import TrainResult, evaluate, load_checkpoint, predict, predict_records
-from tunesmith.config import Config
+from tunesmith.api import TrainResult, evaluate, load_checkpoint, predict
+from tunesmith.config.root import Config
+from tunesmith.deploy.export import export
 from tunesmith.deploy.plain import plain_model
 from tunesmith.errors import ConfigError
-from tunesmith.export import export
 from tunesmith.methods.base import METHODS
+from tunesmith.models.folders import read_manifest
+from tunesmith.runs.predict import predict_records
 from tunesmith.tasks.base import TASKS
-from tunesmith.train.checkpoint import read_manifest
 
 pytestmark = PEFT_TEST_MARKS
 

@@ -21,10 +21,10 @@ import pytest
 
 from helpers import PEFT_TEST_MARKS, TaskData, assert_outputs_close, contract_config, task_data
 from tunesmith.api import TrainResult, evaluate, predict, train
-from tunesmith.config import Config
+from tunesmith.config.root import Config
+from tunesmith.models.folders import read_manifest
 from tunesmith.tasks.base import TASKS
-from tunesmith.train.checkpoint import read_manifest
-from tunesmith.train.monitor import read_metrics
+from tunesmith.training.monitor import read_metrics
 
 pytestmark = PEFT_TEST_MARKS
 

@@ -20,6 +20,7 @@ from tunesmith.core.tables import text_table
 from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.evaluation.evaluator import EvalOptions, checkpoint_size
 from tunesmith.evaluation.speed import forward_latency, make_batches
+from tunesmith.runs.load import load_checkpoint, records_for
 from tunesmith.tasks.inference import evaluate_dataset
 
 
@@ -95,7 +96,6 @@ def compare_checkpoints(
     ``split`` is a split of ``checkpoint``'s run (``splits.json`` next to it);
     ``options`` gives the served batch size, timed batches, warm-up and threads.
     """
-    from tunesmith.runs.load import load_checkpoint, records_for
 
     opts = options or EvalOptions()
     cfg, task, before, tokenizer, labels = load_checkpoint(checkpoint)

@@ -16,7 +16,9 @@ from tunesmith.deploy.plain import plain_checkpoint
 from tunesmith.errors import ConfigError
 from tunesmith.models.folders import save_model_folder
 from tunesmith.models.loading import checkpoint_manifest
+from tunesmith.models.pruned_format import is_pruned
 from tunesmith.models.quantize import quantize_int8, save_quantized
+from tunesmith.runs.load import load_checkpoint
 
 
 def export_int8(checkpoint: str | Path, output: str | Path) -> Path:
@@ -30,7 +32,6 @@ def export_int8(checkpoint: str | Path, output: str | Path) -> Path:
             (an adapter that cannot be merged, a multi-task model, already int8).
         ModelError: ``checkpoint`` is not a checkpoint folder.
     """
-    from tunesmith.runs.load import load_checkpoint
 
     output = Path(output)
     if output.exists():
@@ -52,7 +53,6 @@ def check_quantizable(checkpoint: str | Path, manifest: dict[str, Any]) -> None:
     Raises:
         ConfigError: Already int8, structurally pruned, or a multi-task model.
     """
-    from tunesmith.models.pruned_format import is_pruned
 
     if manifest.get("quantized"):
         raise ConfigError(f"export --quantize: {checkpoint} is already {manifest['quantized']}")

@@ -48,6 +48,7 @@ from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods.base import METHODS
 from tunesmith.models.folders import atomic_dir_write
 from tunesmith.models.loading import checkpoint_manifest, max_positions
+from tunesmith.runs.load import load_checkpoint
 from tunesmith.tasks.encoding import effective_limit
 
 ONNX_FILE = "model.onnx"
@@ -206,7 +207,6 @@ def load_served_model(
         ConfigError: The task is not a classification, or the method cannot be merged.
         ModelError: The folder is no loadable checkpoint.
     """
-    from tunesmith.runs.load import load_checkpoint
 
     manifest = checkpoint_manifest(checkpoint)
     check_task(str(manifest.get("task", "")))

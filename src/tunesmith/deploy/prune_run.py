@@ -33,11 +33,17 @@ from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.deploy import prune_magnitude as pm
 from tunesmith.deploy.plain import plain_checkpoint
 from tunesmith.errors import ConfigError, DataError
+from tunesmith.evaluation.speed import make_batches
 from tunesmith.methods.base import METHODS, get_method
 from tunesmith.models import prune_structured as ps
 from tunesmith.models.folders import save_model_folder
 from tunesmith.models.loading import checkpoint_manifest
+from tunesmith.models.pruned_format import is_pruned, save_pruned
+from tunesmith.runs.load import load_checkpoint, records_for
 from tunesmith.tasks.base import Task
+from tunesmith.training.loop import Trainer
+from tunesmith.training.monitor import MetricsLog
+from tunesmith.training.precision import new_accelerator, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +138,6 @@ def prune_checkpoint(
         ModelError: Structured pruning of an architecture other than BERT-like encoders.
         DataError: Recovery or gradient scores need training rows and there are none.
     """
-    from tunesmith.runs.load import load_checkpoint
 
     settings.check()
     output = Path(output)
@@ -206,7 +211,6 @@ def check_prunable(checkpoint: str | Path, manifest: dict[str, Any]) -> None:
     Raises:
         ConfigError: An int8 export, a structurally pruned folder, or a multi-task model.
     """
-    from tunesmith.models.pruned_format import is_pruned
 
     if manifest.get("quantized"):
         raise ConfigError(
@@ -249,7 +253,6 @@ def _train_set(
     Raises:
         DataError: No ``--train-data`` and no training rows recorded next to the checkpoint.
     """
-    from tunesmith.runs.load import records_for
 
     if settings.train_data is not None:
         records = task.load_records(settings.train_data)
@@ -277,8 +280,6 @@ def _scores(
     if settings.importance != "gradient" or train_set is None:
         return None
     import random
-
-    from tunesmith.evaluation.speed import make_batches
 
     # A seeded sample: the run's rows may be ordered (by label, by source file).
     rows = random.Random(task.cfg.train.seed).sample(train_set.features, len(train_set.features))
@@ -312,10 +313,6 @@ def recover(
     ``MaskKeeper`` holds the pruned weights at zero.
     """
     from accelerate.utils import set_seed
-
-    from tunesmith.training.loop import Trainer
-    from tunesmith.training.monitor import MetricsLog
-    from tunesmith.training.precision import new_accelerator, resolve_precision
 
     steps = settings.recover_steps
     keeper = pm.MaskKeeper(pm.prunable_linears(model), masks) if masks is not None else None
@@ -401,6 +398,5 @@ def _saver(task: Task, cfg: Config, model: nn.Module, kept: ps.Kept | None) -> A
     if kept is None:
         method = get_method(cfg)
         return lambda folder: task.save_weights(method, model, folder)
-    from tunesmith.models.pruned_format import save_pruned
 
     return lambda folder: save_pruned(model, folder, kept)

@@ -20,7 +20,9 @@ from typing import Any
 from tunesmith.core.tables import text_table
 from tunesmith.deploy.compare import compare_checkpoints, format_comparison
 from tunesmith.deploy.int8_export import export_int8
+from tunesmith.deploy.onnx_export import DEFAULT_OPSET, export_onnx, onnx_latency
 from tunesmith.evaluation.evaluator import EvalOptions
+from tunesmith.runs.load import records_for
 
 REPORT_FILE = "export_report.json"
 
@@ -69,8 +71,6 @@ def onnx_export_report(
     opset: int | None = None,
 ) -> str:
     """Export ``checkpoint`` to ONNX in ``output``; parity, and latency of both runtimes."""
-    from tunesmith.deploy.onnx_export import DEFAULT_OPSET, export_onnx, onnx_latency
-    from tunesmith.runs.load import records_for
 
     done = export_onnx(checkpoint, output, opset=opset or DEFAULT_OPSET)
     lines = [f"exported ONNX graph to {done.model_file} (opset {done.opset})"]

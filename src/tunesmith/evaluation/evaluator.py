@@ -27,6 +27,7 @@ from tunesmith.data.perturb import KINDS, perturb_records
 from tunesmith.errors import ConfigError
 from tunesmith.evaluation.memory import PeakMemory
 from tunesmith.evaluation.speed import forward_latency, make_batches
+from tunesmith.runs.load import load_checkpoint, records_for
 from tunesmith.tasks.inference import evaluate_dataset
 
 EVALUATION_FILE = "evaluation.json"
@@ -76,7 +77,6 @@ def evaluate_checkpoint(
     allow_unsafe_weights: bool = False,
 ) -> dict[str, Any]:
     """The full evaluation of a ``best/``/``final/`` folder on a data file or a split of its run."""
-    from tunesmith.runs.load import load_checkpoint, records_for
 
     opts = options or EvalOptions()
     folder = Path(checkpoint)

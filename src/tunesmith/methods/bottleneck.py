@@ -199,6 +199,10 @@ class Bottleneck(LayeredMethod):
     """
 
     name = "bottleneck"
+    merge_blocker = (
+        "the non-linearity between its down and up projections cannot be folded into "
+        "linear weights"
+    )
     keys = frozenset(
         {
             "reduction_factor",

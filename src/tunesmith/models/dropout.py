@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from tunesmith.errors import ConfigError
+from tunesmith.models.loading import read_model_config
 
 #: ``config.json`` keys of the hidden-state (residual / embedding / feed-forward) dropout.
 HIDDEN_KEYS = (
@@ -72,6 +73,5 @@ def configured_dropout(cfg: Any, name_or_path: str) -> dict[str, float]:
     r = cfg.regularize
     if r.hidden_dropout is None and r.attention_dropout is None:
         return {}
-    from tunesmith.models.loading import read_model_config
 
     return dropout_changes(read_model_config(name_or_path), r.hidden_dropout, r.attention_dropout)

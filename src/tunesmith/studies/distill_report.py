@@ -15,6 +15,10 @@ import torch
 
 from tunesmith.core.tables import text_table
 from tunesmith.data.batching import Collator, FeatureDataset
+from tunesmith.evaluation.speed import forward_latency, make_batches
+from tunesmith.models.loading import checkpoint_manifest
+from tunesmith.runs.load import load_checkpoint, records_for
+from tunesmith.tasks.inference import evaluate_dataset
 
 #: Batch sizes timed: one request, and a served batch.
 BATCH_SIZES = (1, 32)
@@ -38,10 +42,6 @@ def compare(
         batches: Timed batches per batch size.
         threads: Torch threads while timing (None: as set).
     """
-    from tunesmith.evaluation.speed import forward_latency, make_batches
-    from tunesmith.models.loading import checkpoint_manifest
-    from tunesmith.runs.load import load_checkpoint, records_for
-    from tunesmith.tasks.inference import evaluate_dataset
 
     # Each checkpoint loaded once: for its metrics, its size and its latency.
     loaded = {

@@ -187,7 +187,7 @@ class CausalLM(Task):
 
     def loss_sum(self, outputs: Any, batch: Batch) -> torch.Tensor:
         return shifted_token_cross_entropy_sum(
-            outputs.logits, batch["labels"], self.cfg.task.label_smoothing
+            _text_logits(outputs, batch["labels"]), batch["labels"], self.cfg.task.label_smoothing
         )
 
     def outputs_to_predictions(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
@@ -196,7 +196,7 @@ class CausalLM(Task):
             return {}
         labels = batch["labels"][:, 1:]
         nll = F.cross_entropy(
-            outputs.logits[:, :-1].float().transpose(1, 2),
+            _text_logits(outputs, batch["labels"])[:, :-1].float().transpose(1, 2),
             labels,
             ignore_index=IGNORE,
             reduction="none",
@@ -247,3 +247,14 @@ def left_aligned(
         ids[i, width - len(real) :] = real
         mask[i, width - len(real) :] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def _text_logits(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+    """The logits of the batch's own positions.
+
+    Prompt tuning puts its virtual tokens in front of the input, so the model
+    returns that many extra positions first; they predict nothing of the text.
+    """
+    logits = outputs.logits
+    extra = logits.shape[1] - labels.shape[1]
+    return logits[:, extra:] if extra > 0 else logits

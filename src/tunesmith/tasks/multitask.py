@@ -40,6 +40,7 @@ from tunesmith.config.multitask import MULTITASK, MultitaskConfig
 from tunesmith.config.root import Config
 from tunesmith.data.task_sampler import TaskBatchSampler, mixing_rates
 from tunesmith.errors import ConfigError, DataError
+from tunesmith.models.loading import load_pretrained
 from tunesmith.tasks.base import TASKS, Batch, DataSplits, Feature, Task, register_task
 from tunesmith.tasks.multitask_model import (
     ENCODER_DIR,
@@ -280,7 +281,6 @@ class MultiTask(Task):
         save_adapter_encoder(method, model, Path(folder) / ENCODER_DIR)
 
     def _load_encoder(self, path: str) -> Any:
-        from tunesmith.models.loading import load_pretrained
 
         m = self.cfg.model
         return load_pretrained(

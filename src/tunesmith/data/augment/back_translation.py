@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from tunesmith.config.augment import BackTranslationConfig
+from tunesmith.models.loading import load_pretrained, load_tokenizer
 
 
 class BackTranslator:
@@ -68,8 +69,6 @@ class BackTranslator:
 
 def _load(path: str, *, trust_remote_code: bool) -> tuple[Any, Any]:
     from transformers import AutoModelForSeq2SeqLM
-
-    from tunesmith.models.loading import load_pretrained, load_tokenizer
 
     model = load_pretrained(AutoModelForSeq2SeqLM, path, trust_remote_code=trust_remote_code)
     return model.eval(), load_tokenizer(path, trust_remote_code=trust_remote_code)

@@ -11,9 +11,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from tunesmith.data.augment.apply import Augmenter, AugmentStats
+from tunesmith.data.augment.back_translation import BackTranslator
 from tunesmith.data.augment.masking import MaskedFeatureDataset, mask_token_id
 from tunesmith.data.augment.synonyms import EmbeddingSynonyms, WordNetSynonyms, find_wordnet
 from tunesmith.data.batching import FeatureDataset
+from tunesmith.models.loading import load_pretrained
 
 if TYPE_CHECKING:
     import torch
@@ -45,8 +47,6 @@ def build_augmenter(
             synonyms = EmbeddingSynonyms(tokenizer, embeddings, aug.embedding_neighbours)
     translator = None
     if aug.back_translation is not None and aug.back_translation.probability > 0:
-        from tunesmith.data.augment.back_translation import BackTranslator
-
         translator = BackTranslator(
             aug.back_translation, trust_remote_code=cfg.model.trust_remote_code
         )
@@ -56,8 +56,6 @@ def build_augmenter(
 def input_embeddings(cfg: Config) -> torch.Tensor:
     """The input-embedding matrix of the configured base model (loaded without a head)."""
     from transformers import AutoModel
-
-    from tunesmith.models.loading import load_pretrained
 
     model = load_pretrained(
         AutoModel, cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code

@@ -24,6 +24,7 @@ from torch import nn
 from tunesmith.errors import ConfigError
 from tunesmith.models.adapter_modules import map_hidden
 from tunesmith.models.layers import discover_layers
+from tunesmith.objectives.distill.student import keep_indices
 
 
 class BlockOutputs:
@@ -87,7 +88,6 @@ def matched_blocks(
     student_blocks: int, teacher_blocks: int, kept: Sequence[int] | None
 ) -> list[tuple[int, int]]:
     """``(student block, teacher block)`` pairs: the copied blocks, else evenly spaced."""
-    from tunesmith.objectives.distill.student import keep_indices
 
     if kept is not None:
         return list(enumerate(kept))

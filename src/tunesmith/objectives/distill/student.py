@@ -17,7 +17,9 @@ from typing import Any
 from torch import nn
 
 from tunesmith.errors import ConfigError, ModelError
+from tunesmith.models.dropout import configured_dropout
 from tunesmith.models.layers import discover_layers
+from tunesmith.models.loading import checkpoint_manifest, load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +85,6 @@ def build_student(cfg: Any, task: Any, labels: Sequence[str]) -> nn.Module:
         ConfigError: The teacher is an adapter checkpoint or has other labels.
     """
     from pathlib import Path
-
-    from tunesmith.models.dropout import configured_dropout
-    from tunesmith.models.loading import checkpoint_manifest, load_pretrained
 
     d, m = cfg.distill, cfg.model
     manifest = checkpoint_manifest(Path(d.teacher))

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tunesmith.data.batching import Collator, FeatureDataset
+from tunesmith.objectives.distill.hidden import LiveTeacher
 from tunesmith.objectives.distill.kd import kd_loss_sum
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,6 @@ class TeacherLogits:
         padding_side: str = "right",
         live: Any = None,
     ) -> None:
-        from tunesmith.objectives.distill.hidden import LiveTeacher
 
         if cached is None and model is None and live is None:
             raise ValueError("give cached logits or a teacher model")

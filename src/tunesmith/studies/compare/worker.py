@@ -18,15 +18,16 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from tunesmith.config.root import Config
+from tunesmith.evaluation.evaluator import EvalOptions, evaluate_checkpoint, write_evaluation
+from tunesmith.evaluation.report import render_report
+from tunesmith.runs.train import train
+
 RESULT_FILE = "result.json"
 
 
 def run_method(spec: dict[str, Any]) -> dict[str, Any]:
     """Train and evaluate one method as ``spec`` says; returns what goes in ``result.json``."""
-    from tunesmith.config.root import Config
-    from tunesmith.evaluation.evaluator import EvalOptions, evaluate_checkpoint, write_evaluation
-    from tunesmith.evaluation.report import render_report
-    from tunesmith.runs.train import train
 
     folder = Path(spec["folder"])
     run_dir = folder / "run"

@@ -34,6 +34,7 @@ from typing import Any
 from tunesmith.config.root import Config
 from tunesmith.config.tune import TuneConfig
 from tunesmith.errors import ConfigError, TrainingInterrupted, TunesmithError
+from tunesmith.runs.train import train
 from tunesmith.studies.tune.space import as_overrides, suggest
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,6 @@ class Objective:
 
 def _train(cfg: Config, sink: PruningSink, *, verbose: bool) -> Any:
     """One trial's run; its per-run log lines (data, parameter table...) only when verbose."""
-    from tunesmith.runs.train import train
 
     logger = logging.getLogger("tunesmith")
     held = logger.level
