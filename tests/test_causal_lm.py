@@ -253,7 +253,8 @@ def test_prompt_tuning_scores_the_text_not_the_virtual_tokens(
         train={"max_steps": 3, "eval_at_start": True},
     )
     train(cfg, progress=False)
-    lines = [json.loads(x) for x in (tmp_path / "prompt" / "metrics.jsonl").read_text().splitlines()]
+    metrics = (tmp_path / "prompt" / "metrics.jsonl").read_text().splitlines()
+    lines = [json.loads(x) for x in metrics]
     val = [x for x in lines if x.get("split") == "validation"]
     assert val and all(math.isfinite(x["loss"]) and x["perplexity"] > 1 for x in val)
 

@@ -200,8 +200,7 @@ class Bottleneck(LayeredMethod):
 
     name = "bottleneck"
     merge_blocker = (
-        "the non-linearity between its down and up projections cannot be folded into "
-        "linear weights"
+        "the non-linearity between its down and up projections cannot be folded into linear weights"
     )
     keys = frozenset(
         {
