@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 from torch import nn
-from tunesmith.config.root.root import Config
 
 from conftest import tiny_config, toy_rows, write_csv
 from tunesmith.cli import main
+from tunesmith.config.root import Config
 from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.methods.base import Method, get_method
 from tunesmith.models.loading import load_tokenizer

@@ -151,3 +151,23 @@ def test_console_script_exit_code(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: config file not found: {tmp_path / 'missing.yaml'}"
     ]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_predict_and_eval_print_no_third_party_noise(tiny_runs, method):
+    """What a user sees is tunesmith's output: no deprecation or kernel-loading notices
+    of the libraries underneath (torchao's pytree warnings once came with every predict)."""
+    exe = Path(sys.executable).with_name("tunesmith")
+    best = tiny_runs[method]
+    for args in (
+        ["predict", str(best), "--text", "a great film"],
+        ["eval", str(best), "--split", "validation"],
+    ):
+        proc = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        noise = [
+            line
+            for line in proc.stderr.splitlines()
+            if any(w in line for w in ("Warning", "deprecated", "_pytree", "Failed to load"))
+        ]
+        assert noise == [], args

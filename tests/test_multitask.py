@@ -22,7 +22,6 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
-from tunesmith.config.root.root import Config
 
 from conftest import FILLER, NEGATIVE, POSITIVE, SPECIAL, build_tiny_bert, toy_rows, write_csv
 from helpers import PEFT_TEST_MARKS, cli_fails
@@ -31,6 +30,7 @@ from test_ner import FILLER as NER_FILLER
 from test_ner import LETTERS, PEOPLE, PIECES, ner_config, ner_sentences, write_conll
 from tunesmith.api import evaluate, predict, train
 from tunesmith.cli import main
+from tunesmith.config.root import Config
 from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.data.task_sampler import TaskBatchSampler, batch_quotas, mixing_rates
 from tunesmith.errors import ConfigError
