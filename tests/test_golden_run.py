@@ -23,7 +23,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import build_tiny_bert, tiny_config, toy_rows, write_csv  # noqa: E402
+from conftest import build_tiny_bert, tiny_config, toy_rows, write_csv
 
 #: Keys that measure the machine, not the training.
 MACHINE_KEYS = {"tokens_per_s", "rss_mb", "samples_per_s", "time", "elapsed_s", "seconds"}
