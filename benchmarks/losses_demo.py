@@ -1,4 +1,4 @@
-"""The losses/regularisation/distillation experiments of the README, on MiniLM + offline data.
+"""The losses/regularisation/distillation experiments of docs/benchmarks.md (MiniLM, offline).
 
 Stages (each skipped when its run folder already has a summary.json):
 

@@ -1,4 +1,4 @@
-"""The instruction-tuning demo, before and after (README: "Instruction tuning").
+"""The instruction-tuning demo, before and after (docs/benchmarks.md: "Instruction tuning").
 
 Trains ``examples/sft_smollm2.yaml`` (SmolLM2-135M-Instruct + LoRA on the
 chatterbot corpus) and shows what changed: validation perplexity of the
