@@ -43,8 +43,8 @@ COMMON = ["train.overwrite=true", "train.save_minutes=null"]
 
 def run(arm: str, seed: int) -> dict[str, Any]:
     """Train one arm with one seed (unless done); its summary.json."""
-    from tunesmith.api import train
     from tunesmith.config.root import Config
+    from tunesmith.runs.train import train
 
     out = OUT / f"{arm}-seed{seed}"
     if not (out / "summary.json").is_file():

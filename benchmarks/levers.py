@@ -1,4 +1,4 @@
-"""The measured effect of each speed/memory switch of ``train`` (README: "Speed levers").
+"""The measured effect of each speed/memory switch of ``train`` (docs/benchmarks.md).
 
 Every lever is one config override of ``examples/sentiment.yaml`` (MiniLM-L6,
 Rotten Tomatoes), trained in its own process on the same rows, split, seed and

@@ -1,4 +1,4 @@
-"""The losses/regularisation/distillation experiments of the README, on MiniLM + offline data.
+"""The losses/regularisation/distillation experiments of docs/benchmarks.md (MiniLM, offline).
 
 Stages (each skipped when its run folder already has a summary.json):
 
@@ -42,8 +42,8 @@ SMALL = [
 
 def run(name: str, config: Path, overrides: list[str]) -> dict[str, Any]:
     """Train ``config`` into runs/losses/<name> (unless done); its summary.json."""
-    from tunesmith.api import train
     from tunesmith.config.root import Config
+    from tunesmith.runs.train import train
 
     out = OUT / name
     if not (out / "summary.json").is_file():
@@ -58,7 +58,7 @@ def latency(checkpoints: dict[str, Path], texts: list[str], sizes=(1, 32)) -> di
     The models take turns on every batch, so load from other processes on the
     machine hits them alike.
     """
-    from tunesmith.api import load_checkpoint
+    from tunesmith.runs.train import load_checkpoint
 
     models = {}
     for name, folder in checkpoints.items():
@@ -120,7 +120,7 @@ def control(results: dict) -> None:
 
 def _test_texts() -> list[str]:
     """The first 640 test reviews of the teacher's run (its splits.json rows)."""
-    from tunesmith.api import load_checkpoint
+    from tunesmith.runs.train import load_checkpoint
 
     _, task, *_ = load_checkpoint(OUT / "teacher" / "best")
     provenance = json.loads((OUT / "teacher" / "splits.json").read_text())
@@ -189,7 +189,8 @@ def _imbalanced_split(folder: Path) -> None:
     """10% fresh (the positive class) in every split; the rest rotten."""
     import csv
 
-    from tunesmith.assets.locate import ROTTEN_TOMATOES, locate
+    from tunesmith.assets.locate.locate import ROTTEN_TOMATOES, locate
+
     from tunesmith.data.loading import load_records
 
     source = str(locate(ROTTEN_TOMATOES))

@@ -42,8 +42,8 @@ def _reviews(n: int) -> list[str]:
 def weight_table(batch_size: int = 32) -> str:
     """Markdown: bytes, fidelity and forward time of the MiniLM classifier per base format."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from tunesmith.assets.locate.locate import ASSETS, locate
 
-    from tunesmith.assets.locate import ASSETS, locate
     from tunesmith.methods.quantized_base import quantize_base, storage_bytes, weight_bytes
     from tunesmith.models.loading import quiet_transformers
 

@@ -1,4 +1,4 @@
-"""The instruction-tuning demo, before and after (README: "Instruction tuning").
+"""The instruction-tuning demo, before and after (docs/benchmarks.md: "Instruction tuning").
 
 Trains ``examples/sft_smollm2.yaml`` (SmolLM2-135M-Instruct + LoRA on the
 chatterbot corpus) and shows what changed: validation perplexity of the
@@ -18,10 +18,10 @@ from pathlib import Path
 
 from _runs import ROOT
 
-from tunesmith.api import predict, train
 from tunesmith.config.root import Config
 from tunesmith.models.loading import load_tokenizer
 from tunesmith.runs.predict import predict_records
+from tunesmith.runs.train import predict, train
 from tunesmith.tasks.base import get_task
 
 

@@ -37,6 +37,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.methods.base import get_method
 from tunesmith.models.folders import read_manifest
 from tunesmith.models.loading import load_tokenizer
+from tunesmith.runs.load import load_trained
 from tunesmith.tasks.base import get_task
 from tunesmith.tasks.inference import predict_dataset
 
@@ -267,7 +268,7 @@ def test_save_and_reload_are_exact_for_each_method(method, mt_bert, mt_data, tmp
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.2)
     task.save_weights(method_, model, tmp_path)
-    reloaded = task.load_trained(str(tmp_path), labels, tokenizer)
+    reloaded = load_trained(task, str(tmp_path), labels, tokenizer)
     model.eval()
     records = task.text_records(["alice visited paris today !", "a really dull plot"])
     features = FeatureDataset(task.encode(records, tokenizer, None))

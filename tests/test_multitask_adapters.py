@@ -23,6 +23,7 @@ from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods.base import get_method
 from tunesmith.models.folders import read_manifest
 from tunesmith.models.loading import load_tokenizer
+from tunesmith.runs.load import load_trained
 from tunesmith.tasks.base import get_task
 from tunesmith.tasks.inference import predict_dataset
 from tunesmith.tasks.multitask_model import unwrap
@@ -111,14 +112,14 @@ def test_save_and_reload_are_exact(method, mt_bert, mt_data, tmp_path):
     encoder_files = list((tmp_path / "saved" / "encoder").glob("*.safetensors"))
     assert len(encoder_files) == 1
     assert not any("task_adapters" in k for k in load_file(str(encoder_files[0])))
-    reloaded = task.load_trained(str(tmp_path / "saved"), LABELS, tokenizer)
+    reloaded = load_trained(task, str(tmp_path / "saved"), LABELS, tokenizer)
     mine, theirs = (logits_per_task(task, tokenizer, m) for m in (model, reloaded))
     for key, value in mine.items():
         torch.testing.assert_close(theirs[key], value, rtol=0, atol=1e-6)
     # The saved adapters matter: without them the outputs differ.
     plain = get_task(Config.from_dict(mt_config(mt_bert, mt_data, tmp_path / "x", method=method)))
     with pytest.raises(ModelError, match="private adapters"):
-        plain.load_trained(str(tmp_path / "saved"), LABELS, tokenizer)
+        load_trained(plain, str(tmp_path / "saved"), LABELS, tokenizer)
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -145,8 +146,8 @@ def test_shared_private_training_learns_and_evaluates_again(method, mt_bert, mt_
         saved = load_file(str(result.best_dir / "heads" / f"{name}.safetensors"))
         assert saved["adapter.1.up.weight"].abs().max() > 0  # moved from its zero start
     if method == "lora":  # only the adapter files hold new weights
-        reloaded = get_task(cfg).load_trained(
-            str(result.best_dir), LABELS, load_tokenizer(str(mt_bert))
+        reloaded = load_trained(
+            get_task(cfg), str(result.best_dir), LABELS, load_tokenizer(str(mt_bert))
         )
         state = unwrap(reloaded).encoder.state_dict()
         for key, value in initial.items():
