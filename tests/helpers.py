@@ -192,7 +192,7 @@ class Recorder:
         def step(*args, **kwargs):
             self.updates.append(
                 Update(
-                    step=trainer.result.steps,
+                    step=trainer.state.step,
                     lr={g["name"]: g["lr"] for g in trainer.optimizer.param_groups},
                     with_grad={n for n, p in model.named_parameters() if p.grad is not None},
                     weights={n: p.detach().clone() for n, p in model.named_parameters()},

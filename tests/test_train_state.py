@@ -1,13 +1,16 @@
 """The loop's state: one dataclass that round-trips through a checkpoint's JSON exactly.
 
 Why: resuming is bit-equal only if every value the loop mutates comes back
-exactly.
+exactly, and the loop's modules must not depend on each other in a circle.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
+import tunesmith.train as train_pkg
 from tunesmith.train.early_stop import EarlyStopping
 from tunesmith.train.state import LogWindow, TrainState
 
@@ -69,3 +72,19 @@ def test_checkpoints_of_the_earlier_layout_still_load():
     assert (state.stopper.best, state.stopper.best_step) == (0.6, 4)
     result = state.result(steps_per_epoch=4)
     assert (result.steps, result.epochs, result.best_metric) == (5, 1.25, 0.6)
+
+
+def test_only_the_loop_imports_the_loop():
+    """One-way dependencies: no other module of tunesmith.train imports train.loop."""
+    folder = Path(train_pkg.__file__).parent
+    for path in sorted(folder.glob("*.py")):
+        if path.name == "loop.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                imported |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+        assert "tunesmith.train.loop" not in imported, path.name

@@ -56,7 +56,6 @@ from tunesmith.train.resume import (
     estimate_checkpoint_mb,
     read_state,
     resolve_checkpoint,
-    restore_training_state,
     run_dir_of,
 )
 from tunesmith.train.tensorboard import TensorBoardSink
@@ -203,9 +202,10 @@ def train(
             sampler=extras.sampler,
         )
         if accelerator.is_main_process:  # room for a checkpoint, best/ and final/
-            check_disk_space(out, 3 * estimate_checkpoint_mb(trainer), "this run's outputs")
+            needed = 3 * estimate_checkpoint_mb(trainer.optimizer)
+            check_disk_space(out, needed, "this run's outputs")
         if checkpoint is not None:
-            restore_training_state(trainer, checkpoint)
+            trainer.resume_from(checkpoint)
         loop = trainer.run()
     accelerator.wait_for_everyone()
     final_dir = out / "final"

@@ -11,6 +11,9 @@ without this file knowing. Per optimizer step:
 4. skip the step if the loss or gradient norm is not finite (stop after
    ``MAX_BAD_STEPS`` in a row), clip, step optimizer and schedule;
 5. log, evaluate, keep the best, stop early.
+
+Everything the loop mutates is ``self.state`` (a ``TrainState``), which is
+exactly what a checkpoint stores of it.
 """
 
 from __future__ import annotations
@@ -43,31 +46,20 @@ from tunesmith.train.feature_cache import plan_cache
 from tunesmith.train.interrupt import GracefulInterrupt
 from tunesmith.train.monitor import MetricsLog, peak_rss_mb, rss_mb
 from tunesmith.train.objective import Objective
-from tunesmith.train.resume import Checkpointer, restore_rng
+from tunesmith.train.resume import (
+    Checkpointer,
+    ResumeParts,
+    RngState,
+    restore_rng,
+    restore_training_state,
+)
+from tunesmith.train.state import LogWindow, LoopResult, TrainState
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class LoopResult:
-    """What the loop did: steps, timing, the best evaluation."""
-
-    steps: int = 0
-    epochs: float = 0.0
-    train_seconds: float = 0.0
-    real_tokens: int = 0
-    best_metric: float | None = None
-    best_step: int | None = None
-    stopped_early: bool = False
-    peak_rss_mb: float = 0.0
-    last_validation: dict[str, Any] = field(default_factory=dict)
-    #: Seconds spent building the feature cache (also counted in ``train_seconds``).
-    cache_seconds: float = 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Real (non-pad) training tokens per second of training time."""
-        return self.real_tokens / self.train_seconds if self.train_seconds else 0.0
+#: What callers import from here besides the Trainer (``LoopResult`` lives next door).
+__all__ = ["LoopResult", "StepStats", "Trainer", "accumulation_windows"]
 
 
 @dataclass
@@ -115,9 +107,10 @@ class Trainer:
         sampler: The training order (None: ``task.train_sampler``); replay passes
             one that mixes reference examples in.
 
-    The loop's position (``epoch``, ``batches_in_epoch``) and counters are
-    attributes, so a checkpoint can store them and ``restore_training_state``
-    can put a fresh Trainer exactly where an interrupted one was.
+    The loop's position (``epoch``, ``batches_in_epoch``), counters and
+    early stopping are ``self.state``, a ``TrainState``: a checkpoint stores its
+    ``state_dict()`` and ``resume_from`` puts a fresh Trainer exactly where an
+    interrupted one was.
     """
 
     def __init__(
@@ -148,8 +141,6 @@ class Trainer:
         self.collator, self.train_set, self.val_set = collator, train_set, val_set
         self.metrics_log, self.on_best, self.progress = metrics_log, on_best, progress
         self.objective = objective or Objective()
-        self.window_parts: dict[str, float] = {}  # the objective's parts since the last log
-        self._window_steps = 0
         t = cfg.train
         self.sampler = sampler or task.train_sampler(
             train_set.features,
@@ -169,6 +160,9 @@ class Trainer:
         self._plain = accelerator.unwrap_model(self.model, keep_torch_compile=False)
         self.steps_per_epoch = max(1, math.ceil(len(self.loader) / t.grad_accum))
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        self.state = TrainState(
+            EarlyStopping(cfg.eval.higher_is_better(), patience=t.early_stopping_patience)
+        )
         self.hooks = list(hooks or [])
         # Hooks learn the run's length before the schedule computes its first LR.
         self._call_hooks("on_train_start")
@@ -191,21 +185,12 @@ class Trainer:
         )
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps, lr_factor)
         self.grad_groups = optimized_groups(self.optimizer, grad_groups)
-        self.stopper = EarlyStopping(
-            cfg.eval.higher_is_better(), patience=t.early_stopping_patience
-        )
-        self.result = LoopResult()
         if self.feature_cache is not None:  # part of training time: HF pays it every epoch
-            self.result.cache_seconds = time.perf_counter() - cache_started
-            self.result.train_seconds = self.result.cache_seconds
+            self.state.cache_seconds = time.perf_counter() - cache_started
+            self.state.train_seconds = self.state.cache_seconds
         self.checkpointer, self.interrupt = checkpointer, interrupt
-        # Position and counters: all a checkpoint needs besides weights, optimizer, RNG.
-        self.epoch = 0
-        self.batches_in_epoch = 0  # micro-batches of the current epoch already consumed
-        self.bad_steps = 0
-        self.window = [0.0, 0.0, 0, 0.0]  # loss, targets, tokens, seconds since last log
-        self.last_eval_step: int | None = None
-        self.pending_rng: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None
+        # RNG states a resume sets once the interrupted epoch's iterator is re-created.
+        self._pending_rng: RngState | None = None
 
     @classmethod
     def for_method(
@@ -241,14 +226,18 @@ class Trainer:
             **options,
         )
 
+    def resume_from(self, checkpoint: Path) -> None:
+        """Continue where the run that wrote ``checkpoint`` stopped (call before ``run``)."""
+        self._pending_rng = restore_training_state(self._resume_parts(), checkpoint)
+
     # -- the loop -----------------------------------------------------------
     def run(self) -> LoopResult:
         """Train until ``total_steps`` or early stopping; returns what happened."""
-        t, res = self.cfg.train, self.result
+        t, state = self.cfg.train, self.state
         self.model.train()
         bar = tqdm(
             total=self.total_steps,
-            initial=res.steps,
+            initial=state.step,
             desc="train",
             unit="step",
             disable=not (self.progress and self.acc.is_main_process),
@@ -257,35 +246,34 @@ class Trainer:
             mininterval=0.5 if sys.stderr.isatty() else 30.0,
         )
         self._stop_if_interrupted()
-        if t.eval_at_start and res.steps == 0 and self.last_eval_step is None:
+        if t.eval_at_start and state.step == 0 and state.last_eval_step is None:
             self.evaluate()
-        while res.steps < self.total_steps and not res.stopped_early:
+        while state.step < self.total_steps and not state.stopped_early:
             for window in self._epoch_windows():
-                self.batches_in_epoch += len(window)
+                state.batches_in_epoch += len(window)
                 self.step_once(window, bar)
-                if t.eval_steps and res.steps % t.eval_steps == 0:
+                if t.eval_steps and state.step % t.eval_steps == 0:
                     self.evaluate()
-                if res.stopped_early or res.steps >= self.total_steps:
+                if state.stopped_early or state.step >= self.total_steps:
                     break
-                if self.checkpointer is not None and self.checkpointer.due(res.steps):
-                    self.checkpointer.save(self)
+                if self.checkpointer is not None and self.checkpointer.due(state.step):
+                    self.checkpointer.save(self._resume_parts())
                 self._stop_if_interrupted()
             else:  # the epoch ran out (not stopped): the next one starts
-                self.epoch, self.batches_in_epoch = self.epoch + 1, 0
-                if not t.eval_steps and not res.stopped_early:
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                if not t.eval_steps and not state.stopped_early:
                     self.evaluate()
                 continue
             break
-        if self.last_eval_step != res.steps and not res.stopped_early:
+        if state.last_eval_step != state.step and not state.stopped_early:
             self.evaluate()  # the final weights are always a candidate for best/
         bar.close()
         if not self.weights_finite():
             raise TrainingDiverged(
-                f"training diverged: weights are non-finite after step {res.steps}; "
+                f"training diverged: weights are non-finite after step {state.step}; "
                 "final/ was not written (lower optim.lr)"
             )
-        res.peak_rss_mb = round(peak_rss_mb(), 1)
-        return res
+        return state.result(self.steps_per_epoch, round(peak_rss_mb(), 1))
 
     def _epoch_windows(self) -> Iterator[list[Batch]]:
         """Accumulation windows of the current epoch, from the current position.
@@ -294,17 +282,18 @@ class Trainer:
         already consumed and only then restores the RNG states, because
         creating a DataLoader iterator draws from the global generator.
         """
+        epoch = self.state.epoch
         if hasattr(self.loader, "set_epoch"):  # accelerate re-seeds the sampler with this
-            self.loader.set_epoch(self.epoch)
-        self.sampler.set_epoch(self.epoch)
+            self.loader.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
         if hasattr(self.train_set, "set_epoch"):  # dynamic masking draws per epoch
-            self.train_set.set_epoch(self.epoch)
+            self.train_set.set_epoch(epoch)
         batches = iter(self.loader)
-        for _ in range(self.batches_in_epoch):
+        for _ in range(self.state.batches_in_epoch):
             next(batches, None)
-        if self.pending_rng is not None:
-            restore_rng(*self.pending_rng)
-            self.pending_rng = None
+        if self._pending_rng is not None:
+            restore_rng(*self._pending_rng)
+            self._pending_rng = None
         mark = time.perf_counter()  # training time counts batching, not evaluation
         for window in accumulation_windows(batches, self.cfg.train.grad_accum):
             self._window_started = mark
@@ -313,39 +302,32 @@ class Trainer:
 
     def step_once(self, window: list[Batch], bar: Any) -> None:
         """One optimizer step over ``window`` with its bookkeeping and logging."""
-        t, res = self.cfg.train, self.result
-        self._call_hooks("on_step_start", res.steps)
+        t, state = self.cfg.train, self.state
+        self._call_hooks("on_step_start", state.step)
         stats = self.train_step(window)
         seconds = time.perf_counter() - self._window_started
-        res.train_seconds += seconds
-        self.window[3] += seconds
+        state.train_seconds += seconds
+        state.window.seconds += seconds
         if stats.skipped:
-            self.bad_steps += 1
-            if self.bad_steps >= t.max_bad_steps:
+            state.bad_steps += 1
+            if state.bad_steps >= t.max_bad_steps:
                 raise TrainingDiverged(
-                    f"training diverged: non-finite loss or gradients in {self.bad_steps} "
-                    f"consecutive steps (last at step {res.steps}, "
+                    f"training diverged: non-finite loss or gradients in {state.bad_steps} "
+                    f"consecutive steps (last at step {state.step}, "
                     f"{stats.bad_where}); lower optim.lr or check the data"
                 )
             return
-        self.bad_steps = 0
-        res.steps += 1
-        res.real_tokens += stats.real_tokens
-        self.window[0] += stats.loss_sum
-        self.window[1] += stats.targets
-        self.window[2] += stats.real_tokens
-        for name, value in stats.parts.items():
-            self.window_parts[name] = self.window_parts.get(name, 0.0) + value
-        self._window_steps += 1
-        res.epochs = res.steps / self.steps_per_epoch
-        if res.steps % t.log_steps == 0 or res.steps == self.total_steps:
-            loss, targets, tokens, secs = self.window
-            record = self._train_record(loss / max(targets, 1.0), tokens / max(secs, 1e-9), stats)
-            parts = self.objective.log_fields(
-                record["loss"], self.window_parts, targets, self._window_steps
+        state.bad_steps = 0
+        state.step += 1
+        state.real_tokens += stats.real_tokens
+        state.window.add_step(stats.loss_sum, stats.targets, stats.real_tokens, stats.parts)
+        if state.step % t.log_steps == 0 or state.step == self.total_steps:
+            w = state.window
+            record = self._train_record(
+                w.loss / max(w.targets, 1.0), w.tokens / max(w.seconds, 1e-9), stats
             )
-            record.update(parts)
-            self.window_parts, self._window_steps = {}, 0
+            record.update(self.objective.log_fields(record["loss"], w.parts, w.targets, w.steps))
+            state.window = LogWindow()
             self.metrics_log.write(record)
             bar.set_postfix(
                 refresh=False,
@@ -353,10 +335,9 @@ class Trainer:
                 lr=f"{record[f'lr/{self._first_group()}']:.2e}",
                 tok_s=f"{record['tokens_per_s']:.0f}",
             )
-            self.window = [0.0, 0.0, 0, 0.0]
         elif stats.group_norms:
             self.metrics_log.write(
-                {"step": res.steps, "epoch": round(res.epochs, 4), "split": "train"}
+                {"step": state.step, "epoch": round(self._epochs, 4), "split": "train"}
                 | {f"grad_norm/{k}": v for k, v in stats.group_norms.items()}
             )
         bar.update(1)
@@ -365,9 +346,9 @@ class Trainer:
         """After SIGINT/SIGTERM: write a resumable checkpoint (if any step ran) and stop."""
         if self.interrupt is None or self.interrupt.requested is None:
             return
-        name, steps = self.interrupt.signal_name, self.result.steps
+        name, steps = self.interrupt.signal_name, self.state.step
         if steps and self.checkpointer is not None:
-            where = self.checkpointer.save(self)
+            where = self.checkpointer.save(self._resume_parts())
             message = (
                 f"training interrupted by {name} after step {steps}: resumable checkpoint "
                 f"written to {where}; continue with --resume latest"
@@ -375,6 +356,12 @@ class Trainer:
         else:
             message = f"training interrupted by {name} before any step; nothing to resume"
         raise TrainingInterrupted(message, self.interrupt.requested)
+
+    def _resume_parts(self) -> ResumeParts:
+        """The state and live objects a checkpoint is written from and restored into."""
+        return ResumeParts(
+            self.cfg, self.state, self.model, self.optimizer, self.scheduler, self.acc
+        )
 
     def release(self) -> None:
         """Drop the model, optimizer state and data loader once training is over."""
@@ -390,7 +377,7 @@ class Trainer:
         """One optimizer step over the micro-batches of ``window``."""
         loss_sum, targets, tokens = self.accumulate(window)
         grad_norm, norms, stepped, bad_where = self.apply_update(loss_sum)
-        want_norms = (self.result.steps + 1) % self._grad_norm_every == 0
+        want_norms = (self.state.step + 1) % self._grad_norm_every == 0
         return StepStats(
             loss_sum,
             targets,
@@ -461,7 +448,7 @@ class Trainer:
         else:
             bad_where = _describe_non_finite(loss_sum, norms)
             log.warning(
-                "non-finite values at step %d (%s): step skipped", self.result.steps, bad_where
+                "non-finite values at step %d (%s): step skipped", self.state.step, bad_where
             )
         self.optimizer.zero_grad(set_to_none=True)
         return total, norms, finite, bad_where
@@ -505,13 +492,17 @@ class Trainer:
     def _grad_norm_every(self) -> int:
         return self.cfg.train.grad_norm_steps or self.cfg.train.log_steps
 
+    @property
+    def _epochs(self) -> float:
+        return self.state.step / self.steps_per_epoch
+
     # -- evaluation -----------------------------------------------------------
     def evaluate(self) -> dict[str, Any] | None:
         """Evaluate on validation, log, track the best, decide early stopping."""
         if not len(self.val_set):
             return None
-        res = self.result
-        self.last_eval_step = res.steps
+        state, stopper = self.state, self.state.stopper
+        state.last_eval_step = state.step
         metrics, _ = evaluate_dataset(
             self.model,
             self.task,
@@ -523,33 +514,31 @@ class Trainer:
             generate=self.cfg.generate.in_eval,
             generate_limit=self.cfg.generate.eval_samples,
         )
-        res.last_validation = metrics
+        state.last_validation = metrics
         self.metrics_log.write(
-            {"step": res.steps, "epoch": round(res.epochs, 4), "split": "validation", **metrics}
+            {"step": state.step, "epoch": round(self._epochs, 4), "split": "validation", **metrics}
         )
         if not (math.isfinite(metrics.get("loss", 0.0)) and self.weights_finite()):
             raise TrainingDiverged(
                 f"training diverged: weights or validation loss are non-finite at step "
-                f"{res.steps}; nothing was saved from this point (lower optim.lr)"
+                f"{state.step}; nothing was saved from this point (lower optim.lr)"
             )
         value = metrics[self.cfg.eval.metric]
-        if self.stopper.update(value, res.steps):
-            res.best_metric, res.best_step = value, res.steps
-            if self.on_best is not None:
-                self.on_best(self.acc.unwrap_model(self.model), metrics)
-        if self.stopper.should_stop:
-            res.stopped_early = True
+        if stopper.update(value, state.step) and self.on_best is not None:
+            self.on_best(self.acc.unwrap_model(self.model), metrics)
+        if stopper.should_stop:
+            state.stopped_early = True
             log.info(
                 "early stopping at step %d: %s has not improved for %d evaluations (best %.4f "
                 "at step %d)",
-                res.steps,
+                state.step,
                 self.cfg.eval.metric,
-                self.stopper.bad_evals,
-                self.stopper.best,
-                self.stopper.best_step,
+                stopper.bad_evals,
+                stopper.best,
+                stopper.best_step,
             )
         if self.acc.is_main_process:
-            log.info("step %d validation: %s", res.steps, _short(metrics, self.task.metric_names))
+            log.info("step %d validation: %s", state.step, _short(metrics, self.task.metric_names))
         return metrics
 
     # -- helpers ------------------------------------------------------------
@@ -558,10 +547,9 @@ class Trainer:
         return group.get("group", group["name"])
 
     def _train_record(self, loss: float, tok_s: float, stats: StepStats) -> dict[str, Any]:
-        res = self.result
         record: dict[str, Any] = {
-            "step": res.steps,
-            "epoch": round(res.epochs, 4),
+            "step": self.state.step,
+            "epoch": round(self._epochs, 4),
             "split": "train",
             "loss": loss,
         }
