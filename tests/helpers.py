@@ -22,6 +22,7 @@ from tunesmith.modeling import load_tokenizer
 from tunesmith.tasks.base import get_task
 from tunesmith.train.loop import Trainer
 from tunesmith.train.monitor import MetricsLog
+from tunesmith.train.parts import LoopCallbacks, LoopData
 from tunesmith.train.precision import new_accelerator
 
 VOCAB = 54
@@ -154,13 +155,10 @@ def make_trainer(
         model,
         method,
         new_accelerator("no"),
-        FeatureDataset(list(features)),
-        FeatureDataset([]),
-        Collator(0),
-        LABELS,
-        MetricsLog(tmp / "metrics.jsonl", enabled=log_metrics),
-        progress=False,
-        hooks=hooks,
+        LoopData(FeatureDataset(list(features)), FeatureDataset([]), Collator(0), LABELS),
+        LoopCallbacks(
+            MetricsLog(tmp / "metrics.jsonl", enabled=log_metrics), hooks=hooks, progress=False
+        ),
     )
     return trainer, method
 

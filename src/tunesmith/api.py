@@ -47,6 +47,7 @@ from tunesmith.train.checkpoint import read_manifest, save_model_folder
 from tunesmith.train.interrupt import GracefulInterrupt
 from tunesmith.train.loop import LoopResult, Trainer
 from tunesmith.train.monitor import MetricsLog
+from tunesmith.train.parts import LoopCallbacks, LoopData
 from tunesmith.train.precision import eval_autocast, new_accelerator, resolve_precision
 from tunesmith.train.resume import (
     Checkpointer,
@@ -189,17 +190,15 @@ def train(
             model,
             method,
             accelerator,
-            train_set,
-            val_set,
-            collator,
-            splits.labels,
-            metrics_log,
-            on_best=save_best,
-            progress=progress,
-            checkpointer=checkpointer,
-            interrupt=interrupt,
+            LoopData(train_set, val_set, collator, splits.labels, sampler=extras.sampler),
+            LoopCallbacks(
+                metrics_log,
+                on_best=save_best,
+                checkpointer=checkpointer,
+                interrupt=interrupt,
+                progress=progress,
+            ),
             objective=extras.objective,
-            sampler=extras.sampler,
         )
         if accelerator.is_main_process:  # room for a checkpoint, best/ and final/
             needed = 3 * estimate_checkpoint_mb(trainer.optimizer)

@@ -43,6 +43,7 @@ from tunesmith.run_parts import build_run_parts
 from tunesmith.tasks.base import get_task
 from tunesmith.train.loop import Trainer, accumulation_windows
 from tunesmith.train.monitor import MetricsLog, peak_rss_mb, rss_mb
+from tunesmith.train.parts import LoopCallbacks, LoopData
 from tunesmith.train.precision import new_accelerator, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -165,12 +166,8 @@ def estimate(cfg: Config, *, timed_steps: int = 3, progress: bool = False) -> Es
         model,
         parts.method,
         accelerator,
-        parts.train_set,
-        FeatureDataset([]),
-        parts.collator,
-        parts.splits.labels,
-        MetricsLog(Path(os.devnull), enabled=False),
-        progress=progress,
+        LoopData(parts.train_set, FeatureDataset([]), parts.collator, parts.splits.labels),
+        LoopCallbacks(MetricsLog(Path(os.devnull), enabled=False), progress=progress),
     )
     cache_seconds = time.perf_counter() - started
     cache = trainer.feature_cache

@@ -315,6 +315,7 @@ def recover(
 
     from tunesmith.train.loop import Trainer
     from tunesmith.train.monitor import MetricsLog
+    from tunesmith.train.parts import LoopCallbacks, LoopData
     from tunesmith.train.precision import new_accelerator, resolve_precision
 
     steps = settings.recover_steps
@@ -344,13 +345,8 @@ def recover(
             model,
             method,
             accelerator,
-            train_set,
-            FeatureDataset([]),
-            collator,
-            labels,
-            metrics,
-            progress=progress,
-            hooks=[keeper] if keeper is not None else [],
+            LoopData(train_set, FeatureDataset([]), collator, labels),
+            LoopCallbacks(metrics, hooks=[keeper] if keeper is not None else [], progress=progress),
         )
         try:
             trainer.run()

@@ -23,9 +23,9 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ import torch
 from tqdm.auto import tqdm
 
 from tunesmith.config import Config
-from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.data.packing import real_tokens, training_loader
 from tunesmith.errors import TrainingDiverged, TrainingInterrupted
 from tunesmith.evaluate.runner import evaluate_dataset
@@ -43,11 +42,10 @@ from tunesmith.optim import build_optimizer, build_scheduler, optimized_groups
 from tunesmith.tasks.base import Batch, Task
 from tunesmith.train.early_stop import EarlyStopping
 from tunesmith.train.feature_cache import plan_cache
-from tunesmith.train.interrupt import GracefulInterrupt
-from tunesmith.train.monitor import MetricsLog, peak_rss_mb, rss_mb
+from tunesmith.train.monitor import peak_rss_mb, rss_mb
 from tunesmith.train.objective import Objective
+from tunesmith.train.parts import LoopCallbacks, LoopData, Optimization
 from tunesmith.train.resume import (
-    Checkpointer,
     ResumeParts,
     RngState,
     restore_rng,
@@ -84,28 +82,15 @@ class Trainer:
         cfg: The resolved config.
         task: The task (loss, counting, metrics).
         model: The model, already adapted by the method.
-        optimizer: Built from the method's parameter groups.
         accelerator: The ``accelerate.Accelerator`` of this process.
-        train_set: Training features.
-        val_set: Validation features (may be empty: no evaluation).
-        collator: Pads batches.
-        labels: Label vocabulary for metrics.
-        metrics_log: Where metric records go.
-        on_best: Called with the (unwrapped) model and metrics at each new best.
-        progress: Show a progress bar.
-        grad_groups: Parameters by layer group, for per-group gradient norms,
-            per-group clipping and naming the group that went non-finite.
-        hooks: Objects with ``on_train_start(trainer)`` and/or
-            ``on_step_start(trainer, step)`` (e.g. progressive unfreezing);
-            ``on_train_start`` runs while the Trainer is built, before the schedule.
-        lr_factor: Extra per-step LR factor per method group (see ``build_scheduler``).
-        checkpointer: Writes resumable checkpoints (None: never).
-        interrupt: Set by SIGINT/SIGTERM; the loop then checkpoints and stops.
-        cacheable: Whether the method allows caching the frozen blocks' output
-            (``train.feature_cache``; also never with hooks, which may unfreeze).
+        data: Training and validation features, collator, labels, order.
+        optimization: The optimizer and the trained parameters' layer groups.
+        callbacks: Metrics log, best-weights callback, hooks, checkpointer, interrupt.
         objective: Loss terms and regularisers added to the task loss (None: none).
-        sampler: The training order (None: ``task.train_sampler``); replay passes
-            one that mixes reference examples in.
+
+    Hooks get the Trainer itself (``on_train_start(trainer)``,
+    ``on_step_start(trainer, step)``) and read ``model``, ``optimizer``,
+    ``steps_per_epoch``, ``metrics_log`` or ``state``.
 
     The loop's position (``epoch``, ``batches_in_epoch``), counters and
     early stopping are ``self.state``, a ``TrainState``: a checkpoint stores its
@@ -118,44 +103,42 @@ class Trainer:
         cfg: Config,
         task: Task,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
         accelerator: Any,
-        train_set: FeatureDataset,
-        val_set: FeatureDataset,
-        collator: Collator,
-        labels: list[str],
-        metrics_log: MetricsLog,
-        on_best: Callable[[torch.nn.Module, dict[str, Any]], None] | None = None,
-        progress: bool = True,
-        grad_groups: dict[str, list[torch.nn.Parameter]] | None = None,
-        hooks: list[Any] | None = None,
-        lr_factor: Callable[[str], Callable[[int], float] | None] | None = None,
-        checkpointer: Checkpointer | None = None,
-        interrupt: GracefulInterrupt | None = None,
-        cacheable: bool = True,
+        *,
+        data: LoopData,
+        optimization: Optimization,
+        callbacks: LoopCallbacks,
         objective: Objective | None = None,
-        sampler: Any | None = None,
     ) -> None:
-        self.cfg, self.task, self.labels = cfg, task, labels
+        self.cfg, self.task, self.labels = cfg, task, data.labels
         self.acc = accelerator
-        self.collator, self.train_set, self.val_set = collator, train_set, val_set
-        self.metrics_log, self.on_best, self.progress = metrics_log, on_best, progress
+        self.collator, self.train_set, self.val_set = data.collator, data.train_set, data.val_set
+        self.metrics_log, self.on_best = callbacks.metrics_log, callbacks.on_best
+        self.checkpointer, self.interrupt = callbacks.checkpointer, callbacks.interrupt
+        self.progress = callbacks.progress
         self.objective = objective or Objective()
         t = cfg.train
-        self.sampler = sampler or task.train_sampler(
-            train_set.features,
+        self.sampler = data.sampler or task.train_sampler(
+            self.train_set.features,
             t.batch_size,
             group_by_length=cfg.data.group_by_length,
             seed=t.seed,
         )
         loader = training_loader(
-            train_set, t.batch_size, self.sampler, collator, cfg.data.padding_free, accelerator
+            self.train_set,
+            t.batch_size,
+            self.sampler,
+            self.collator,
+            cfg.data.padding_free,
+            accelerator,
         )
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         if t.compile:
             model = torch.compile(model)
-        self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
+        self.model, self.optimizer, self.loader = accelerator.prepare(
+            model, optimization.optimizer, loader
+        )
         # The plain module: the feature cache swaps its submodules during a step.
         self._plain = accelerator.unwrap_model(self.model, keep_torch_compile=False)
         self.steps_per_epoch = max(1, math.ceil(len(self.loader) / t.grad_accum))
@@ -163,32 +146,33 @@ class Trainer:
         self.state = TrainState(
             EarlyStopping(cfg.eval.higher_is_better(), patience=t.early_stopping_patience)
         )
-        self.hooks = list(hooks or [])
+        self.hooks = list(callbacks.hooks)
         # Hooks learn the run's length before the schedule computes its first LR.
         self._call_hooks("on_train_start")
         cache_started = time.perf_counter()
         self.feature_cache = plan_cache(
             t.feature_cache,
             self._plain,
-            train_set,
-            collator,
-            cacheable=cacheable
+            self.train_set,
+            self.collator,
+            cacheable=optimization.cacheable
             and not cfg.data.padding_free
             and not self.hooks
             and task.mixed_batches
-            and getattr(train_set, "fixed_inputs", True),
+            and getattr(self.train_set, "fixed_inputs", True),
             batch_size=t.effective_eval_batch_size,
             folder=Path(t.output_dir) / ".cache",
             device=accelerator.device,
             model_inputs=task.model_inputs,
-            progress=progress and accelerator.is_main_process,
+            progress=self.progress and accelerator.is_main_process,
         )
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps, lr_factor)
-        self.grad_groups = optimized_groups(self.optimizer, grad_groups)
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg.optim, self.total_steps, optimization.lr_factor
+        )
+        self.grad_groups = optimized_groups(self.optimizer, optimization.grad_groups)
         if self.feature_cache is not None:  # part of training time: HF pays it every epoch
             self.state.cache_seconds = time.perf_counter() - cache_started
             self.state.train_seconds = self.state.cache_seconds
-        self.checkpointer, self.interrupt = checkpointer, interrupt
         # RNG states a resume sets once the interrupted epoch's iterator is re-created.
         self._pending_rng: RngState | None = None
 
@@ -200,30 +184,35 @@ class Trainer:
         model: torch.nn.Module,
         method: Method,
         accelerator: Any,
-        *data: Any,
-        hooks: Iterable[Any] = (),
-        **options: Any,
+        data: LoopData,
+        callbacks: LoopCallbacks,
+        *,
+        objective: Objective | None = None,
     ) -> Trainer:
         """A Trainer for ``model`` as adapted by ``method`` (already applied).
 
         The one place that wires a method into the loop: its parameter groups
         become the optimizer, its layer groups the gradient monitoring, its
-        hooks and LR factors the schedule. ``data`` is the constructor's
-        ``train_set, val_set, collator, labels, metrics_log``; ``options`` its
-        keyword arguments (``on_best``, ``progress``, ``checkpointer``, ...).
+        hooks (run before ``callbacks.hooks``) and LR factors the schedule.
         """
+        optimizer = build_optimizer(method.param_groups(model), cfg.optim)
+        grad_groups = method.layer_groups(model)
+        hooks = [*method.hooks(), *callbacks.hooks]
+        optimization = Optimization(
+            optimizer,
+            grad_groups=grad_groups,
+            lr_factor=method.lr_factor,
+            cacheable=method.prefix_cacheable,
+        )
         return cls(
             cfg,
             task,
             model,
-            build_optimizer(method.param_groups(model), cfg.optim),
             accelerator,
-            *data,
-            grad_groups=method.layer_groups(model),
-            hooks=[*method.hooks(), *hooks],
-            lr_factor=method.lr_factor,
-            cacheable=method.prefix_cacheable,
-            **options,
+            data=data,
+            optimization=optimization,
+            callbacks=replace(callbacks, hooks=hooks),
+            objective=objective,
         )
 
     def resume_from(self, checkpoint: Path) -> None:
