@@ -175,13 +175,13 @@ def estimate(cfg: Config, *, timed_steps: int = 3, progress: bool = False) -> Es
     first = next(windows)  # the longest batch: the sampler puts it first
     saved = _SavedTensors(trainer._plain)
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda x: x):
-        trainer.train_step(first)
+        trainer.train_step(first, account=False)
     longest = max(int(b["input_ids"].shape[-1]) for b in first)
     timed, tokens, steps = 0.0, 0, 0
     for window in itertools.islice(windows, timed_steps):
         steps += 1
         start = time.perf_counter()
-        trainer.train_step(window)
+        trainer.train_step(window, account=False)
         timed += time.perf_counter() - start
         tokens += sum(int(b["input_ids"].numel()) for b in window)
     epoch_tokens = padded_tokens(trainer.sampler.order(), trainer.sampler.lengths, t.batch_size)

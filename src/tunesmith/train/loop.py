@@ -1,31 +1,33 @@
 """The training loop: one explicit loop, readable top to bottom.
 
 It runs on ``accelerate.Accelerator`` so ``accelerate launch`` gives DDP/FSDP
-without this file knowing. Per optimizer step:
+without this file knowing. ``Trainer.run`` walks epochs and accumulation
+windows of ``grad_accum`` micro-batches; ``Trainer.train_step`` is one
+optimizer step, written as one block:
 
-1. take ``grad_accum`` micro-batches;
-2. count the supervised targets of the *whole* window (all processes), so the
+1. count the supervised targets of the *whole* window (all processes), so the
    summed loss of each micro-batch is divided by the same number: the
    gradient equals that of one big batch (transformers #24725 got this wrong);
-3. forward/backward each micro-batch (gradient sync only on the last);
-4. skip the step if the loss or gradient norm is not finite (stop after
-   ``MAX_BAD_STEPS`` in a row), clip, step optimizer and schedule;
-5. log, evaluate, keep the best, stop early.
+2. forward/backward each micro-batch (gradient sync only on the last);
+3. skip the step if the loss or gradient norm is not finite (stop after
+   ``max_bad_steps`` in a row), else clip, step optimizer and schedule;
+4. count it (time, the non-finite streak, the sums behind the next log line);
+5. log.
 
-Everything the loop mutates is ``self.state`` (a ``TrainState``), which is
-exactly what a checkpoint stores of it.
+Between steps ``run`` evaluates, keeps the best, stops early and writes
+checkpoints. Everything the loop mutates is ``self.state`` (a ``TrainState``),
+which is exactly what a checkpoint stores of it.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,41 +44,27 @@ from tunesmith.optim import build_optimizer, build_scheduler, optimized_groups
 from tunesmith.tasks.base import Batch, Task
 from tunesmith.train.early_stop import EarlyStopping
 from tunesmith.train.feature_cache import plan_cache
-from tunesmith.train.monitor import peak_rss_mb, rss_mb
+from tunesmith.train.monitor import peak_rss_mb
 from tunesmith.train.objective import Objective
 from tunesmith.train.parts import LoopCallbacks, LoopData, Optimization
-from tunesmith.train.resume import (
-    ResumeParts,
-    RngState,
-    restore_rng,
-    restore_training_state,
-)
+from tunesmith.train.resume import ResumeParts, RngState, restore_rng, restore_training_state
 from tunesmith.train.state import LogWindow, LoopResult, TrainState
+from tunesmith.train.step import (
+    StepStats,
+    accumulation_windows,
+    describe_non_finite,
+    short_metrics,
+    train_record,
+)
 
 log = logging.getLogger(__name__)
 
-
-#: What callers import from here besides the Trainer (``LoopResult`` lives next door).
+#: What callers import from here besides the Trainer (defined next door).
 __all__ = ["LoopResult", "StepStats", "Trainer", "accumulation_windows"]
 
 
-@dataclass
-class StepStats:
-    """Sums over one optimizer step's micro-batches."""
-
-    loss_sum: float
-    targets: float
-    real_tokens: int
-    grad_norm: float | None
-    skipped: bool
-    group_norms: dict[str, float] = field(default_factory=dict)
-    bad_where: str = ""
-    #: The objective's parts of this step (``Objective.take_parts``).
-    parts: dict[str, float] = field(default_factory=dict)
-
-
 class Trainer:
-    """Holds the pieces one run needs; ``run()`` is the loop.
+    """Holds the pieces one run needs; ``run()`` is the loop, ``train_step()`` one step.
 
     Args:
         cfg: The resolved config.
@@ -173,7 +161,10 @@ class Trainer:
         if self.feature_cache is not None:  # part of training time: HF pays it every epoch
             self.state.cache_seconds = time.perf_counter() - cache_started
             self.state.train_seconds = self.state.cache_seconds
-        # RNG states a resume sets once the interrupted epoch's iterator is re-created.
+        # Not loop state: the progress bar (a real one only inside ``run``), when the
+        # current window's batching began, and RNG states a resume sets at the right time.
+        self._bar: Any = tqdm(disable=True)
+        self._window_started = time.perf_counter()
         self._pending_rng: RngState | None = None
 
     @classmethod
@@ -224,7 +215,7 @@ class Trainer:
         """Train until ``total_steps`` or early stopping; returns what happened."""
         t, state = self.cfg.train, self.state
         self.model.train()
-        bar = tqdm(
+        self._bar = tqdm(
             total=self.total_steps,
             initial=state.step,
             desc="train",
@@ -240,7 +231,7 @@ class Trainer:
         while state.step < self.total_steps and not state.stopped_early:
             for window in self._epoch_windows():
                 state.batches_in_epoch += len(window)
-                self.step_once(window, bar)
+                self.train_step(window)
                 if t.eval_steps and state.step % t.eval_steps == 0:
                     self.evaluate()
                 if state.stopped_early or state.step >= self.total_steps:
@@ -256,7 +247,7 @@ class Trainer:
             break
         if state.last_eval_step != state.step and not state.stopped_early:
             self.evaluate()  # the final weights are always a candidate for best/
-        bar.close()
+        self._bar.close()
         if not self.weights_finite():
             raise TrainingDiverged(
                 f"training diverged: weights are non-finite after step {state.step}; "
@@ -289,11 +280,79 @@ class Trainer:
             yield window
             mark = time.perf_counter()
 
-    def step_once(self, window: list[Batch], bar: Any) -> None:
-        """One optimizer step over ``window`` with its bookkeeping and logging."""
-        t, state = self.cfg.train, self.state
-        self._call_hooks("on_step_start", state.step)
-        stats = self.train_step(window)
+    def train_step(self, window: list[Batch], *, account: bool = True) -> StepStats:
+        """One optimizer step over the micro-batches of ``window``, top to bottom.
+
+        Args:
+            window: The step's micro-batches.
+            account: Run the step's hooks and count and log it (False: only
+                the update, for ``estimate``, which measures a step's cost).
+
+        Raises:
+            TrainingDiverged: ``max_bad_steps`` steps in a row were non-finite.
+        """
+        acc, task, state, t = self.acc, self.task, self.state, self.cfg.train
+        if account:
+            self._call_hooks("on_step_start", state.step)
+
+        # 1. The normaliser: the window's targets over all processes. DDP averages
+        #    gradients over processes; multiplying by their number turns that mean
+        #    back into a sum, so every micro-batch is divided by the global count.
+        local = sum(task.count_targets(b).to(acc.device) for b in window).float()
+        total = acc.reduce(local.clone(), "sum") if acc.num_processes > 1 else local
+        scale = acc.num_processes / total.clamp(min=1.0)
+
+        # 2. Forward/backward each micro-batch; gradients sync on the last only.
+        loss_sum = torch.zeros((), device=acc.device)
+        tokens = 0
+        for i, batch in enumerate(window):
+            sync = i == len(window) - 1
+            with (
+                self._replaying(batch),
+                nullcontext() if sync else acc.no_sync(self.model),
+                acc.autocast(),
+            ):
+                outputs = self.model(**task.model_inputs(batch))
+                part = task.loss_sum(outputs, batch)
+                loss = self.objective.batch_loss(part, outputs, batch) * scale
+                # Once per step, inside the step's gradient sync (see train/objective.py).
+                penalty = self.objective.step_penalty(self._plain) if sync else None
+                if penalty is not None:
+                    loss = loss + penalty
+            acc.backward(loss)
+            loss_sum += part.detach().float()
+            tokens += real_tokens(batch)
+        loss_value = float(loss_sum)
+
+        # 3. Guard, clip, update: norms of true gradients (fp16: unscaled first),
+        #    taken before clipping; a non-finite loss or norm skips the update.
+        acc.unscale_gradients()
+        norms = self.group_grad_norms()
+        grad_norm = math.sqrt(sum(v * v for v in norms.values()))
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        bad_where = ""
+        if finite:
+            self._clip(norms, grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            bad_where = describe_non_finite(loss_value, norms)
+            log.warning("non-finite values at step %d (%s): step skipped", state.step, bad_where)
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = StepStats(
+            loss_value,
+            float(local),
+            tokens,
+            grad_norm,
+            not finite,
+            norms,
+            bad_where,
+            self.objective.take_parts(),
+        )
+        if not account:
+            return stats
+
+        # 4. Count: time (skipped steps included), the non-finite streak, the sums.
         seconds = time.perf_counter() - self._window_started
         state.train_seconds += seconds
         state.window.seconds += seconds
@@ -305,31 +364,40 @@ class Trainer:
                     f"consecutive steps (last at step {state.step}, "
                     f"{stats.bad_where}); lower optim.lr or check the data"
                 )
-            return
+            return stats
         state.bad_steps = 0
         state.step += 1
-        state.real_tokens += stats.real_tokens
-        state.window.add_step(stats.loss_sum, stats.targets, stats.real_tokens, stats.parts)
+        state.real_tokens += tokens
+        state.window.add_step(loss_value, stats.targets, tokens, stats.parts)
+
+        # 5. Log: a train line every log_steps (and at the last step) with the
+        #    window's means; per-group gradient norms every grad_norm_steps.
+        epochs = state.step / self.steps_per_epoch
+        group_norms = norms if state.step % self._grad_norm_every == 0 else {}
         if state.step % t.log_steps == 0 or state.step == self.total_steps:
             w = state.window
-            record = self._train_record(
-                w.loss / max(w.targets, 1.0), w.tokens / max(w.seconds, 1e-9), stats
+            tok_s = w.tokens / max(w.seconds, 1e-9)
+            mean_loss = w.loss / max(w.targets, 1.0)
+            groups = self.optimizer.param_groups
+            record = train_record(
+                state.step, epochs, mean_loss, groups, grad_norm, group_norms, tok_s
             )
             record.update(self.objective.log_fields(record["loss"], w.parts, w.targets, w.steps))
             state.window = LogWindow()
             self.metrics_log.write(record)
-            bar.set_postfix(
+            self._bar.set_postfix(
                 refresh=False,
                 loss=f"{record['loss']:.4f}",
                 lr=f"{record[f'lr/{self._first_group()}']:.2e}",
                 tok_s=f"{record['tokens_per_s']:.0f}",
             )
-        elif stats.group_norms:
+        elif group_norms:
             self.metrics_log.write(
-                {"step": state.step, "epoch": round(self._epochs, 4), "split": "train"}
-                | {f"grad_norm/{k}": v for k, v in stats.group_norms.items()}
+                {"step": state.step, "epoch": round(epochs, 4), "split": "train"}
+                | {f"grad_norm/{k}": v for k, v in group_norms.items()}
             )
-        bar.update(1)
+        self._bar.update(1)
+        return stats
 
     def _stop_if_interrupted(self) -> None:
         """After SIGINT/SIGTERM: write a resumable checkpoint (if any step ran) and stop."""
@@ -362,85 +430,12 @@ class Trainer:
         self._plain = None  # type: ignore[assignment]
         self.grad_groups, self.hooks = {}, []
 
-    def train_step(self, window: list[Batch]) -> StepStats:
-        """One optimizer step over the micro-batches of ``window``."""
-        loss_sum, targets, tokens = self.accumulate(window)
-        grad_norm, norms, stepped, bad_where = self.apply_update(loss_sum)
-        want_norms = (self.state.step + 1) % self._grad_norm_every == 0
-        return StepStats(
-            loss_sum,
-            targets,
-            tokens,
-            grad_norm,
-            not stepped,
-            norms if want_norms else {},
-            bad_where,
-            self.objective.take_parts(),
-        )
-
-    def accumulate(self, window: list[Batch]) -> tuple[float, float, int]:
-        """Forward/backward every micro-batch; gradients end up as for one big batch.
-
-        Returns:
-            The summed loss, this process's number of targets and real tokens.
-        """
-        acc, task = self.acc, self.task
-        local = sum(task.count_targets(b).to(acc.device) for b in window).float()
-        total = acc.reduce(local.clone(), "sum") if acc.num_processes > 1 else local
-        # DDP averages gradients over processes; multiplying by their number
-        # turns that mean back into a sum, so the normaliser is global.
-        scale = acc.num_processes / total.clamp(min=1.0)
-        loss_sum = torch.zeros((), device=acc.device)
-        tokens = 0
-        for i, batch in enumerate(window):
-            sync = i == len(window) - 1
-            with (
-                self._replaying(batch),
-                nullcontext() if sync else acc.no_sync(self.model),
-                acc.autocast(),
-            ):
-                outputs = self.model(**task.model_inputs(batch))
-                part = task.loss_sum(outputs, batch)
-                total = self.objective.batch_loss(part, outputs, batch) * scale
-                # Once per step, inside the step's gradient sync (see train/objective.py).
-                penalty = self.objective.step_penalty(self._plain) if sync else None
-                if penalty is not None:
-                    total = total + penalty
-            acc.backward(total)
-            loss_sum += part.detach().float()
-            tokens += real_tokens(batch)
-        return float(loss_sum), float(local), tokens
-
+    # -- helpers of a step ----------------------------------------------------
     def _replaying(self, batch: Batch) -> Any:
         """Run only the blocks above the cached frozen prefix (when there is a cache)."""
         if self.feature_cache is None:
             return nullcontext()
         return self.feature_cache.replaying(self._plain, batch)
-
-    def apply_update(self, loss_sum: float) -> tuple[float, dict[str, float], bool, str]:
-        """Measure and clip gradients, then step unless loss or gradients are non-finite.
-
-        Returns:
-            The global gradient norm and the norm of each layer group (both
-            before clipping), whether a step was taken and, for a skipped step,
-            what was non-finite.
-        """
-        self.acc.unscale_gradients()  # fp16: measure and clip true gradients
-        norms = self.group_grad_norms()
-        total = math.sqrt(sum(v * v for v in norms.values()))
-        finite = math.isfinite(loss_sum) and math.isfinite(total)
-        bad_where = ""
-        if finite:
-            self._clip(norms, total)
-            self.optimizer.step()
-            self.scheduler.step()
-        else:
-            bad_where = _describe_non_finite(loss_sum, norms)
-            log.warning(
-                "non-finite values at step %d (%s): step skipped", self.state.step, bad_where
-            )
-        self.optimizer.zero_grad(set_to_none=True)
-        return total, norms, finite, bad_where
 
     def group_grad_norms(self) -> dict[str, float]:
         """L2 norm of the gradients of each layer group (groups without gradients omitted)."""
@@ -481,9 +476,9 @@ class Trainer:
     def _grad_norm_every(self) -> int:
         return self.cfg.train.grad_norm_steps or self.cfg.train.log_steps
 
-    @property
-    def _epochs(self) -> float:
-        return self.state.step / self.steps_per_epoch
+    def _first_group(self) -> str:
+        group = self.optimizer.param_groups[-1]  # the head's, usually the largest LR
+        return group.get("group", group["name"])
 
     # -- evaluation -----------------------------------------------------------
     def evaluate(self) -> dict[str, Any] | None:
@@ -492,6 +487,7 @@ class Trainer:
             return None
         state, stopper = self.state, self.state.stopper
         state.last_eval_step = state.step
+        epochs = state.step / self.steps_per_epoch
         metrics, _ = evaluate_dataset(
             self.model,
             self.task,
@@ -505,7 +501,7 @@ class Trainer:
         )
         state.last_validation = metrics
         self.metrics_log.write(
-            {"step": state.step, "epoch": round(self._epochs, 4), "split": "validation", **metrics}
+            {"step": state.step, "epoch": round(epochs, 4), "split": "validation", **metrics}
         )
         if not (math.isfinite(metrics.get("loss", 0.0)) and self.weights_finite()):
             raise TrainingDiverged(
@@ -527,48 +523,7 @@ class Trainer:
                 stopper.best_step,
             )
         if self.acc.is_main_process:
-            log.info("step %d validation: %s", state.step, _short(metrics, self.task.metric_names))
+            log.info(
+                "step %d validation: %s", state.step, short_metrics(metrics, self.task.metric_names)
+            )
         return metrics
-
-    # -- helpers ------------------------------------------------------------
-    def _first_group(self) -> str:
-        group = self.optimizer.param_groups[-1]  # the head's, usually the largest LR
-        return group.get("group", group["name"])
-
-    def _train_record(self, loss: float, tok_s: float, stats: StepStats) -> dict[str, Any]:
-        record: dict[str, Any] = {
-            "step": self.state.step,
-            "epoch": round(self._epochs, 4),
-            "split": "train",
-            "loss": loss,
-        }
-        for group in self.optimizer.param_groups:  # decay/no-decay halves share one LR
-            record.setdefault(f"lr/{group.get('group', group['name'])}", group["lr"])
-        if stats.grad_norm is not None:
-            record["grad_norm"] = stats.grad_norm
-        for name, value in stats.group_norms.items():
-            record[f"grad_norm/{name}"] = value
-        record["tokens_per_s"] = tok_s
-        record["rss_mb"] = round(rss_mb(), 1)
-        return record
-
-
-def _describe_non_finite(loss_sum: float, norms: dict[str, float]) -> str:
-    """Which part went non-finite: the loss and/or named layer groups."""
-    bad = [name for name, value in norms.items() if not math.isfinite(value)]
-    groups = ", ".join(bad)
-    if not math.isfinite(loss_sum):
-        return f"loss is {loss_sum}" + (f"; gradients of {groups}" if bad else "")
-    return f"non-finite gradients in layer group(s) {groups or '?'}"
-
-
-def accumulation_windows(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
-    """Group micro-batches into accumulation windows (the last may be shorter)."""
-    it = iter(batches)
-    while window := list(itertools.islice(it, size)):
-        yield window
-
-
-def _short(metrics: dict[str, Any], names: tuple[str, ...]) -> str:
-    keys = ["loss", *names]
-    return ", ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
