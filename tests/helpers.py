@@ -23,6 +23,7 @@ from tunesmith.models.loading import load_tokenizer
 from tunesmith.tasks.base import get_task
 from tunesmith.training.loop import Trainer
 from tunesmith.training.monitor import MetricsLog
+from tunesmith.training.parts import LoopCallbacks, LoopData
 from tunesmith.training.precision import new_accelerator
 
 VOCAB = 54
@@ -155,13 +156,10 @@ def make_trainer(
         model,
         method,
         new_accelerator("no"),
-        FeatureDataset(list(features)),
-        FeatureDataset([]),
-        Collator(0),
-        LABELS,
-        MetricsLog(tmp / "metrics.jsonl", enabled=log_metrics),
-        progress=False,
-        hooks=hooks,
+        LoopData(FeatureDataset(list(features)), FeatureDataset([]), Collator(0), LABELS),
+        LoopCallbacks(
+            MetricsLog(tmp / "metrics.jsonl", enabled=log_metrics), hooks=hooks, progress=False
+        ),
     )
     return trainer, method
 
@@ -193,7 +191,7 @@ class Recorder:
         def step(*args, **kwargs):
             self.updates.append(
                 Update(
-                    step=trainer.result.steps,
+                    step=trainer.state.step,
                     lr={g["name"]: g["lr"] for g in trainer.optimizer.param_groups},
                     with_grad={n for n, p in model.named_parameters() if p.grad is not None},
                     weights={n: p.detach().clone() for n, p in model.named_parameters()},

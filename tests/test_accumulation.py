@@ -19,6 +19,7 @@ from tunesmith.config.root import Config
 from tunesmith.data.batching import Collator
 from tunesmith.models.loading import load_tokenizer
 from tunesmith.tasks.base import get_task
+from tunesmith.training.loop import StepStats, Trainer
 
 
 def _trainer(cfg: Config, model: torch.nn.Module, features: list, tmp: Path):
@@ -43,6 +44,20 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _step(trainer: Trainer, window: list) -> tuple[StepStats, dict[str, torch.Tensor]]:
+    """One optimizer step; its sums and the gradients as the optimizer received them."""
+    grads: dict[str, torch.Tensor] = {}
+    inner = trainer.optimizer.optimizer
+    original = inner.step
+
+    def step(*args, **kwargs):
+        grads.update(_grads(trainer.model))
+        return original(*args, **kwargs)
+
+    inner.step = step
+    return trainer.train_step(window), grads
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["all-targets", "uneven-targets"])
 def test_four_micro_batches_of_8_equal_one_batch_of_32(setup, tmp_path, masked):
     base, features, collator, model = setup
@@ -57,20 +72,16 @@ def test_four_micro_batches_of_8_equal_one_batch_of_32(setup, tmp_path, masked):
     t_big = _trainer(big, copy.deepcopy(model), features, tmp_path)
     t_small = _trainer(small, copy.deepcopy(model), features, tmp_path)
 
-    loss_big, n_big, _ = t_big.accumulate([collator(features)])
-    loss_small, n_small, _ = t_small.accumulate(
-        [collator(features[i : i + 8]) for i in (0, 8, 16, 24)]
-    )
+    big_stats, g_big = _step(t_big, [collator(features)])
+    small_stats, g_small = _step(t_small, [collator(features[i : i + 8]) for i in (0, 8, 16, 24)])
 
-    assert n_big == n_small == (27 if masked else 32)
-    assert loss_small == pytest.approx(loss_big, rel=1e-5)
-    g_big, g_small = _grads(t_big.model), _grads(t_small.model)
+    assert big_stats.targets == small_stats.targets == (27 if masked else 32)
+    assert small_stats.loss_sum == pytest.approx(big_stats.loss_sum, rel=1e-5)
     assert g_big.keys() == g_small.keys() and len(g_big) > 10
     for name in g_big:
         torch.testing.assert_close(g_small[name], g_big[name], atol=1e-6, rtol=1e-5, msg=name)
 
-    t_big.apply_update(loss_big)
-    t_small.apply_update(loss_small)
+    # Both steps were taken: the weights after them must agree too.
     before = dict(model.named_parameters())
     changed = 0
     for (name, p_big), (_, p_small) in zip(
@@ -89,16 +100,12 @@ def test_per_micro_batch_mean_would_differ(setup, tmp_path):
         features[i]["labels"] = -100
     cfg = Config.from_dict({**base, "train": {**base["train"], "batch_size": 32}})
     reference = _trainer(cfg, copy.deepcopy(model), features, tmp_path)
-    reference.accumulate([collator(features)])
+    _, ref_grads = _step(reference, [collator(features)])
     buggy = copy.deepcopy(model)
     task = get_task(cfg)
     for i in (0, 8, 16, 24):
         batch = collator(features[i : i + 8])
         out = buggy(**task.model_inputs(batch))
         (task.loss_sum(out, batch) / task.count_targets(batch) / 4).backward()
-    diffs = [
-        (p.grad - r.grad).abs().max().item()
-        for p, r in zip(buggy.parameters(), reference.model.parameters(), strict=True)
-        if p.grad is not None
-    ]
+    diffs = [(g - ref_grads[name]).abs().max().item() for name, g in _grads(buggy).items()]
     assert max(diffs) > 1e-4

@@ -49,11 +49,17 @@ def test_counts_and_tensor_sizes_match_the_real_run(tiny_bert: Path, tmp_path: P
 
     # Gradients and optimizer state: the tensors a real step creates.
     trainer, _ = make_trainer(cfg, bert_features(tiny_bert, n=16), tmp_path)
-    window = next(iter(trainer._epoch_windows()))
-    trainer.accumulate(window)
-    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    grads: list[torch.Tensor] = []
+    inner = trainer.optimizer.optimizer
+    original = inner.step
+
+    def step(*args, **kwargs):  # the gradients as the optimizer receives them
+        grads.extend(p.grad for p in trainer.model.parameters() if p.grad is not None)
+        return original(*args, **kwargs)
+
+    inner.step = step
+    trainer.train_step(next(iter(trainer._epoch_windows())))
     assert est.memory["gradients"] == sum(g.numel() * g.element_size() for g in grads)
-    trainer.apply_update(1.0)
     state = [t for s in trainer.optimizer.state.values() for t in s.values()]
     assert all(isinstance(t, torch.Tensor) for t in state)
     assert est.memory["optimizer"] == sum(t.numel() * t.element_size() for t in state)

@@ -43,6 +43,7 @@ from tunesmith.runs.load import load_checkpoint, records_for
 from tunesmith.tasks.base import Task
 from tunesmith.training.loop import Trainer
 from tunesmith.training.monitor import MetricsLog
+from tunesmith.training.parts import LoopCallbacks, LoopData
 from tunesmith.training.precision import new_accelerator, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -341,13 +342,8 @@ def recover(
             model,
             method,
             accelerator,
-            train_set,
-            FeatureDataset([]),
-            collator,
-            labels,
-            metrics,
-            progress=progress,
-            hooks=[keeper] if keeper is not None else [],
+            LoopData(train_set, FeatureDataset([]), collator, labels),
+            LoopCallbacks(metrics, hooks=[keeper] if keeper is not None else [], progress=progress),
         )
         try:
             trainer.run()

@@ -43,6 +43,7 @@ from tunesmith.runs.parts import build_run_parts
 from tunesmith.tasks.base import get_task
 from tunesmith.training.loop import Trainer, accumulation_windows
 from tunesmith.training.monitor import MetricsLog, peak_rss_mb, rss_mb
+from tunesmith.training.parts import LoopCallbacks, LoopData
 from tunesmith.training.precision import new_accelerator, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -165,12 +166,8 @@ def estimate(cfg: Config, *, timed_steps: int = 3, progress: bool = False) -> Es
         model,
         parts.method,
         accelerator,
-        parts.train_set,
-        FeatureDataset([]),
-        parts.collator,
-        parts.splits.labels,
-        MetricsLog(Path(os.devnull), enabled=False),
-        progress=progress,
+        LoopData(parts.train_set, FeatureDataset([]), parts.collator, parts.splits.labels),
+        LoopCallbacks(MetricsLog(Path(os.devnull), enabled=False), progress=progress),
     )
     cache_seconds = time.perf_counter() - started
     cache = trainer.feature_cache
@@ -178,13 +175,13 @@ def estimate(cfg: Config, *, timed_steps: int = 3, progress: bool = False) -> Es
     first = next(windows)  # the longest batch: the sampler puts it first
     saved = _SavedTensors(trainer._plain)
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda x: x):
-        trainer.train_step(first)
+        trainer.train_step(first, account=False)
     longest = max(int(b["input_ids"].shape[-1]) for b in first)
     timed, tokens, steps = 0.0, 0, 0
     for window in itertools.islice(windows, timed_steps):
         steps += 1
         start = time.perf_counter()
-        trainer.train_step(window)
+        trainer.train_step(window, account=False)
         timed += time.perf_counter() - start
         tokens += sum(int(b["input_ids"].numel()) for b in window)
     epoch_tokens = padded_tokens(trainer.sampler.order(), trainer.sampler.lengths, t.batch_size)

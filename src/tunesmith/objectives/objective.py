@@ -10,7 +10,7 @@ Two kinds of additions, one mechanism each, so the loop has no special cases:
   synchronisation. Every process adds the same penalty to its loss, and DDP
   averages gradients over processes, so the penalty's gradient arrives once,
   exactly (the task part is scaled by the number of processes for the same
-  reason, see ``Trainer.accumulate``).
+  reason, see ``Trainer.train_step``).
 
 Each part is logged under its own name in ``metrics.jsonl`` (``loss/kd``,
 ``loss/l2_sp``, ``loss/ewc``: what it adds to the minimised objective, weight

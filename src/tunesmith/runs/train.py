@@ -42,6 +42,7 @@ from tunesmith.tasks.base import Task, get_task
 from tunesmith.training.interrupt import GracefulInterrupt
 from tunesmith.training.loop import LoopResult, Trainer
 from tunesmith.training.monitor import MetricsLog
+from tunesmith.training.parts import LoopCallbacks, LoopData
 from tunesmith.training.precision import new_accelerator, resolve_precision
 from tunesmith.training.resume import (
     Checkpointer,
@@ -51,7 +52,6 @@ from tunesmith.training.resume import (
     estimate_checkpoint_mb,
     read_state,
     resolve_checkpoint,
-    restore_training_state,
     run_dir_of,
 )
 from tunesmith.training.tensorboard import TensorBoardSink
@@ -185,22 +185,21 @@ def train(
             model,
             method,
             accelerator,
-            train_set,
-            val_set,
-            collator,
-            splits.labels,
-            metrics_log,
-            on_best=save_best,
-            progress=progress,
-            checkpointer=checkpointer,
-            interrupt=interrupt,
+            LoopData(train_set, val_set, collator, splits.labels, sampler=extras.sampler),
+            LoopCallbacks(
+                metrics_log,
+                on_best=save_best,
+                checkpointer=checkpointer,
+                interrupt=interrupt,
+                progress=progress,
+            ),
             objective=extras.objective,
-            sampler=extras.sampler,
         )
         if accelerator.is_main_process:  # room for a checkpoint, best/ and final/
-            check_disk_space(out, 3 * estimate_checkpoint_mb(trainer), "this run's outputs")
+            needed = 3 * estimate_checkpoint_mb(trainer.optimizer)
+            check_disk_space(out, needed, "this run's outputs")
         if checkpoint is not None:
-            restore_training_state(trainer, checkpoint)
+            trainer.resume_from(checkpoint)
         loop = trainer.run()
     accelerator.wait_for_everyone()
     final_dir = out / "final"

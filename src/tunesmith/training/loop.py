@@ -1,28 +1,33 @@
 """The training loop: one explicit loop, readable top to bottom.
 
 It runs on ``accelerate.Accelerator`` so ``accelerate launch`` gives DDP/FSDP
-without this file knowing. Per optimizer step:
+without this file knowing. ``Trainer.run`` walks epochs and accumulation
+windows of ``grad_accum`` micro-batches; ``Trainer.train_step`` is one
+optimizer step, written as one block:
 
-1. take ``grad_accum`` micro-batches;
-2. count the supervised targets of the *whole* window (all processes), so the
+1. count the supervised targets of the *whole* window (all processes), so the
    summed loss of each micro-batch is divided by the same number: the
    gradient equals that of one big batch (transformers #24725 got this wrong);
-3. forward/backward each micro-batch (gradient sync only on the last);
-4. skip the step if the loss or gradient norm is not finite (stop after
-   ``MAX_BAD_STEPS`` in a row), clip, step optimizer and schedule;
-5. log, evaluate, keep the best, stop early.
+2. forward/backward each micro-batch (gradient sync only on the last);
+3. skip the step if the loss or gradient norm is not finite (stop after
+   ``max_bad_steps`` in a row), else clip, step optimizer and schedule;
+4. count it (time, the non-finite streak, the sums behind the next log line);
+5. log.
+
+Between steps ``run`` evaluates, keeps the best, stops early and writes
+checkpoints. Everything the loop mutates is ``self.state`` (a ``TrainState``),
+which is exactly what a checkpoint stores of it.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,6 @@ import torch
 from tqdm.auto import tqdm
 
 from tunesmith.config.root import Config
-from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.data.packing import real_tokens, training_loader
 from tunesmith.errors import TrainingDiverged, TrainingInterrupted
 from tunesmith.methods.base import Method
@@ -40,84 +44,46 @@ from tunesmith.tasks.base import Batch, Task
 from tunesmith.tasks.inference import evaluate_dataset
 from tunesmith.training.early_stop import EarlyStopping
 from tunesmith.training.feature_cache import plan_cache
-from tunesmith.training.interrupt import GracefulInterrupt
-from tunesmith.training.monitor import MetricsLog, peak_rss_mb, rss_mb
+from tunesmith.training.monitor import peak_rss_mb
 from tunesmith.training.optim import build_optimizer, build_scheduler, optimized_groups
-from tunesmith.training.resume import Checkpointer, restore_rng
+from tunesmith.training.parts import LoopCallbacks, LoopData, Optimization
+from tunesmith.training.resume import ResumeParts, RngState, restore_rng, restore_training_state
+from tunesmith.training.state import LogWindow, LoopResult, TrainState
+from tunesmith.training.step import (
+    StepStats,
+    accumulation_windows,
+    describe_non_finite,
+    short_metrics,
+    train_record,
+)
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class LoopResult:
-    """What the loop did: steps, timing, the best evaluation."""
-
-    steps: int = 0
-    epochs: float = 0.0
-    train_seconds: float = 0.0
-    real_tokens: int = 0
-    best_metric: float | None = None
-    best_step: int | None = None
-    stopped_early: bool = False
-    peak_rss_mb: float = 0.0
-    last_validation: dict[str, Any] = field(default_factory=dict)
-    #: Seconds spent building the feature cache (also counted in ``train_seconds``).
-    cache_seconds: float = 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Real (non-pad) training tokens per second of training time."""
-        return self.real_tokens / self.train_seconds if self.train_seconds else 0.0
-
-
-@dataclass
-class StepStats:
-    """Sums over one optimizer step's micro-batches."""
-
-    loss_sum: float
-    targets: float
-    real_tokens: int
-    grad_norm: float | None
-    skipped: bool
-    group_norms: dict[str, float] = field(default_factory=dict)
-    bad_where: str = ""
-    #: The objective's parts of this step (``Objective.take_parts``).
-    parts: dict[str, float] = field(default_factory=dict)
+#: What callers import from here besides the Trainer (defined next door).
+__all__ = ["LoopResult", "StepStats", "Trainer", "accumulation_windows"]
 
 
 class Trainer:
-    """Holds the pieces one run needs; ``run()`` is the loop.
+    """Holds the pieces one run needs; ``run()`` is the loop, ``train_step()`` one step.
 
     Args:
         cfg: The resolved config.
         task: The task (loss, counting, metrics).
         model: The model, already adapted by the method.
-        optimizer: Built from the method's parameter groups.
         accelerator: The ``accelerate.Accelerator`` of this process.
-        train_set: Training features.
-        val_set: Validation features (may be empty: no evaluation).
-        collator: Pads batches.
-        labels: Label vocabulary for metrics.
-        metrics_log: Where metric records go.
-        on_best: Called with the (unwrapped) model and metrics at each new best.
-        progress: Show a progress bar.
-        grad_groups: Parameters by layer group, for per-group gradient norms,
-            per-group clipping and naming the group that went non-finite.
-        hooks: Objects with ``on_train_start(trainer)`` and/or
-            ``on_step_start(trainer, step)`` (e.g. progressive unfreezing);
-            ``on_train_start`` runs while the Trainer is built, before the schedule.
-        lr_factor: Extra per-step LR factor per method group (see ``build_scheduler``).
-        checkpointer: Writes resumable checkpoints (None: never).
-        interrupt: Set by SIGINT/SIGTERM; the loop then checkpoints and stops.
-        cacheable: Whether the method allows caching the frozen blocks' output
-            (``train.feature_cache``; also never with hooks, which may unfreeze).
+        data: Training and validation features, collator, labels, order.
+        optimization: The optimizer and the trained parameters' layer groups.
+        callbacks: Metrics log, best-weights callback, hooks, checkpointer, interrupt.
         objective: Loss terms and regularisers added to the task loss (None: none).
-        sampler: The training order (None: ``task.train_sampler``); replay passes
-            one that mixes reference examples in.
 
-    The loop's position (``epoch``, ``batches_in_epoch``) and counters are
-    attributes, so a checkpoint can store them and ``restore_training_state``
-    can put a fresh Trainer exactly where an interrupted one was.
+    Hooks get the Trainer itself (``on_train_start(trainer)``,
+    ``on_step_start(trainer, step)``) and read ``model``, ``optimizer``,
+    ``steps_per_epoch``, ``metrics_log`` or ``state``.
+
+    The loop's position (``epoch``, ``batches_in_epoch``), counters and
+    early stopping are ``self.state``, a ``TrainState``: a checkpoint stores its
+    ``state_dict()`` and ``resume_from`` puts a fresh Trainer exactly where an
+    interrupted one was.
     """
 
     def __init__(
@@ -125,87 +91,81 @@ class Trainer:
         cfg: Config,
         task: Task,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
         accelerator: Any,
-        train_set: FeatureDataset,
-        val_set: FeatureDataset,
-        collator: Collator,
-        labels: list[str],
-        metrics_log: MetricsLog,
-        on_best: Callable[[torch.nn.Module, dict[str, Any]], None] | None = None,
-        progress: bool = True,
-        grad_groups: dict[str, list[torch.nn.Parameter]] | None = None,
-        hooks: list[Any] | None = None,
-        lr_factor: Callable[[str], Callable[[int], float] | None] | None = None,
-        checkpointer: Checkpointer | None = None,
-        interrupt: GracefulInterrupt | None = None,
-        cacheable: bool = True,
+        *,
+        data: LoopData,
+        optimization: Optimization,
+        callbacks: LoopCallbacks,
         objective: Objective | None = None,
-        sampler: Any | None = None,
     ) -> None:
-        self.cfg, self.task, self.labels = cfg, task, labels
+        self.cfg, self.task, self.labels = cfg, task, data.labels
         self.acc = accelerator
-        self.collator, self.train_set, self.val_set = collator, train_set, val_set
-        self.metrics_log, self.on_best, self.progress = metrics_log, on_best, progress
+        self.collator, self.train_set, self.val_set = data.collator, data.train_set, data.val_set
+        self.metrics_log, self.on_best = callbacks.metrics_log, callbacks.on_best
+        self.checkpointer, self.interrupt = callbacks.checkpointer, callbacks.interrupt
+        self.progress = callbacks.progress
         self.objective = objective or Objective()
-        self.window_parts: dict[str, float] = {}  # the objective's parts since the last log
-        self._window_steps = 0
         t = cfg.train
-        self.sampler = sampler or task.train_sampler(
-            train_set.features,
+        self.sampler = data.sampler or task.train_sampler(
+            self.train_set.features,
             t.batch_size,
             group_by_length=cfg.data.group_by_length,
             seed=t.seed,
         )
         loader = training_loader(
-            train_set, t.batch_size, self.sampler, collator, cfg.data.padding_free, accelerator
+            self.train_set,
+            t.batch_size,
+            self.sampler,
+            self.collator,
+            cfg.data.padding_free,
+            accelerator,
         )
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         if t.compile:
             model = torch.compile(model)
-        self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
+        self.model, self.optimizer, self.loader = accelerator.prepare(
+            model, optimization.optimizer, loader
+        )
         # The plain module: the feature cache swaps its submodules during a step.
         self._plain = accelerator.unwrap_model(self.model, keep_torch_compile=False)
         self.steps_per_epoch = max(1, math.ceil(len(self.loader) / t.grad_accum))
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
-        self.hooks = list(hooks or [])
+        self.state = TrainState(
+            EarlyStopping(cfg.eval.higher_is_better(), patience=t.early_stopping_patience)
+        )
+        self.hooks = list(callbacks.hooks)
         # Hooks learn the run's length before the schedule computes its first LR.
         self._call_hooks("on_train_start")
         cache_started = time.perf_counter()
         self.feature_cache = plan_cache(
             t.feature_cache,
             self._plain,
-            train_set,
-            collator,
-            cacheable=cacheable
+            self.train_set,
+            self.collator,
+            cacheable=optimization.cacheable
             and not cfg.data.padding_free
             and not self.hooks
             and task.mixed_batches
-            and getattr(train_set, "fixed_inputs", True),
+            and getattr(self.train_set, "fixed_inputs", True),
             batch_size=t.effective_eval_batch_size,
             folder=Path(t.output_dir) / ".cache",
             device=accelerator.device,
             model_inputs=task.model_inputs,
-            progress=progress and accelerator.is_main_process,
+            progress=self.progress and accelerator.is_main_process,
         )
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps, lr_factor)
-        self.grad_groups = optimized_groups(self.optimizer, grad_groups)
-        self.stopper = EarlyStopping(
-            cfg.eval.higher_is_better(), patience=t.early_stopping_patience
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg.optim, self.total_steps, optimization.lr_factor
         )
-        self.result = LoopResult()
+        self.grad_groups = optimized_groups(self.optimizer, optimization.grad_groups)
         if self.feature_cache is not None:  # part of training time: HF pays it every epoch
-            self.result.cache_seconds = time.perf_counter() - cache_started
-            self.result.train_seconds = self.result.cache_seconds
-        self.checkpointer, self.interrupt = checkpointer, interrupt
-        # Position and counters: all a checkpoint needs besides weights, optimizer, RNG.
-        self.epoch = 0
-        self.batches_in_epoch = 0  # micro-batches of the current epoch already consumed
-        self.bad_steps = 0
-        self.window = [0.0, 0.0, 0, 0.0]  # loss, targets, tokens, seconds since last log
-        self.last_eval_step: int | None = None
-        self.pending_rng: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None
+            self.state.cache_seconds = time.perf_counter() - cache_started
+            self.state.train_seconds = self.state.cache_seconds
+        # Not loop state: the progress bar (a real one only inside ``run``), when the
+        # current window's batching began, and RNG states a resume sets at the right time.
+        self._bar: Any = tqdm(disable=True)
+        self._window_started = time.perf_counter()
+        self._pending_rng: RngState | None = None
 
     @classmethod
     def for_method(
@@ -215,40 +175,49 @@ class Trainer:
         model: torch.nn.Module,
         method: Method,
         accelerator: Any,
-        *data: Any,
-        hooks: Iterable[Any] = (),
-        **options: Any,
+        data: LoopData,
+        callbacks: LoopCallbacks,
+        *,
+        objective: Objective | None = None,
     ) -> Trainer:
         """A Trainer for ``model`` as adapted by ``method`` (already applied).
 
         The one place that wires a method into the loop: its parameter groups
         become the optimizer, its layer groups the gradient monitoring, its
-        hooks and LR factors the schedule. ``data`` is the constructor's
-        ``train_set, val_set, collator, labels, metrics_log``; ``options`` its
-        keyword arguments (``on_best``, ``progress``, ``checkpointer``, ...).
+        hooks (run before ``callbacks.hooks``) and LR factors the schedule.
         """
+        optimizer = build_optimizer(method.param_groups(model), cfg.optim)
+        grad_groups = method.layer_groups(model)
+        hooks = [*method.hooks(), *callbacks.hooks]
+        optimization = Optimization(
+            optimizer,
+            grad_groups=grad_groups,
+            lr_factor=method.lr_factor,
+            cacheable=method.prefix_cacheable,
+        )
         return cls(
             cfg,
             task,
             model,
-            build_optimizer(method.param_groups(model), cfg.optim),
             accelerator,
-            *data,
-            grad_groups=method.layer_groups(model),
-            hooks=[*method.hooks(), *hooks],
-            lr_factor=method.lr_factor,
-            cacheable=method.prefix_cacheable,
-            **options,
+            data=data,
+            optimization=optimization,
+            callbacks=replace(callbacks, hooks=hooks),
+            objective=objective,
         )
+
+    def resume_from(self, checkpoint: Path) -> None:
+        """Continue where the run that wrote ``checkpoint`` stopped (call before ``run``)."""
+        self._pending_rng = restore_training_state(self._resume_parts(), checkpoint)
 
     # -- the loop -----------------------------------------------------------
     def run(self) -> LoopResult:
         """Train until ``total_steps`` or early stopping; returns what happened."""
-        t, res = self.cfg.train, self.result
+        t, state = self.cfg.train, self.state
         self.model.train()
-        bar = tqdm(
+        self._bar = tqdm(
             total=self.total_steps,
-            initial=res.steps,
+            initial=state.step,
             desc="train",
             unit="step",
             disable=not (self.progress and self.acc.is_main_process),
@@ -257,35 +226,34 @@ class Trainer:
             mininterval=0.5 if sys.stderr.isatty() else 30.0,
         )
         self._stop_if_interrupted()
-        if t.eval_at_start and res.steps == 0 and self.last_eval_step is None:
+        if t.eval_at_start and state.step == 0 and state.last_eval_step is None:
             self.evaluate()
-        while res.steps < self.total_steps and not res.stopped_early:
+        while state.step < self.total_steps and not state.stopped_early:
             for window in self._epoch_windows():
-                self.batches_in_epoch += len(window)
-                self.step_once(window, bar)
-                if t.eval_steps and res.steps % t.eval_steps == 0:
+                state.batches_in_epoch += len(window)
+                self.train_step(window)
+                if t.eval_steps and state.step % t.eval_steps == 0:
                     self.evaluate()
-                if res.stopped_early or res.steps >= self.total_steps:
+                if state.stopped_early or state.step >= self.total_steps:
                     break
-                if self.checkpointer is not None and self.checkpointer.due(res.steps):
-                    self.checkpointer.save(self)
+                if self.checkpointer is not None and self.checkpointer.due(state.step):
+                    self.checkpointer.save(self._resume_parts())
                 self._stop_if_interrupted()
             else:  # the epoch ran out (not stopped): the next one starts
-                self.epoch, self.batches_in_epoch = self.epoch + 1, 0
-                if not t.eval_steps and not res.stopped_early:
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                if not t.eval_steps and not state.stopped_early:
                     self.evaluate()
                 continue
             break
-        if self.last_eval_step != res.steps and not res.stopped_early:
+        if state.last_eval_step != state.step and not state.stopped_early:
             self.evaluate()  # the final weights are always a candidate for best/
-        bar.close()
+        self._bar.close()
         if not self.weights_finite():
             raise TrainingDiverged(
-                f"training diverged: weights are non-finite after step {res.steps}; "
+                f"training diverged: weights are non-finite after step {state.step}; "
                 "final/ was not written (lower optim.lr)"
             )
-        res.peak_rss_mb = round(peak_rss_mb(), 1)
-        return res
+        return state.result(self.steps_per_epoch, round(peak_rss_mb(), 1))
 
     def _epoch_windows(self) -> Iterator[list[Batch]]:
         """Accumulation windows of the current epoch, from the current position.
@@ -294,126 +262,47 @@ class Trainer:
         already consumed and only then restores the RNG states, because
         creating a DataLoader iterator draws from the global generator.
         """
+        epoch = self.state.epoch
         if hasattr(self.loader, "set_epoch"):  # accelerate re-seeds the sampler with this
-            self.loader.set_epoch(self.epoch)
-        self.sampler.set_epoch(self.epoch)
+            self.loader.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
         if hasattr(self.train_set, "set_epoch"):  # dynamic masking draws per epoch
-            self.train_set.set_epoch(self.epoch)
+            self.train_set.set_epoch(epoch)
         batches = iter(self.loader)
-        for _ in range(self.batches_in_epoch):
+        for _ in range(self.state.batches_in_epoch):
             next(batches, None)
-        if self.pending_rng is not None:
-            restore_rng(*self.pending_rng)
-            self.pending_rng = None
+        if self._pending_rng is not None:
+            restore_rng(*self._pending_rng)
+            self._pending_rng = None
         mark = time.perf_counter()  # training time counts batching, not evaluation
         for window in accumulation_windows(batches, self.cfg.train.grad_accum):
             self._window_started = mark
             yield window
             mark = time.perf_counter()
 
-    def step_once(self, window: list[Batch], bar: Any) -> None:
-        """One optimizer step over ``window`` with its bookkeeping and logging."""
-        t, res = self.cfg.train, self.result
-        self._call_hooks("on_step_start", res.steps)
-        stats = self.train_step(window)
-        seconds = time.perf_counter() - self._window_started
-        res.train_seconds += seconds
-        self.window[3] += seconds
-        if stats.skipped:
-            self.bad_steps += 1
-            if self.bad_steps >= t.max_bad_steps:
-                raise TrainingDiverged(
-                    f"training diverged: non-finite loss or gradients in {self.bad_steps} "
-                    f"consecutive steps (last at step {res.steps}, "
-                    f"{stats.bad_where}); lower optim.lr or check the data"
-                )
-            return
-        self.bad_steps = 0
-        res.steps += 1
-        res.real_tokens += stats.real_tokens
-        self.window[0] += stats.loss_sum
-        self.window[1] += stats.targets
-        self.window[2] += stats.real_tokens
-        for name, value in stats.parts.items():
-            self.window_parts[name] = self.window_parts.get(name, 0.0) + value
-        self._window_steps += 1
-        res.epochs = res.steps / self.steps_per_epoch
-        if res.steps % t.log_steps == 0 or res.steps == self.total_steps:
-            loss, targets, tokens, secs = self.window
-            record = self._train_record(loss / max(targets, 1.0), tokens / max(secs, 1e-9), stats)
-            parts = self.objective.log_fields(
-                record["loss"], self.window_parts, targets, self._window_steps
-            )
-            record.update(parts)
-            self.window_parts, self._window_steps = {}, 0
-            self.metrics_log.write(record)
-            bar.set_postfix(
-                refresh=False,
-                loss=f"{record['loss']:.4f}",
-                lr=f"{record[f'lr/{self._first_group()}']:.2e}",
-                tok_s=f"{record['tokens_per_s']:.0f}",
-            )
-            self.window = [0.0, 0.0, 0, 0.0]
-        elif stats.group_norms:
-            self.metrics_log.write(
-                {"step": res.steps, "epoch": round(res.epochs, 4), "split": "train"}
-                | {f"grad_norm/{k}": v for k, v in stats.group_norms.items()}
-            )
-        bar.update(1)
+    def train_step(self, window: list[Batch], *, account: bool = True) -> StepStats:
+        """One optimizer step over the micro-batches of ``window``, top to bottom.
 
-    def _stop_if_interrupted(self) -> None:
-        """After SIGINT/SIGTERM: write a resumable checkpoint (if any step ran) and stop."""
-        if self.interrupt is None or self.interrupt.requested is None:
-            return
-        name, steps = self.interrupt.signal_name, self.result.steps
-        if steps and self.checkpointer is not None:
-            where = self.checkpointer.save(self)
-            message = (
-                f"training interrupted by {name} after step {steps}: resumable checkpoint "
-                f"written to {where}; continue with --resume latest"
-            )
-        else:
-            message = f"training interrupted by {name} before any step; nothing to resume"
-        raise TrainingInterrupted(message, self.interrupt.requested)
+        Args:
+            window: The step's micro-batches.
+            account: Run the step's hooks and count and log it (False: only
+                the update, for ``estimate``, which measures a step's cost).
 
-    def release(self) -> None:
-        """Drop the model, optimizer state and data loader once training is over."""
-        self.optimizer.state.clear()
-        if self.feature_cache is not None:
-            self.feature_cache.close()
-            self.feature_cache = None
-        self.model = self.optimizer = self.scheduler = self.loader = None  # type: ignore[assignment]
-        self._plain = None  # type: ignore[assignment]
-        self.grad_groups, self.hooks = {}, []
-
-    def train_step(self, window: list[Batch]) -> StepStats:
-        """One optimizer step over the micro-batches of ``window``."""
-        loss_sum, targets, tokens = self.accumulate(window)
-        grad_norm, norms, stepped, bad_where = self.apply_update(loss_sum)
-        want_norms = (self.result.steps + 1) % self._grad_norm_every == 0
-        return StepStats(
-            loss_sum,
-            targets,
-            tokens,
-            grad_norm,
-            not stepped,
-            norms if want_norms else {},
-            bad_where,
-            self.objective.take_parts(),
-        )
-
-    def accumulate(self, window: list[Batch]) -> tuple[float, float, int]:
-        """Forward/backward every micro-batch; gradients end up as for one big batch.
-
-        Returns:
-            The summed loss, this process's number of targets and real tokens.
+        Raises:
+            TrainingDiverged: ``max_bad_steps`` steps in a row were non-finite.
         """
-        acc, task = self.acc, self.task
+        acc, task, state, t = self.acc, self.task, self.state, self.cfg.train
+        if account:
+            self._call_hooks("on_step_start", state.step)
+
+        # 1. The normaliser: the window's targets over all processes. DDP averages
+        #    gradients over processes; multiplying by their number turns that mean
+        #    back into a sum, so every micro-batch is divided by the global count.
         local = sum(task.count_targets(b).to(acc.device) for b in window).float()
         total = acc.reduce(local.clone(), "sum") if acc.num_processes > 1 else local
-        # DDP averages gradients over processes; multiplying by their number
-        # turns that mean back into a sum, so the normaliser is global.
         scale = acc.num_processes / total.clamp(min=1.0)
+
+        # 2. Forward/backward each micro-batch; gradients sync on the last only.
         loss_sum = torch.zeros((), device=acc.device)
         tokens = 0
         for i, batch in enumerate(window):
@@ -425,46 +314,128 @@ class Trainer:
             ):
                 outputs = self.model(**task.model_inputs(batch))
                 part = task.loss_sum(outputs, batch)
-                total = self.objective.batch_loss(part, outputs, batch) * scale
+                loss = self.objective.batch_loss(part, outputs, batch) * scale
                 # Once per step, inside the step's gradient sync (see train/objective.py).
                 penalty = self.objective.step_penalty(self._plain) if sync else None
                 if penalty is not None:
-                    total = total + penalty
-            acc.backward(total)
+                    loss = loss + penalty
+            acc.backward(loss)
             loss_sum += part.detach().float()
             tokens += real_tokens(batch)
-        return float(loss_sum), float(local), tokens
+        loss_value = float(loss_sum)
 
+        # 3. Guard, clip, update: norms of true gradients (fp16: unscaled first),
+        #    taken before clipping; a non-finite loss or norm skips the update.
+        acc.unscale_gradients()
+        norms = self.group_grad_norms()
+        grad_norm = math.sqrt(sum(v * v for v in norms.values()))
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        bad_where = ""
+        if finite:
+            self._clip(norms, grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            bad_where = describe_non_finite(loss_value, norms)
+            log.warning("non-finite values at step %d (%s): step skipped", state.step, bad_where)
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = StepStats(
+            loss_value,
+            float(local),
+            tokens,
+            grad_norm,
+            not finite,
+            norms,
+            bad_where,
+            self.objective.take_parts(),
+        )
+        if not account:
+            return stats
+
+        # 4. Count: time (skipped steps included), the non-finite streak, the sums.
+        seconds = time.perf_counter() - self._window_started
+        state.train_seconds += seconds
+        state.window.seconds += seconds
+        if stats.skipped:
+            state.bad_steps += 1
+            if state.bad_steps >= t.max_bad_steps:
+                raise TrainingDiverged(
+                    f"training diverged: non-finite loss or gradients in {state.bad_steps} "
+                    f"consecutive steps (last at step {state.step}, "
+                    f"{stats.bad_where}); lower optim.lr or check the data"
+                )
+            return stats
+        state.bad_steps = 0
+        state.step += 1
+        state.real_tokens += tokens
+        state.window.add_step(loss_value, stats.targets, tokens, stats.parts)
+
+        # 5. Log: a train line every log_steps (and at the last step) with the
+        #    window's means; per-group gradient norms every grad_norm_steps.
+        epochs = state.step / self.steps_per_epoch
+        group_norms = norms if state.step % self._grad_norm_every == 0 else {}
+        if state.step % t.log_steps == 0 or state.step == self.total_steps:
+            w = state.window
+            tok_s = w.tokens / max(w.seconds, 1e-9)
+            mean_loss = w.loss / max(w.targets, 1.0)
+            groups = self.optimizer.param_groups
+            record = train_record(
+                state.step, epochs, mean_loss, groups, grad_norm, group_norms, tok_s
+            )
+            record.update(self.objective.log_fields(record["loss"], w.parts, w.targets, w.steps))
+            state.window = LogWindow()
+            self.metrics_log.write(record)
+            self._bar.set_postfix(
+                refresh=False,
+                loss=f"{record['loss']:.4f}",
+                lr=f"{record[f'lr/{self._first_group()}']:.2e}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+            )
+        elif group_norms:
+            self.metrics_log.write(
+                {"step": state.step, "epoch": round(epochs, 4), "split": "train"}
+                | {f"grad_norm/{k}": v for k, v in group_norms.items()}
+            )
+        self._bar.update(1)
+        return stats
+
+    def _stop_if_interrupted(self) -> None:
+        """After SIGINT/SIGTERM: write a resumable checkpoint (if any step ran) and stop."""
+        if self.interrupt is None or self.interrupt.requested is None:
+            return
+        name, steps = self.interrupt.signal_name, self.state.step
+        if steps and self.checkpointer is not None:
+            where = self.checkpointer.save(self._resume_parts())
+            message = (
+                f"training interrupted by {name} after step {steps}: resumable checkpoint "
+                f"written to {where}; continue with --resume latest"
+            )
+        else:
+            message = f"training interrupted by {name} before any step; nothing to resume"
+        raise TrainingInterrupted(message, self.interrupt.requested)
+
+    def _resume_parts(self) -> ResumeParts:
+        """The state and live objects a checkpoint is written from and restored into."""
+        return ResumeParts(
+            self.cfg, self.state, self.model, self.optimizer, self.scheduler, self.acc
+        )
+
+    def release(self) -> None:
+        """Drop the model, optimizer state and data loader once training is over."""
+        self.optimizer.state.clear()
+        if self.feature_cache is not None:
+            self.feature_cache.close()
+            self.feature_cache = None
+        self.model = self.optimizer = self.scheduler = self.loader = None  # type: ignore[assignment]
+        self._plain = None  # type: ignore[assignment]
+        self.grad_groups, self.hooks = {}, []
+
+    # -- helpers of a step ----------------------------------------------------
     def _replaying(self, batch: Batch) -> Any:
         """Run only the blocks above the cached frozen prefix (when there is a cache)."""
         if self.feature_cache is None:
             return nullcontext()
         return self.feature_cache.replaying(self._plain, batch)
-
-    def apply_update(self, loss_sum: float) -> tuple[float, dict[str, float], bool, str]:
-        """Measure and clip gradients, then step unless loss or gradients are non-finite.
-
-        Returns:
-            The global gradient norm and the norm of each layer group (both
-            before clipping), whether a step was taken and, for a skipped step,
-            what was non-finite.
-        """
-        self.acc.unscale_gradients()  # fp16: measure and clip true gradients
-        norms = self.group_grad_norms()
-        total = math.sqrt(sum(v * v for v in norms.values()))
-        finite = math.isfinite(loss_sum) and math.isfinite(total)
-        bad_where = ""
-        if finite:
-            self._clip(norms, total)
-            self.optimizer.step()
-            self.scheduler.step()
-        else:
-            bad_where = _describe_non_finite(loss_sum, norms)
-            log.warning(
-                "non-finite values at step %d (%s): step skipped", self.result.steps, bad_where
-            )
-        self.optimizer.zero_grad(set_to_none=True)
-        return total, norms, finite, bad_where
 
     def group_grad_norms(self) -> dict[str, float]:
         """L2 norm of the gradients of each layer group (groups without gradients omitted)."""
@@ -505,13 +476,18 @@ class Trainer:
     def _grad_norm_every(self) -> int:
         return self.cfg.train.grad_norm_steps or self.cfg.train.log_steps
 
+    def _first_group(self) -> str:
+        group = self.optimizer.param_groups[-1]  # the head's, usually the largest LR
+        return group.get("group", group["name"])
+
     # -- evaluation -----------------------------------------------------------
     def evaluate(self) -> dict[str, Any] | None:
         """Evaluate on validation, log, track the best, decide early stopping."""
         if not len(self.val_set):
             return None
-        res = self.result
-        self.last_eval_step = res.steps
+        state, stopper = self.state, self.state.stopper
+        state.last_eval_step = state.step
+        epochs = state.step / self.steps_per_epoch
         metrics, _ = evaluate_dataset(
             self.model,
             self.task,
@@ -523,75 +499,31 @@ class Trainer:
             generate=self.cfg.generate.in_eval,
             generate_limit=self.cfg.generate.eval_samples,
         )
-        res.last_validation = metrics
+        state.last_validation = metrics
         self.metrics_log.write(
-            {"step": res.steps, "epoch": round(res.epochs, 4), "split": "validation", **metrics}
+            {"step": state.step, "epoch": round(epochs, 4), "split": "validation", **metrics}
         )
         if not (math.isfinite(metrics.get("loss", 0.0)) and self.weights_finite()):
             raise TrainingDiverged(
                 f"training diverged: weights or validation loss are non-finite at step "
-                f"{res.steps}; nothing was saved from this point (lower optim.lr)"
+                f"{state.step}; nothing was saved from this point (lower optim.lr)"
             )
         value = metrics[self.cfg.eval.metric]
-        if self.stopper.update(value, res.steps):
-            res.best_metric, res.best_step = value, res.steps
-            if self.on_best is not None:
-                self.on_best(self.acc.unwrap_model(self.model), metrics)
-        if self.stopper.should_stop:
-            res.stopped_early = True
+        if stopper.update(value, state.step) and self.on_best is not None:
+            self.on_best(self.acc.unwrap_model(self.model), metrics)
+        if stopper.should_stop:
+            state.stopped_early = True
             log.info(
                 "early stopping at step %d: %s has not improved for %d evaluations (best %.4f "
                 "at step %d)",
-                res.steps,
+                state.step,
                 self.cfg.eval.metric,
-                self.stopper.bad_evals,
-                self.stopper.best,
-                self.stopper.best_step,
+                stopper.bad_evals,
+                stopper.best,
+                stopper.best_step,
             )
         if self.acc.is_main_process:
-            log.info("step %d validation: %s", res.steps, _short(metrics, self.task.metric_names))
+            log.info(
+                "step %d validation: %s", state.step, short_metrics(metrics, self.task.metric_names)
+            )
         return metrics
-
-    # -- helpers ------------------------------------------------------------
-    def _first_group(self) -> str:
-        group = self.optimizer.param_groups[-1]  # the head's, usually the largest LR
-        return group.get("group", group["name"])
-
-    def _train_record(self, loss: float, tok_s: float, stats: StepStats) -> dict[str, Any]:
-        res = self.result
-        record: dict[str, Any] = {
-            "step": res.steps,
-            "epoch": round(res.epochs, 4),
-            "split": "train",
-            "loss": loss,
-        }
-        for group in self.optimizer.param_groups:  # decay/no-decay halves share one LR
-            record.setdefault(f"lr/{group.get('group', group['name'])}", group["lr"])
-        if stats.grad_norm is not None:
-            record["grad_norm"] = stats.grad_norm
-        for name, value in stats.group_norms.items():
-            record[f"grad_norm/{name}"] = value
-        record["tokens_per_s"] = tok_s
-        record["rss_mb"] = round(rss_mb(), 1)
-        return record
-
-
-def _describe_non_finite(loss_sum: float, norms: dict[str, float]) -> str:
-    """Which part went non-finite: the loss and/or named layer groups."""
-    bad = [name for name, value in norms.items() if not math.isfinite(value)]
-    groups = ", ".join(bad)
-    if not math.isfinite(loss_sum):
-        return f"loss is {loss_sum}" + (f"; gradients of {groups}" if bad else "")
-    return f"non-finite gradients in layer group(s) {groups or '?'}"
-
-
-def accumulation_windows(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
-    """Group micro-batches into accumulation windows (the last may be shorter)."""
-    it = iter(batches)
-    while window := list(itertools.islice(it, size)):
-        yield window
-
-
-def _short(metrics: dict[str, Any], names: tuple[str, ...]) -> str:
-    keys = ["loss", *names]
-    return ", ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)

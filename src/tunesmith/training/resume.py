@@ -6,14 +6,19 @@ A checkpoint is a folder ``<run>/checkpoints/step-NNNNNNN/`` written atomically
     trainable.safetensors   every parameter the optimizer holds (the rest is the base model)
     optimizer.safetensors   the optimizer's tensors (moments, step counts), flattened
     rng-<rank>.safetensors  torch CPU and CUDA generator states of each process
-    state.json              step, epoch, position in the epoch's data order, scheduler,
-                            gradient scaler, early stopping, loop counters, Python and
-                            NumPy RNG states, the optimizer's non-tensor state,
-                            a fingerprint of the training data
+    state.json              the loop's ``TrainState.state_dict()`` (step, epoch, position
+                            in the epoch's data order, early stopping, counters, the
+                            sums since the last log line), scheduler, gradient scaler,
+                            Python and NumPy RNG states, the optimizer's non-tensor
+                            state, a fingerprint of the training data
     config.yaml             the run's config, for the compatibility check on resume
 
 Nothing is pickled: tensors go to safetensors, the rest to JSON, so loading a
 checkpoint cannot run code.
+
+This module knows the loop only through ``ResumeParts``: the ``TrainState``
+and the live objects whose state a checkpoint holds (the loop imports this
+module, never the reverse).
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ import random
 import re
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,9 +42,7 @@ from safetensors.torch import load_file, save_file
 from tunesmith.config.root import Config
 from tunesmith.errors import CheckpointError
 from tunesmith.models.folders import atomic_dir_write
-
-if TYPE_CHECKING:
-    from tunesmith.training.loop import Trainer
+from tunesmith.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,30 @@ HARMLESS_KEYS = frozenset(
 #: Disk space kept free beyond a checkpoint's estimated size.
 DISK_MARGIN_MB = 64.0
 
+#: A captured RNG state: Python and NumPy generators (JSON), torch generators (tensors).
+RngState = tuple[dict[str, Any], dict[str, torch.Tensor]]
+
+
+@dataclass
+class ResumeParts:
+    """What a checkpoint is written from and restored into.
+
+    Attributes:
+        cfg: The run's config (stored for the compatibility check on resume).
+        state: The loop's state; restored in place.
+        model: The (prepared) model; its optimized parameters are stored.
+        optimizer: The (prepared) optimizer.
+        scheduler: The LR scheduler (its counters are stored, its lambdas rebuilt).
+        accelerator: The ``accelerate.Accelerator`` of this process.
+    """
+
+    cfg: Config
+    state: TrainState
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    accelerator: Any
+
 
 # -- the policy: when to write, what to keep --------------------------------
 class Checkpointer:
@@ -111,17 +138,18 @@ class Checkpointer:
         elapsed = (time.monotonic() - self._last_time) / 60.0
         return bool(self.every_minutes) and elapsed >= self.every_minutes
 
-    def save(self, trainer: Trainer) -> Path:
-        """Write the trainer's state after its current step; prune old checkpoints."""
-        target = self.folder / f"step-{trainer.result.steps:07d}"
+    def save(self, parts: ResumeParts) -> Path:
+        """Write the loop's state after its current step; prune old checkpoints."""
+        target = self.folder / f"step-{parts.state.step:07d}"
         if target == self.last_saved:  # e.g. a signal right after a scheduled save
             return target
-        acc = trainer.acc
+        acc = parts.accelerator
         if acc.is_main_process:
-            check_disk_space(self.folder, estimate_checkpoint_mb(trainer), "a checkpoint")
-        save_training_state(trainer, target, self.fingerprint)
+            needed = estimate_checkpoint_mb(parts.optimizer)
+            check_disk_space(self.folder, needed, "a checkpoint")
+        save_training_state(parts, target, self.fingerprint)
         if acc.is_main_process:
-            self.prune(trainer.stopper.best_step)
+            self.prune(parts.state.stopper.best_step)
         self._last_time = time.monotonic()
         self.last_saved = target
         log.info("checkpoint: %s", target)
@@ -220,9 +248,9 @@ def data_fingerprint(features: list[dict[str, Any]]) -> str:
 
 
 # -- disk space -------------------------------------------------------------
-def estimate_checkpoint_mb(trainer: Trainer) -> float:
+def estimate_checkpoint_mb(optimizer: Any) -> float:
     """Size of one checkpoint: the trained weights plus AdamW's two moments per weight."""
-    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
     return 3 * weight_bytes / 2**20
 
@@ -246,13 +274,13 @@ def check_disk_space(folder: Path, needed_mb: float, what: str) -> None:
 
 
 # -- writing and reading ----------------------------------------------------
-def save_training_state(trainer: Trainer, target: Path, fingerprint: str) -> Path:
-    """Write ``trainer``'s complete state to ``target`` atomically (see module docstring).
+def save_training_state(parts: ResumeParts, target: Path, fingerprint: str) -> Path:
+    """Write the run's complete state to ``target`` atomically (see module docstring).
 
     Every process calls this; with several, their RNG states are gathered and
     the main process writes the folder.
     """
-    acc = trainer.acc
+    acc = parts.accelerator
     rngs = [(acc.process_index, *capture_rng())]
     if acc.num_processes > 1:
         from accelerate.utils import gather_object
@@ -261,26 +289,16 @@ def save_training_state(trainer: Trainer, target: Path, fingerprint: str) -> Pat
     if acc.is_main_process:
 
         def write(tmp: Path) -> None:
-            opt_tensors, opt_meta = _flatten_optimizer(trainer.optimizer.state_dict())
-            save_file(_contiguous(trainable_state(trainer)), tmp / "trainable.safetensors")
+            opt_tensors, opt_meta = _flatten_optimizer(parts.optimizer.state_dict())
+            trained = trainable_state(parts.model, parts.optimizer, acc)
+            save_file(_contiguous(trained), tmp / "trainable.safetensors")
             save_file(_contiguous(opt_tensors), tmp / "optimizer.safetensors")
             for rank, _, tensors in rngs:
                 save_file(tensors, tmp / f"rng-{rank}.safetensors")
-            trainer.cfg.save(tmp / "config.yaml")
+            parts.cfg.save(tmp / "config.yaml")
             state = {
-                "step": trainer.result.steps,
-                "epoch": trainer.epoch,
-                "batches_in_epoch": trainer.batches_in_epoch,
-                "bad_steps": trainer.bad_steps,
-                "window": list(trainer.window),
-                "last_eval_step": trainer.last_eval_step,
-                "result": asdict(trainer.result),
-                "stopper": {
-                    "best": trainer.stopper.best,
-                    "best_step": trainer.stopper.best_step,
-                    "bad_evals": trainer.stopper.bad_evals,
-                },
-                "scheduler": _scheduler_state(trainer.scheduler),
+                **parts.state.state_dict(),
+                "scheduler": _scheduler_state(parts.scheduler),
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                 "optimizer": opt_meta,
                 "rng": {str(rank): as_json for rank, as_json, _ in rngs},
@@ -307,60 +325,55 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable tunesmith checkpoint ({exc})") from None
 
 
-def restore_training_state(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
-    """Load a checkpoint into a freshly built ``trainer`` (same config, same data).
+def restore_training_state(parts: ResumeParts, checkpoint: Path) -> RngState:
+    """Load a checkpoint into freshly built ``parts`` (same config, same data).
 
-    RNG states are handed to the trainer rather than set here: the data loader
-    draws from the global generator when an epoch's iterator is created, so
-    the loop sets them after re-creating the interrupted epoch's iterator.
+    Returns:
+        This process's RNG states, to be set by the caller rather than here:
+        the data loader draws from the global generator when an epoch's
+        iterator is created, so the loop sets them after re-creating the
+        interrupted epoch's iterator.
     """
     checkpoint = Path(checkpoint)
     state = read_state(checkpoint)
+    acc = parts.accelerator
     saved_ranks = state.get("num_processes", 1)
-    if saved_ranks != trainer.acc.num_processes:
+    if saved_ranks != acc.num_processes:
         raise CheckpointError(
             f"--resume: {checkpoint} was written by {saved_ranks} process(es), this run has "
-            f"{trainer.acc.num_processes}; resume with the same launch"
+            f"{acc.num_processes}; resume with the same launch"
         )
-    _load_trainable(trainer, load_file(checkpoint / "trainable.safetensors"))
+    _load_trainable(parts, load_file(checkpoint / "trainable.safetensors"))
     opt_tensors = load_file(checkpoint / "optimizer.safetensors")
-    trainer.optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state["optimizer"]))
-    sched = trainer.scheduler.state_dict()
+    parts.optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state["optimizer"]))
+    sched = parts.scheduler.state_dict()
     sched.update(state["scheduler"])
-    trainer.scheduler.load_state_dict(sched)
-    if state.get("scaler") and trainer.acc.scaler is not None:
-        trainer.acc.scaler.load_state_dict(state["scaler"])
-    res = trainer.result
-    for key, value in state["result"].items():
-        setattr(res, key, value)
-    trainer.stopper.best = state["stopper"]["best"]
-    trainer.stopper.best_step = state["stopper"]["best_step"]
-    trainer.stopper.bad_evals = state["stopper"]["bad_evals"]
-    trainer.epoch, trainer.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
-    trainer.bad_steps = state["bad_steps"]
-    trainer.window = list(state["window"])
-    trainer.last_eval_step = state["last_eval_step"]
-    rank = str(trainer.acc.process_index)
-    trainer.pending_rng = (state["rng"][rank], load_file(checkpoint / f"rng-{rank}.safetensors"))
+    parts.scheduler.load_state_dict(sched)
+    if state.get("scaler") and acc.scaler is not None:
+        acc.scaler.load_state_dict(state["scaler"])
+    parts.state.load_state_dict(state)
+    rank = str(acc.process_index)
     log.info(
         "resumed from %s: step %d, epoch %d, %d micro-batches into it",
         checkpoint,
-        res.steps,
-        trainer.epoch,
-        trainer.batches_in_epoch,
+        parts.state.step,
+        parts.state.epoch,
+        parts.state.batches_in_epoch,
     )
-    return state
+    return state["rng"][rank], load_file(checkpoint / f"rng-{rank}.safetensors")
 
 
-def trainable_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+def trainable_state(
+    model: torch.nn.Module, optimizer: Any, accelerator: Any
+) -> dict[str, torch.Tensor]:
     """Every parameter the optimizer holds, by name in the unwrapped model."""
-    held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
-    model = trainer.acc.unwrap_model(trainer.model)
-    return {n: p.detach() for n, p in model.named_parameters() if id(p) in held}
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    plain = accelerator.unwrap_model(model)
+    return {n: p.detach() for n, p in plain.named_parameters() if id(p) in held}
 
 
-def _load_trainable(trainer: Trainer, tensors: dict[str, torch.Tensor]) -> None:
-    expected = trainable_state(trainer)
+def _load_trainable(parts: ResumeParts, tensors: dict[str, torch.Tensor]) -> None:
+    expected = trainable_state(parts.model, parts.optimizer, parts.accelerator)
     missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
     if missing or unexpected:
         names = sorted(missing or unexpected)[:3]
@@ -374,7 +387,7 @@ def _load_trainable(trainer: Trainer, tensors: dict[str, torch.Tensor]) -> None:
 
 
 # -- RNG --------------------------------------------------------------------
-def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def capture_rng() -> RngState:
     """Python and NumPy generator states (JSON) and torch CPU/CUDA states (tensors)."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
