@@ -1,12 +1,11 @@
-"""The Python API: ``train``, ``evaluate`` and ``predict``.
+"""The training recipe: a run assembled in three named phases, setup, fit and finish.
 
-The CLI is a thin layer over these functions, so a notebook gets exactly what
-the command line does::
-
-    from tunesmith import Config
-    from tunesmith. import training as train
-    result = train(Config.load("cfg.yaml", overrides=["optim.lr=3e-5"]))
-    result.test_metrics["accuracy"]
+``setup`` checks the inputs and the run folder, reads the data, builds the
+task, the method and the model and writes what a run records before it
+trains; ``fit`` runs the loop (resuming where asked) and saves ``final/``;
+``finish`` frees the trained model, evaluates the test split on the chosen
+checkpoint and writes the summary. ``train`` is the three in order and is
+what ``tunesmith.api.train`` and ``tunesmith train`` call.
 """
 
 from __future__ import annotations
@@ -26,8 +25,9 @@ import torch
 from tunesmith._version import __version__
 from tunesmith.config.root import Config
 from tunesmith.core import paths
+from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.errors import ConfigError
-from tunesmith.methods.base import METHODS
+from tunesmith.methods.base import METHODS, Method
 from tunesmith.methods.param_table import format_parameter_table, parameter_table
 from tunesmith.models.folders import read_manifest, save_model_folder
 from tunesmith.models.loading import (
@@ -35,10 +35,10 @@ from tunesmith.models.loading import (
     check_model_source,
     quiet_transformers,
 )
-from tunesmith.runs.extras import build_extras
+from tunesmith.runs.extras import RunExtras, build_extras
 from tunesmith.runs.parts import build_run_parts
 from tunesmith.runs.predict import evaluate
-from tunesmith.tasks.base import Task, get_task
+from tunesmith.tasks.base import DataSplits, Task, get_task
 from tunesmith.training.interrupt import GracefulInterrupt
 from tunesmith.training.loop import LoopResult, Trainer
 from tunesmith.training.monitor import MetricsLog
@@ -107,6 +107,50 @@ def train(
     """
 
     quiet_transformers()
+    run = setup(cfg, resume=resume, force=force, sinks=sinks)
+    loop = fit(run, progress=progress)
+    return finish(run, loop, test=test)
+
+
+@dataclass
+class Run:
+    """What ``setup`` assembled for ``fit`` and ``finish``.
+
+    ``model`` is set to None once training is over: the test evaluation reloads
+    the chosen checkpoint, and must not sit on top of the trained model.
+    """
+
+    cfg: Config
+    task: Task
+    accelerator: Any
+    out: Path
+    checkpoint: Path | None
+    splits: DataSplits
+    tokenizer: Any
+    method: Method
+    model: torch.nn.Module | None
+    train_set: FeatureDataset
+    val_set: FeatureDataset
+    test_set: FeatureDataset
+    collator: Collator
+    extras: RunExtras
+    manifest: dict[str, Any]
+    table: list[dict[str, Any]]
+    metrics_log: MetricsLog
+    fingerprint: str
+
+
+def setup(
+    cfg: Config,
+    *,
+    resume: str | Path | None = None,
+    force: bool = False,
+    sinks: Sequence[Callable[[dict[str, Any]], None]] = (),
+) -> Run:
+    """Check the inputs, read the data, build task, method and model; prepare the run folder.
+
+    A bad input fails here, before the folder of a previous run is replaced.
+    """
     t = cfg.train
     if t.tensorboard:
         check_tensorboard()
@@ -134,12 +178,9 @@ def train(
     parts = build_run_parts(cfg, task)
     extras = build_extras(cfg, task, parts, out, resuming=checkpoint is not None)
     splits, tokenizer, method, model = parts.splits, parts.tokenizer, parts.method, parts.model
-    train_set, val_set, test_set = extras.train_set, parts.val_set, parts.test_set
-    collator = parts.collator
-    del parts  # the model is freed before the test evaluation: no other reference
     groups = method.param_groups(model)
-    layer_groups = method.layer_groups(model)
-    table = parameter_table(layer_groups, groups, cfg.optim.lr)
+    table = parameter_table(method.layer_groups(model), groups, cfg.optim.lr)
+    del groups  # the Trainer builds its own
     log.info("trainable parameters:\n%s", format_parameter_table(table))
 
     # transformers does not save a padding side changed after loading: keep it ourselves.
@@ -149,75 +190,118 @@ def train(
     if checkpoint is None:  # only now, with data, tokenizer and model known to be good
         _prepare_output_dir(out, t.overwrite, accelerator.is_main_process)
         accelerator.wait_for_everyone()
-    fingerprint = data_fingerprint(train_set.features)
+    fingerprint = data_fingerprint(extras.train_set.features)
     if checkpoint is not None:
         check_resumable(checkpoint, cfg, fingerprint, force=force)
     # Sinks (and TensorBoard's event file) on the main process only, like metrics.jsonl.
     main = accelerator.is_main_process
     sinks = ([*sinks, TensorBoardSink(out)] if t.tensorboard else list(sinks)) if main else []
-    metrics_log = MetricsLog(
-        out / "metrics.jsonl", enabled=accelerator.is_main_process, sinks=sinks
-    )
-    if accelerator.is_main_process:
+    metrics_log = MetricsLog(out / "metrics.jsonl", enabled=main, sinks=sinks)
+    if main:
         if checkpoint is not None:  # records written after the checkpoint are redone
             metrics_log.truncate_after(read_state(checkpoint)["step"])
         cfg.save(out / "config.yaml")
         extras.save(out)
         (out / "splits.json").write_text(json.dumps(splits.provenance) + "\n")
         (out / "parameters.json").write_text(json.dumps(table, indent=1) + "\n")
+    return Run(
+        cfg=cfg,
+        task=task,
+        accelerator=accelerator,
+        out=out,
+        checkpoint=checkpoint,
+        splits=splits,
+        tokenizer=tokenizer,
+        method=method,
+        model=model,
+        train_set=extras.train_set,
+        val_set=parts.val_set,
+        test_set=parts.test_set,
+        collator=parts.collator,
+        extras=extras,
+        manifest=manifest,
+        table=table,
+        metrics_log=metrics_log,
+        fingerprint=fingerprint,
+    )
+
+
+def fit(run: Run, *, progress: bool = True) -> LoopResult:
+    """Train (from the checkpoint when resuming), keep ``best/``, save ``final/``.
+
+    Afterwards the trained model and the optimizer state are released.
+
+    Raises:
+        TrainingInterrupted: SIGINT/SIGTERM; a resumable checkpoint was written.
+    """
+    cfg, task, method, accelerator, out = run.cfg, run.task, run.method, run.accelerator, run.out
+    t = cfg.train
 
     def save_best(unwrapped: torch.nn.Module, metrics: dict[str, Any]) -> None:
         if accelerator.is_main_process:
             save_model_folder(
                 out / "best",
                 lambda folder: task.save_weights(method, unwrapped, folder),
-                tokenizer,
-                {**manifest, "validation": metrics},
+                run.tokenizer,
+                {**run.manifest, "validation": metrics},
             )
 
     checkpointer = Checkpointer(
-        out, t.save_steps, t.save_minutes, t.save_total_limit, fingerprint=fingerprint
+        out, t.save_steps, t.save_minutes, t.save_total_limit, fingerprint=run.fingerprint
     )
     with GracefulInterrupt() as interrupt:
         trainer = Trainer.for_method(
             cfg,
             task,
-            model,
+            run.model,
             method,
             accelerator,
-            LoopData(train_set, val_set, collator, splits.labels, sampler=extras.sampler),
+            LoopData(
+                run.train_set,
+                run.val_set,
+                run.collator,
+                run.splits.labels,
+                sampler=run.extras.sampler,
+            ),
             LoopCallbacks(
-                metrics_log,
+                run.metrics_log,
                 on_best=save_best,
                 checkpointer=checkpointer,
                 interrupt=interrupt,
                 progress=progress,
             ),
-            objective=extras.objective,
+            objective=run.extras.objective,
         )
         if accelerator.is_main_process:  # room for a checkpoint, best/ and final/
             needed = 3 * estimate_checkpoint_mb(trainer.optimizer)
             check_disk_space(out, needed, "this run's outputs")
-        if checkpoint is not None:
-            trainer.resume_from(checkpoint)
+        if run.checkpoint is not None:
+            trainer.resume_from(run.checkpoint)
         loop = trainer.run()
     accelerator.wait_for_everyone()
-    final_dir = out / "final"
     unwrapped = accelerator.unwrap_model(trainer.model)
     if accelerator.is_main_process:
         save_model_folder(
-            final_dir,
+            out / "final",
             functools.partial(task.save_weights, method, unwrapped),
-            tokenizer,
-            {**manifest, "validation": loop.last_validation},
+            run.tokenizer,
+            {**run.manifest, "validation": loop.last_validation},
         )
     # The test evaluation reloads the chosen checkpoint: free the trained model and
     # the optimizer state first, so the reload reuses their memory instead of
     # raising the process's peak.
-    del unwrapped, model, groups, layer_groups
+    del unwrapped
+    run.model = None
     trainer.release()
     accelerator.free_memory()
     gc.collect()
+    return loop
+
+
+def finish(run: Run, loop: LoopResult, *, test: bool = True) -> TrainResult:
+    """Evaluate the chosen checkpoint on the test split, measure forgetting, write the summary."""
+    accelerator, out, cfg = run.accelerator, run.out, run.cfg
+    final_dir = out / "final"
     best_dir = out / "best" if (out / "best").is_dir() else None
     result = TrainResult(
         output_dir=out,
@@ -225,17 +309,17 @@ def train(
         final_dir=final_dir,
         validation_metrics=read_manifest(best_dir).get("validation", {}) if best_dir else {},
         loop=loop,
-        parameters=table,
+        parameters=run.table,
     )
-    if test and len(test_set) and accelerator.is_main_process:
+    if test and len(run.test_set) and accelerator.is_main_process:
         chosen = best_dir or final_dir
         result.test_metrics = evaluate(
             chosen,
-            records=splits.test,
+            records=run.splits.test,
             trust_remote_code=cfg.model.trust_remote_code,
             allow_unsafe_weights=cfg.model.allow_unsafe_weights,
         )
-        trainer.metrics_log.write(
+        run.metrics_log.write(
             {
                 "step": loop.steps,
                 "epoch": round(loop.epochs, 4),
@@ -245,14 +329,14 @@ def train(
             }
         )
     if accelerator.is_main_process:
-        result.forgetting = extras.forgetting(best_dir or final_dir)
+        result.forgetting = run.extras.forgetting(best_dir or final_dir)
         if result.forgetting:
-            trainer.metrics_log.write(
+            run.metrics_log.write(
                 {"step": loop.steps, "epoch": round(loop.epochs, 4), "split": "reference"}
                 | {f"forgetting/{k}": v for k, v in result.forgetting.items()}
             )
         _write_summary(result)
-    metrics_log.close()
+    run.metrics_log.close()
     accelerator.end_training()
     return result
 
