@@ -282,15 +282,19 @@ def test_bad_task_type_and_method_suggest_closest(tmp_path: Path) -> None:
     assert "(did you mean 'full'?)" in message
 
 
-def test_registries_are_read_at_validation_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tunesmith.methods import base
+def test_spec_registries_are_read_at_validation_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunesmith.config.specs import METHOD_SPECS, MethodSpec
 
-    base.method_names()  # load the built-in methods first
-    monkeypatch.setitem(base.METHODS._entries, "lora", base.Method)
+    class Mine(MethodSpec):
+        name = "mine"
+        keys = frozenset({"r"})
+
+    METHOD_SPECS.names()  # load the built-in specs first
+    monkeypatch.setitem(METHOD_SPECS._entries, "mine", Mine)
     cfg = Config.from_dict(
-        {"model": {"name_or_path": "m"}, "data": {"train": "t"}, "method": {"name": "lora"}}
+        {"model": {"name_or_path": "m"}, "data": {"train": "t"}, "method": {"name": "mine", "r": 4}}
     )
-    assert cfg.method.name == "lora"
+    assert (cfg.method.name, cfg.method.r) == ("mine", 4)
 
 
 def test_from_dict_errors_name_the_source() -> None:

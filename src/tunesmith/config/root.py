@@ -29,17 +29,14 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.config.base import Section, field_docs, suggest  # noqa: F401 (re-exported)
+from tunesmith.config.checks import augment_problems, objective_problems, padding_free_problems
 from tunesmith.config.data import DataConfig
 from tunesmith.config.distill import DistillConfig
 from tunesmith.config.losses import LossConfig
 from tunesmith.config.methods import MethodConfig
-from tunesmith.config.multitask import (
-    FILE_KEYS,
-    MULTITASK,
-    MultitaskConfig,
-    share_data_defaults,
-)
+from tunesmith.config.multitask import FILE_KEYS, MultitaskConfig, share_data_defaults
 from tunesmith.config.regularize import ForgettingConfig, RegularizeConfig
+from tunesmith.config.specs import METHOD_SPECS, TASK_SPECS, Problem, Problems, TaskSpec
 from tunesmith.config.tasks import GenerateConfig, TaskConfig
 from tunesmith.config.train import TrainConfig
 from tunesmith.config.tune import Distribution, TuneConfig
@@ -167,55 +164,65 @@ class Config(Section):
         return share_data_defaults(values)
 
     @model_validator(mode="after")
-    def _data_or_tasks(self) -> Config:
+    def _across_sections(self) -> Config:
+        # Every check runs and every problem is raised at once, so a file's problems
+        # are reported together (each with its line: ``_describe``).
+        task = TASK_SPECS.get(self.task.type)
+        method = METHOD_SPECS.get(self.method.name)
+        if "metric" not in self.eval.model_fields_set:
+            # A default that names another task's metric would fail the run at start.
+            self.eval.metric = task.default_metric(self)
+        problems = [
+            *self._layout_problems(task),
+            *(p for p in map(search_key_problem, self.search) if p is not None),
+            *task.check_config(self),
+            *augment_problems(task, self.data, self.train),
+            *padding_free_problems(task, method, self.data, self.distill),
+            *objective_problems(
+                task, method, self.loss, self.regularize, self.forgetting, self.distill
+            ),
+        ]
+        if problems:
+            raise Problems(problems)
+        return self
+
+    def _layout_problems(self, task: type[TaskSpec]) -> list[Problem]:
+        """Where the data files are named: ``data`` (one task) or each task's (multi-task)."""
         # data.train is optional in DataConfig only because multi-task runs name a
         # file per task; every other run needs it.
-        if self.task.type != MULTITASK:
+        if not task.sub_tasks:
+            problems = []
             if self.multitask.tasks:
-                raise ValueError(
-                    "multitask.tasks: only read with task.type multitask "
-                    f"(task.type is {self.task.type})"
+                problems.append(
+                    Problem(
+                        "multitask.tasks",
+                        "multitask.tasks: only read with task.type multitask "
+                        f"(task.type is {self.task.type})",
+                    )
                 )
             if self.data.train is None:
-                raise ValueError("missing required key 'data.train'")
-            return self
+                problems.append(
+                    Problem("data.train", "missing required key 'data.train'", missing=True)
+                )
+            return problems
         if not self.multitask.tasks:
-            raise ValueError(
-                "task.type multitask needs multitask.tasks: a section per task "
-                "(<name>: {type: ..., data: {train: ...}})"
+            return [
+                Problem(
+                    "task.type",
+                    "task.type multitask needs multitask.tasks: a section per task "
+                    "(<name>: {type: ..., data: {train: ...}})",
+                )
+            ]
+        return [
+            Problem(
+                f"data.{key}",
+                f"data.{key}: with task.type multitask each task names its own files "
+                f"(multitask.tasks.<name>.data.{key}); the data section holds shared "
+                "defaults only",
             )
-        files = [k for k in FILE_KEYS if getattr(self.data, k) is not None]
-        if files:
-            raise ValueError(
-                f"data.{files[0]}: with task.type multitask each task names its own files "
-                f"(multitask.tasks.<name>.data.{files[0]}); the data section holds shared "
-                "defaults only"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _search_keys(self) -> Config:
-        for key in self.search:
-            check_search_key(key)
-        return self
-
-    @model_validator(mode="after")
-    def _task_default_metric(self) -> Config:
-        # A default that names another task's metric would fail the run at start.
-        from tunesmith.tasks.base import TASKS
-
-        task = TASKS.get(self.task.type)
-        if "metric" not in self.eval.model_fields_set:
-            self.eval.metric = task.default_metric(self)
-        task.check_config(self)
-        from tunesmith.config.augment import check_augment
-        from tunesmith.config.checks import check_objective_sections
-        from tunesmith.data.packing import check_padding_free
-
-        check_augment(self)
-        check_padding_free(self)
-        check_objective_sections(self)
-        return self
+            for key in FILE_KEYS
+            if getattr(self.data, key) is not None
+        ]
 
     @classmethod
     def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> Config:
@@ -516,22 +523,26 @@ def _section_model(path: Sequence[str]) -> type[BaseModel] | None:
 _UNSEARCHABLE = ("search", "tune", "train.output_dir", "train.overwrite")
 
 
-def check_search_key(key: str) -> None:
-    """Refuse a ``search`` key that is not a setting of the config (nearest key suggested)."""
+def search_key_problem(key: str) -> Problem | None:
+    """A ``search`` key that is not a setting of the config (nearest key suggested)."""
     parts = key.split(".")
+    loc = ("search", key)
     if key.startswith(_UNSEARCHABLE):
-        raise ValueError(f"search: '{key}' cannot be searched")
+        return Problem(loc, f"search: '{key}' cannot be searched")
     parent = _section_model(parts[:-1]) if len(parts) > 1 else None
     if parent is None:
-        raise ValueError(f"search: '{key}' is not a config key (give section.key, e.g. optim.lr)")
+        return Problem(
+            loc, f"search: '{key}' is not a config key (give section.key, e.g. optim.lr)"
+        )
     fields = parent.model_fields
     leaf = parts[-1]
     if leaf not in fields:
         prefix = ".".join(parts[:-1]) + "."
-        raise ValueError(f"search: unknown key '{key}'{suggest(leaf, fields, prefix)}")
+        return Problem(loc, f"search: unknown key '{key}'{suggest(leaf, fields, prefix)}")
     annotation = fields[leaf].annotation
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        raise ValueError(f"search: '{key}' is a section; search one of its keys")
+        return Problem(loc, f"search: '{key}' is a section; search one of its keys")
+    return None
 
 
 def _describe(exc: ValidationError, source: str, lines: _Lines, origins: _Origins) -> str:
