@@ -98,6 +98,9 @@ class TaskSpec:
     #: True when the task can be one task of a multi-task run (it has a head for
     #: the shared encoder: ``tasks/multitask_model.py``).
     multitask_head: bool = False
+    #: True when the model is one encoder pass with one ``logits`` output, which
+    #: ``export --format onnx`` traces into a graph (generation loops are not).
+    onnx_export: bool = False
 
     @classmethod
     def default_metric(cls, cfg: Any) -> str:

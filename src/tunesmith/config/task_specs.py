@@ -29,6 +29,7 @@ class SequenceClassificationSpec(TaskSpec):
     word_augment = True
     row_labels = True
     multitask_head = True
+    onnx_export = True
 
 
 @register_task_spec
@@ -41,6 +42,7 @@ class TokenClassificationSpec(TaskSpec):
     has_classes = True
     word_augment = True  # EDA keeps one tag per word; back-translation cannot (row_labels)
     multitask_head = True
+    onnx_export = True
 
 
 @register_task_spec
