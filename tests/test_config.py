@@ -1,4 +1,7 @@
-"""Tests for tunesmith.config.root: loading, overrides, round trips and one-line errors."""
+"""Tests for tunesmith.config: loading, overrides, round trips and errors that say where.
+
+One problem is one line; several are all reported at once, a line each.
+"""
 
 from __future__ import annotations
 
@@ -38,8 +41,18 @@ def load_error(path: Path, overrides: tuple[str, ...] = ()) -> str:
     with pytest.raises(ConfigError) as info:
         Config.load(path, overrides)
     message = str(info.value)
-    assert "\n" not in message, "errors must be one line for the CLI"
+    assert "\n" not in message, "one problem is one line for the CLI"
     return message
+
+
+def load_errors(path: Path, overrides: tuple[str, ...] = ()) -> list[str]:
+    """The problems of a file with several: after the count line, one line each."""
+    with pytest.raises(ConfigError) as info:
+        Config.load(path, overrides)
+    first, *rest = str(info.value).splitlines()
+    assert first == f"{path}: {len(rest)} problems"
+    assert all(line.startswith("  ") for line in rest)
+    return [line.removeprefix("  ") for line in rest]
 
 
 def test_minimal_config_fills_defaults(tmp_path: Path) -> None:
@@ -219,11 +232,99 @@ def test_invalid_values_name_line_and_key(
     assert load_error(path).startswith(f"{path}:{line}: {key}")
 
 
-def test_several_errors_report_the_first_and_count(tmp_path: Path) -> None:
+def test_several_errors_in_a_section_are_all_reported(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL + "train:\n  epochs: 0\n  batch_size: 0\n  log_steps: 0\n")
-    message = load_error(path)
-    assert message.startswith(f"{path}:6: train.epochs:")
-    assert message.endswith("(and 2 more)")
+    problems = load_errors(path)
+    assert [p.split(": ", 2)[:2] for p in problems] == [
+        [f"{path}:6", "train.epochs"],
+        [f"{path}:7", "train.batch_size"],
+        [f"{path}:8", "train.log_steps"],
+    ]
+
+
+def test_every_problem_of_a_file_is_reported_with_its_line_and_nearest_key(
+    tmp_path: Path,
+) -> None:
+    path = write(
+        tmp_path,
+        """\
+        model:
+          name_or_path: org/some-model
+          trust_remote: true
+        data:
+          train: train.csv
+        optim:
+          lr: -1
+        train:
+          epohcs: 3
+        """,
+    )
+    assert load_errors(path) == [
+        f"{path}:3: unknown key 'model.trust_remote' (did you mean 'model.trust_remote_code'?)",
+        f"{path}:7: optim.lr: Input should be greater than 0 (got -1)",
+        f"{path}:9: unknown key 'train.epohcs' (did you mean 'train.epochs'?)",
+    ]
+    # Overrides come after the file's lines, in the order given.
+    problems = load_errors(path, ("train.seed=x", "optim.lr=1e-5"))
+    assert [p.split(": ", 1)[0] for p in problems] == [
+        f"{path}:3",
+        f"{path}:9",
+        "override 'train.seed=x'",
+    ]
+
+
+def test_checks_across_sections_report_every_problem_at_its_key(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        model:
+          name_or_path: org/some-model
+        task:
+          type: seq2seq
+        data:
+          train: train.csv
+          padding_free: true
+          augment:
+            multiplier: 1
+        loss:
+          type: focal
+        """,
+    )
+    problems = load_errors(path)
+    assert [p.split(": ", 2)[:2] for p in problems] == [
+        [f"{path}:7", "data.padding_free"],
+        [f"{path}:9", "data.augment.multiplier"],
+        [f"{path}:11", "loss.type"],
+    ]
+    assert problems[0].endswith(
+        "data.padding_free: only for task.type causal_lm (decoders "
+        "whose attention mask follows position_ids); encoder tasks pool or tag per row, and "
+        "data.group_by_length already leaves them ~2% padding"
+    )
+
+
+def test_misspelt_section_is_not_also_reported_missing(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL.replace("model:", "modle:") + "optim:\n  lr: -1\n")
+    assert load_errors(path) == [
+        f"{path}:1: unknown key 'modle' (did you mean 'model'?)",
+        f"{path}:6: optim.lr: Input should be greater than 0 (got -1)",
+    ]
+
+
+def test_a_union_key_is_one_problem_naming_every_form(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "loss:\n  class_weights: inversee\n")
+    assert load_error(path) == (
+        f"{path}:6: loss.class_weights: Input should be 'inverse' or 'effective', a valid "
+        "list or a valid dictionary (got 'inversee') (did you mean 'inverse'?)"
+    )
+
+
+def test_unknown_key_in_an_optional_section_suggests_the_nearest(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "method:\n  unfreeze:\n    every_step: 2\n")
+    assert load_error(path) == (
+        f"{path}:7: unknown key 'method.unfreeze.every_step' "
+        "(did you mean 'method.unfreeze.every_steps'?)"
+    )
 
 
 def test_literal_choice_suggests_closest(tmp_path: Path) -> None:
@@ -282,15 +383,19 @@ def test_bad_task_type_and_method_suggest_closest(tmp_path: Path) -> None:
     assert "(did you mean 'full'?)" in message
 
 
-def test_registries_are_read_at_validation_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tunesmith.methods import base
+def test_spec_registries_are_read_at_validation_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunesmith.config.specs import METHOD_SPECS, MethodSpec
 
-    base.method_names()  # load the built-in methods first
-    monkeypatch.setitem(base.METHODS._entries, "lora", base.Method)
+    class Mine(MethodSpec):
+        name = "mine"
+        keys = frozenset({"r"})
+
+    METHOD_SPECS.names()  # load the built-in specs first
+    monkeypatch.setitem(METHOD_SPECS._entries, "mine", Mine)
     cfg = Config.from_dict(
-        {"model": {"name_or_path": "m"}, "data": {"train": "t"}, "method": {"name": "lora"}}
+        {"model": {"name_or_path": "m"}, "data": {"train": "t"}, "method": {"name": "mine", "r": 4}}
     )
-    assert cfg.method.name == "lora"
+    assert (cfg.method.name, cfg.method.r) == ("mine", 4)
 
 
 def test_from_dict_errors_name_the_source() -> None:

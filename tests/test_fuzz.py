@@ -2,7 +2,8 @@
 
 The config loader and the data readers face whatever users point them at. For
 any text or bytes they either succeed (valid by chance) or raise a member of
-the ``TunesmithError`` family, which the CLI prints as one line; anything else
+the ``TunesmithError`` family, which the CLI prints as one line (a config error:
+one line per problem); anything else
 (a ``ValueError`` from deep inside PyYAML, a ``zlib.error``) would be a
 traceback. Regressions for the crashes the fuzzer found are pinned at the end.
 """
@@ -72,11 +73,14 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def load_config(path: Path, overrides: tuple[str, ...] = ()) -> None:
-    """Load; a ConfigError must be one line (the CLI prints it as is)."""
+    """Load; a ConfigError must be one line per problem (the CLI prints it as is)."""
     try:
         Config.load(path, overrides)
     except ConfigError as err:
-        assert "\n" not in str(err)
+        first, *problems = str(err).split("\n")
+        if problems:  # several: a count line, then one indented line each
+            assert first == f"{path}: {len(problems)} problems"
+            assert all(p.startswith("  ") and not p[2:].startswith(" ") for p in problems)
 
 
 def load_data(path: Path, **kwargs: Any) -> None:

@@ -2,9 +2,9 @@
 
 Every failure caused by user input (config, data, paths, models) is a
 ``TunesmithError``. The CLI catches the family once, prints ``str(err)`` as a
-single line and exits with ``err.exit_code``; anything else is a bug and keeps
-its traceback. Messages say what is wrong, where (file, line, key) and how to
-fix it.
+single line (a config with several problems: a line each, all at once) and
+exits with ``err.exit_code``; anything else is a bug and keeps its traceback.
+Messages say what is wrong, where (file, line, key) and how to fix it.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ def config_validate(
     file: Annotated[Path, typer.Argument(help="YAML config file.")],
     overrides: Overrides = None,
 ) -> None:
-    """Check a config file; exit 0 when valid, 2 with the first problem otherwise."""
+    """Check a config file; exit 0 when valid, 2 listing every problem otherwise."""
     from tunesmith.config.root import Config
 
     Config.load(file, overrides or [])

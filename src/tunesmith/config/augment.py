@@ -10,19 +10,14 @@ operation touches. Validation and test data are never augmented.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
 from tunesmith.config.base import Section
 
-if TYPE_CHECKING:
-    from tunesmith.config.root import Config
-
 #: The EDA operations, in the order they are applied to a copy.
 EDA_OPS = ("synonym_replacement", "random_insertion", "random_swap", "random_deletion")
-#: Tasks whose training records can be edited as words (labels preserved).
-WORD_TASKS = ("sequence_classification", "token_classification")
 
 
 class BackTranslationConfig(Section):
@@ -110,35 +105,3 @@ class AugmentConfig(Section):
     def eda_weights(self) -> dict[str, float]:
         """The EDA operations with a probability above 0."""
         return {op: getattr(self, op) for op in EDA_OPS if getattr(self, op) > 0}
-
-
-def check_augment(cfg: Config) -> None:
-    """Refuse augmentation (and K-shot limits) a run cannot use (config validation).
-
-    Raises:
-        ValueError: Naming the key and what to do instead.
-    """
-    task_type, augment, limit_per_class = cfg.task.type, cfg.data.augment, cfg.data.limit_per_class
-    if augment.dynamic_masking and cfg.train.feature_cache in ("memory", "disk"):
-        raise ValueError(
-            f"train.feature_cache: {cfg.train.feature_cache} cannot be used with "
-            "data.augment.dynamic_masking: the masked inputs change every epoch, cached hidden "
-            "states would not; set feature_cache: auto or off"
-        )
-    if limit_per_class is not None and task_type != WORD_TASKS[0]:
-        raise ValueError(
-            f"data.limit_per_class: K-shot needs one label per row ({WORD_TASKS[0]}); "
-            f"task.type is {task_type}"
-        )
-    if augment.enabled and task_type not in WORD_TASKS:
-        raise ValueError(
-            f"data.augment.multiplier: augmentation edits words of {' or '.join(WORD_TASKS)} "
-            f"data; task.type {task_type} is not supported (use dynamic_masking)"
-        )
-    if augment.enabled and augment.back_translation and task_type != WORD_TASKS[0]:
-        raise ValueError(
-            "data.augment.back_translation: a translation cannot keep word tags aligned; "
-            f"only for {WORD_TASKS[0]}"
-        )
-    if augment.dynamic_masking and task_type == "multitask":
-        raise ValueError("data.augment.dynamic_masking: not supported with task.type multitask")

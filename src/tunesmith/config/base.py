@@ -12,10 +12,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 
+def closest(word: str, choices: Iterable[str]) -> str | None:
+    """The choice closest to ``word``, or None when none is close."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
 def suggest(word: str, choices: Iterable[str], prefix: str = "") -> str:
     """Return `` (did you mean '<prefix><closest>'?)`` or ``""`` when nothing is close."""
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
+    match = closest(word, choices)
+    return f" (did you mean '{prefix}{match}'?)" if match is not None else ""
 
 
 def check_choice(kind: str, value: str, allowed: Sequence[str]) -> str:
@@ -41,6 +47,31 @@ def changed_from_default(section: BaseModel, names: Iterable[str]) -> list[str]:
     """
     fields = type(section).model_fields
     return [n for n in names if getattr(section, n) != fields[n].get_default()]
+
+
+def section_model(
+    root: type[BaseModel], path: Sequence[str], *, optional: bool = False
+) -> type[BaseModel] | None:
+    """Return the model class validating the mapping at ``path`` (``()`` is ``root``).
+
+    A ``dict[str, Section]`` field (``multitask.tasks``) consumes the next part as
+    its key. With ``optional``, an optional sub-section (``S | None``) counts as ``S``.
+    """
+    model = root
+    parts = iter(path)
+    for part in parts:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        if typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[1]
+            if next(parts, None) is None:
+                return None
+        if optional:
+            annotation = _optional_section(annotation) or annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
 
 
 def _type_name(annotation: Any) -> str:

@@ -2,8 +2,8 @@
 
 Kept apart from ``config.py`` like every other section. Label smoothing stays
 one key for every task, ``task.label_smoothing``; this section holds what only
-the classification-like tasks (sequence_classification, token_classification)
-read: the focal loss and class weights.
+the classification-like tasks (task specs with ``has_classes``: sequence and
+token classification) read: the focal loss and class weights.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from pydantic import Field, field_validator, model_validator
 
 from tunesmith.config.base import Section, changed_from_default
 
-#: Task types whose loss reads this section.
-CLASS_TASKS = ("sequence_classification", "token_classification")
 Weights = list[float] | dict[str, float]
 
 

@@ -2,9 +2,10 @@
 
 Keys shared by the layer-based methods live here: layer selection
 (``train_layers``, globs, BitFit-style switches), learning-rate shaping
-(``lr_multipliers``, ``llrd``) and progressive unfreezing. Each method class
-declares which keys it uses (``Method.keys``); setting a key the chosen method
-ignores is an error that says so, instead of a silent no-op.
+(``lr_multipliers``, ``llrd``) and progressive unfreezing. Each method spec
+declares which keys it uses (``MethodSpec.keys``, ``config/method_specs.py``);
+setting a key the chosen method ignores is an error that says so, instead of a
+silent no-op.
 """
 
 from __future__ import annotations
@@ -14,16 +15,12 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from tunesmith.config.base import Section, check_choice
+from tunesmith.config.specs import METHOD_SPECS
 
 
 def known_methods() -> tuple[str, ...]:
-    """The method names ``method.name`` accepts: the method registry's.
-
-    Imported lazily: the registry imports the method modules, which import this one.
-    """
-    from tunesmith.methods.base import method_names
-
-    return tuple(method_names())
+    """The method names ``method.name`` accepts: the method spec registry's."""
+    return tuple(METHOD_SPECS.names())
 
 
 class LrMultipliers(Section):
@@ -151,9 +148,7 @@ class MethodConfig(Section):
         default = cls.model_fields[info.field_name].get_default(call_default_factory=True)
         if value == default:  # resolved configs spell out every default
             return value
-        from tunesmith.methods.base import METHODS
-
-        accepted = METHODS.get(name).keys
+        accepted = METHOD_SPECS.get(name).keys
         if info.field_name not in accepted:
             raise ValueError(
                 f"does not apply to method '{name}' "

@@ -29,11 +29,10 @@ from pydantic import Field, field_validator
 
 from tunesmith.config.base import Section, check_choice
 from tunesmith.config.data import DataConfig
+from tunesmith.config.specs import all_task_specs
 
 #: ``task.type`` of multi-task training.
 MULTITASK = "multitask"
-#: Task types that have a multi-task head (``tasks/multitask_model.py``).
-HEAD_TYPES = ("sequence_classification", "token_classification")
 #: Data keys naming files: never shared, each task names its own.
 FILE_KEYS = ("train", "validation", "test")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -59,7 +58,8 @@ class SubTaskConfig(Section):
     @field_validator("type")
     @classmethod
     def _has_head(cls, value: str) -> str:
-        return check_choice("multi-task head type", value, HEAD_TYPES)
+        heads = [s.name for s in all_task_specs() if s.multitask_head]
+        return check_choice("multi-task head type", value, heads)
 
 
 class MultitaskConfig(Section):
@@ -124,3 +124,15 @@ def share_data_defaults(values: Any) -> Any:
         for name, sub in tasks.items()
     }
     return {**values, "multitask": {**multitask, "tasks": merged}}
+
+
+def sub_config(cfg: Any, name: str) -> Any:
+    """The single-task config of task ``name``: the run's ``Config``, with its type and data."""
+    sub = cfg.multitask.tasks[name]
+    return cfg.model_copy(
+        update={
+            "task": cfg.task.model_copy(update={"type": sub.type}),
+            "data": sub.data,
+            "multitask": MultitaskConfig(),
+        }
+    )

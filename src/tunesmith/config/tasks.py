@@ -12,16 +12,12 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from tunesmith.config.base import Section, check_choice
+from tunesmith.config.specs import TASK_SPECS
 
 
 def known_tasks() -> tuple[str, ...]:
-    """Return the task names ``task.type`` accepts: the task registry's.
-
-    Imported lazily: the task registry imports the config.
-    """
-    from tunesmith.tasks.base import task_names
-
-    return tuple(task_names())
+    """Return the task names ``task.type`` accepts: the task spec registry's."""
+    return tuple(TASK_SPECS.names())
 
 
 class TaskConfig(Section):

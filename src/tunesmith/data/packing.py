@@ -15,7 +15,10 @@ batch that first label is never a target either (nothing precedes it), so
 the targets, and hence the loss sum and its normalisation, are the same.
 
 Training only: evaluation and generation score or decode each example on its
-own row, so they keep the padded collator.
+own row, so they keep the padded collator. Where packed rows would change the
+results (encoder tasks, virtual tokens, distillation), config validation
+refuses ``data.padding_free`` (``config/checks.py``: the ``packable`` flags of
+the task and method specs).
 """
 
 from __future__ import annotations
@@ -27,11 +30,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from tunesmith.data.batching import IGNORE
-
-#: Tasks whose model takes ``position_ids`` and builds its mask from them when packed.
-PACKABLE_TASKS = ("causal_lm",)
-#: Methods whose extra inputs are per row: virtual tokens would sit before the whole row.
-UNPACKABLE_METHODS = ("prefix", "prompt")
 
 
 class PackedCollator:
@@ -86,29 +84,3 @@ def real_tokens(batch: Mapping[str, torch.Tensor]) -> int:
     if "position_ids" in batch and "input_ids" in batch:
         return int(batch["input_ids"].numel())
     return 0
-
-
-def check_padding_free(cfg: Any) -> None:
-    """Refuse ``data.padding_free`` where packed rows would change the results.
-
-    Raises:
-        ValueError: Naming the key and why (config validation).
-    """
-    if not cfg.data.padding_free:
-        return
-    if cfg.task.type not in PACKABLE_TASKS:
-        raise ValueError(
-            f"data.padding_free: only for task.type {' or '.join(PACKABLE_TASKS)} (decoders "
-            "whose attention mask follows position_ids); encoder tasks pool or tag per row, "
-            "and data.group_by_length already leaves them ~2% padding"
-        )
-    if cfg.method.name in UNPACKABLE_METHODS:
-        raise ValueError(
-            f"data.padding_free: method {cfg.method.name} adds virtual tokens per row, which "
-            "a packed row of several examples cannot have; set padding_free: false"
-        )
-    if getattr(cfg.distill, "teacher", None):
-        raise ValueError(
-            "data.padding_free: distillation matches teacher outputs per example row; "
-            "set padding_free: false"
-        )

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from tunesmith._version import __version__
+from tunesmith.config.specs import all_task_specs
 from tunesmith.data.batching import Collator
 from tunesmith.deploy.onnx_runtime import (
     PARITY_ATOL,
@@ -54,8 +55,6 @@ from tunesmith.tasks.encoding import effective_limit
 ONNX_FILE = "model.onnx"
 #: What a server needs besides the graph and the tokenizer (labels, inputs, lengths).
 INFO_FILE = "onnx.json"
-#: Tasks whose model is one encoder pass with a ``logits`` output.
-TASKS = ("sequence_classification", "token_classification")
 DEFAULT_OPSET = 18
 #: LayerNormalization is one operator from opset 17 on; older opsets split it up.
 MIN_OPSET = 17
@@ -231,10 +230,11 @@ def check_task(task: str) -> None:
     Raises:
         ConfigError: Naming the task and the ones that can be exported.
     """
-    if task not in TASKS:
+    exportable = [spec.name for spec in all_task_specs() if spec.onnx_export]
+    if task not in exportable:
         raise ConfigError(
             f"export --format onnx: task '{task}' cannot be exported to ONNX (only "
-            f"{' and '.join(TASKS)}, whose model is one pass with one logits output); "
+            f"{' and '.join(exportable)}, whose model is one pass with one logits output); "
             "export it without --format onnx"
         )
 

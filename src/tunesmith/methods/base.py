@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from tunesmith.config.specs import TASK_SPECS, MethodSpec
 from tunesmith.core.registry import Registry
 
 if TYPE_CHECKING:
@@ -37,12 +38,13 @@ class ParamGroup:
     lr_multiplier: float = 1.0
 
 
-class Method(ABC):
-    """How a model is adapted: what trains, and in which groups."""
+class Method(MethodSpec, ABC):
+    """How a model is adapted: what trains, and in which groups.
 
-    name: str = ""
-    #: The ``method.*`` keys (besides ``name``) this method reads; others are config errors.
-    keys: frozenset[str] = frozenset()
+    Its name, accepted keys and capability flags come from its spec
+    (``config/method_specs.py``), which each method inherits first:
+    ``class LoRA(LoRASpec, PeftMethod)``.
+    """
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -72,20 +74,13 @@ class Method(ABC):
         """Whether the task adds a new head that adapter methods train and save.
 
         False for tasks whose head is the model's pretrained output layer
-        (``Task.new_head``): adapters then leave it frozen like the rest of the base.
+        (``TaskSpec.new_head``): adapters then leave it frozen like the rest of the base.
         """
-        from tunesmith.tasks.base import TASKS
-
-        return TASKS.get(self.cfg.task.type).new_head
+        return TASK_SPECS.get(self.cfg.task.type).new_head
 
     # -- checkpoints --------------------------------------------------------------
-    #: True when checkpoints hold only adapter + head weights (loading needs the base).
-    saves_adapter: bool = False
     #: Padding side the method needs, or None for the tokenizer's own.
     padding_side: str | None = None
-    #: False when the method changes what frozen blocks compute (virtual tokens), so
-    #: their output cannot be cached (``train.feature_cache``).
-    prefix_cacheable: bool = True
 
     def save_weights(self, model: nn.Module, folder: Path) -> None:
         """Write the trained weights into ``folder`` (a plain transformers folder by default)."""

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunesmith.config.method_specs import BottleneckSpec
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods.base import register_method
 from tunesmith.methods.selection import LayeredMethod
@@ -191,29 +192,16 @@ def _saved_names(model: nn.Module, heads: list[str]) -> list[str]:
 
 # -- the method --------------------------------------------------------------------
 @register_method
-class Bottleneck(LayeredMethod):
+class Bottleneck(BottleneckSpec, LayeredMethod):
     """Bottleneck adapters in every (or the top ``train_layers``) block; head trains too.
 
     ``lr_multipliers``/``llrd`` apply per block as for the layer methods: an
     adapter in block k learns at block k's rate, the head at the head's.
     """
 
-    name = "bottleneck"
     merge_blocker = (
         "the non-linearity between its down and up projections cannot be folded into linear weights"
     )
-    keys = frozenset(
-        {
-            "reduction_factor",
-            "placement",
-            "activation",
-            "train_layers",
-            "blocks",
-            "lr_multipliers",
-            "llrd",
-        }
-    )
-    saves_adapter = True
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)

@@ -9,23 +9,15 @@ from __future__ import annotations
 
 from torch import nn
 
+from tunesmith.config.method_specs import FreezeSpec
 from tunesmith.methods.base import register_method
-from tunesmith.methods.selection import SHAPING_KEYS, LayeredMethod
+from tunesmith.methods.selection import LayeredMethod
 from tunesmith.models.layers import EMBEDDINGS, HEAD, LayerMap
 
 
 @register_method
-class Freeze(LayeredMethod):
+class Freeze(FreezeSpec, LayeredMethod):
     """Everything is frozen except the head and the configured additions."""
-
-    name = "freeze"
-    keys = SHAPING_KEYS | {
-        "train_layers",
-        "train_embeddings",
-        "train_biases",
-        "train_norms",
-        "include",
-    }
 
     def select(self, model: nn.Module, layers: LayerMap) -> set[str]:
         m = self.cfg.method

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from torch import nn
 
+from tunesmith.config.method_specs import FullSpec
 from tunesmith.methods.base import register_method
-from tunesmith.methods.selection import SHAPING_KEYS, LayeredMethod
+from tunesmith.methods.selection import LayeredMethod
 from tunesmith.models.layers import EMBEDDINGS, LayerMap
 
 
 @register_method
-class FullFineTuning(LayeredMethod):
+class FullFineTuning(FullSpec, LayeredMethod):
     """Train everything; the baseline every other method is compared with."""
-
-    name = "full"
-    keys = SHAPING_KEYS | {"freeze_embeddings"}
 
     def select(self, model: nn.Module, layers: LayerMap) -> set[str]:
         skip = EMBEDDINGS if self.cfg.method.freeze_embeddings else None

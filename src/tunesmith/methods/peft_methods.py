@@ -20,6 +20,8 @@ from typing import Any
 from safetensors import SafetensorError
 from torch import nn
 
+from tunesmith.config.method_specs import DoRASpec, IA3Spec, LoRASpec, PrefixSpec, PromptSpec
+from tunesmith.config.specs import TASK_SPECS
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods.base import Method, ParamGroup, register_method
 from tunesmith.methods.quantized_base import (
@@ -54,13 +56,10 @@ _FALLBACK_TARGETS = (
     ("Wqkv",),
 )
 _PREFIXES = ("base_model.model.", "base_model.")
-_SHARED_KEYS = frozenset({"blocks", "lr_multipliers", "llrd"})
 
 
 class PeftMethod(Method):
     """Shared machinery; subclasses build the ``peft`` config."""
-
-    saves_adapter = True
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -144,10 +143,8 @@ class PeftMethod(Method):
         return model.merge_and_unload()
 
     # -- helpers for subclasses ------------------------------------------------
-    def task_type(self) -> str:
-        from tunesmith.tasks.base import TASKS
-
-        return TASKS.get(self.cfg.task.type).peft_task_type
+    def task_type(self) -> str | None:
+        return TASK_SPECS.get(self.cfg.task.type).peft_task_type
 
     def targets(self, model: nn.Module, family: str) -> list[str]:
         """Target module names: configured patterns (checked) or the architecture default.
@@ -183,19 +180,8 @@ class PeftMethod(Method):
         return chosen
 
 
-_LORA_KEYS = _SHARED_KEYS | {
-    "target_modules",
-    "r",
-    "alpha",
-    "dropout",
-    "rslora",
-    "loraplus_lr_ratio",
-    "train_layers",
-}
-
-
 @register_method
-class LoRA(PeftMethod):
+class LoRA(LoRASpec, PeftMethod):
     """Low-rank updates ``W + (alpha/r) B A`` on the target projections.
 
     With ``quantize_base`` (QLoRA) the frozen base's linear weights are held in
@@ -203,8 +189,6 @@ class LoRA(PeftMethod):
     full precision on top.
     """
 
-    name = "lora"
-    keys = _LORA_KEYS | {"quantize_base"}
     use_dora = False
 
     def __init__(self, cfg: Any) -> None:
@@ -253,21 +237,15 @@ class LoRA(PeftMethod):
 
 
 @register_method
-class DoRA(LoRA):
+class DoRA(DoRASpec, LoRA):
     """LoRA with a learned magnitude per output (weight-decomposed)."""
 
-    name = "dora"
-    # QLoRA is LoRA only: peft's DoRA cannot take the norm of a torchao NF4 weight.
-    keys = _LORA_KEYS
     use_dora = True
 
 
 @register_method
-class IA3(PeftMethod):
+class IA3(IA3Spec, PeftMethod):
     """Learned rescaling vectors of keys, values and the FFN activations."""
-
-    name = "ia3"
-    keys = _SHARED_KEYS | {"target_modules", "train_layers"}
 
     def peft_config(self, model: nn.Module) -> Any:
         from peft import IA3Config
@@ -281,11 +259,8 @@ class IA3(PeftMethod):
 
 
 @register_method
-class PrefixTuning(PeftMethod):
+class PrefixTuning(PrefixSpec, PeftMethod):
     """Trained key/value prefixes in every attention layer."""
-
-    name = "prefix"
-    keys = frozenset({"num_virtual_tokens", "prefix_projection", "lr_multipliers", "blocks"})
 
     def peft_config(self, model: nn.Module) -> Any:
         from peft import PrefixTuningConfig
@@ -298,7 +273,6 @@ class PrefixTuning(PeftMethod):
         )
 
     merge_blocker = "its virtual tokens are extra inputs, not changes to weights"
-    prefix_cacheable = False
 
     @classmethod
     def merged(cls, model: nn.Module) -> nn.Module | None:
@@ -306,11 +280,8 @@ class PrefixTuning(PeftMethod):
 
 
 @register_method
-class PromptTuning(PrefixTuning):
+class PromptTuning(PromptSpec, PrefixTuning):
     """Trained virtual-token embeddings prepended to the input."""
-
-    name = "prompt"
-    keys = frozenset({"num_virtual_tokens", "lr_multipliers", "blocks"})
 
     def peft_config(self, model: nn.Module) -> Any:
         from peft import PromptTuningConfig

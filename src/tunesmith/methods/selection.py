@@ -21,14 +21,12 @@ from tunesmith.models.layers import EMBEDDINGS, HEAD, LayerMap, discover_layers
 
 log = logging.getLogger(__name__)
 
-#: Keys every layer-based method understands.
-SHAPING_KEYS = frozenset({"exclude", "blocks", "lr_multipliers", "llrd", "unfreeze"})
-
 
 class LayeredMethod(Method):
-    """Base of methods that select parameters by layer; subclasses pick the set."""
+    """Base of methods that select parameters by layer; subclasses pick the set.
 
-    keys = SHAPING_KEYS
+    The keys they read (``SHAPING_KEYS`` and their own) are in their specs.
+    """
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from tunesmith.config.losses import CLASS_TASKS
 from tunesmith.config.root import Config
 from tunesmith.data.augment.build import augment_training, training_dataset
 from tunesmith.data.batching import Collator, FeatureDataset
@@ -76,7 +75,7 @@ def build_run_parts(cfg: Config, task: Task) -> RunParts:
         FeatureDataset(task.encode(recs, tokenizer, label2id))
         for recs in (splits.validation, splits.test)
     )
-    if task.name in CLASS_TASKS:  # saved in the manifest: eval weighs the loss the same way
+    if task.has_classes:  # saved in the manifest: eval weighs the loss the same way
         task.class_weights = resolve_class_weights(cfg.loss, splits.labels, train_set.features)
     if method.padding_side is not None:  # recorded in the manifest for eval/predict
         tokenizer.padding_side = method.padding_side

@@ -4,7 +4,10 @@ A task owns everything that depends on *what* is learned: which records it
 reads, how they are tokenised, which head the model gets, how a batch turns
 into a loss and how outputs become predictions and metrics. The training loop
 only ever talks to this interface, so adding a task is one module plus one
-``@register_task`` line, never an ``if task == ...`` inside the loop.
+``@register_task`` line, never an ``if task == ...`` inside the loop. What
+config validation needs of a task (name, metrics, capabilities, checks) is its
+torch-free spec (``config/task_specs.py``), registered apart; the task class
+inherits from it, and each task registered here has a spec of the same name.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tunesmith.config.specs import TaskSpec
 from tunesmith.core.registry import Registry
 from tunesmith.data.batching import EpochSampler
 from tunesmith.data.cleaning import EMPTY, normalize_record
@@ -62,47 +66,20 @@ class DataSplits:
     quality: CleaningReport | None = None
 
 
-class Task(ABC):
-    """What a task must provide to the shared data pipeline and training loop."""
+class Task(TaskSpec, ABC):
+    """What a task must provide to the shared data pipeline and training loop.
 
-    #: Registry name, as written in ``task.type``.
-    name: str = ""
-    #: Metric names this task reports (``eval.metric`` must be one of them or ``loss``).
-    metric_names: tuple[str, ...] = ()
-    #: ``peft.TaskType`` name for adapter methods (None: peft's plain ``PeftModel``).
-    peft_task_type: str | None = "SEQ_CLS"
-    #: False when examples of different kinds may not share a batch (multi-task: a
-    #: batch goes through one head), so the training set is batched only by
-    #: ``train_sampler``; the frozen-prefix feature cache, which batches every
-    #: training example by length, is then not used, and DDP is told that a
-    #: step may leave parameters (the other heads) without a gradient.
-    mixed_batches: bool = True
-    #: True when ``build_model`` adds a newly initialised head (classifiers): adapter
-    #: methods then train it and save it with the adapter. False when the model's own
-    #: pretrained output layer is the head (seq2seq, causal LM: often tied to the
-    #: input embeddings), which adapter methods leave frozen like the rest of the base.
-    new_head: bool = True
+    Its name, metrics, capability flags and config checks come from its spec
+    (``config/task_specs.py``), which each task inherits first:
+    ``class CausalLM(CausalLMSpec, Task)``.
+    """
+
     #: Per-class loss weights of this run (``loss.class_weights``), resolved from the
     #: training labels by ``build_run_parts`` and restored from the checkpoint manifest.
     class_weights: list[float] | None = None
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-
-    # -- config -------------------------------------------------------------
-    @classmethod
-    def default_metric(cls, cfg: Config) -> str:
-        """``eval.metric`` when the config leaves it out: the task's headline metric."""
-        return cls.metric_names[0]
-
-    @classmethod
-    def check_config(cls, cfg: Config) -> None:
-        """Refuse settings of other sections this task cannot honour (config validation).
-
-        Raises:
-            ValueError: Naming the keys and the fix (reported as a ConfigError).
-        """
-        return None
 
     # -- data ---------------------------------------------------------------
     @abstractmethod

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tunesmith.config.task_specs import CausalLMSpec
 from tunesmith.data.chat import load_chats, prompt_record
 from tunesmith.data.pipeline import assemble_splits
 from tunesmith.errors import DataError
@@ -41,13 +42,8 @@ log = logging.getLogger(__name__)
 
 
 @register_task
-class CausalLM(Task):
+class CausalLM(CausalLMSpec, Task):
     """Instruction tuning of a decoder-only model on chats; loss on the replies only."""
-
-    name = "causal_lm"
-    metric_names = ("perplexity",)
-    peft_task_type = "CAUSAL_LM"
-    new_head = False  # the pretrained LM head (often tied to the embeddings) stays as it is
 
     # -- data ---------------------------------------------------------------
     def load_records(

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from tunesmith.config.task_specs import SequenceClassificationSpec
 from tunesmith.data.cleaning import LABEL_NOT_LISTED, FileReport
 from tunesmith.data.labels import build_label_list, check_labels
 from tunesmith.data.loading import filter_labels, load_records
@@ -21,11 +22,8 @@ log = logging.getLogger(__name__)
 
 
 @register_task
-class SequenceClassification(ClassLoss, Task):
+class SequenceClassification(SequenceClassificationSpec, ClassLoss, Task):
     """One label per text (or text pair) with a linear head on the pooled encoder."""
-
-    name = "sequence_classification"
-    metric_names = ("accuracy", "macro_f1")
 
     # -- data ---------------------------------------------------------------
     def load_records(

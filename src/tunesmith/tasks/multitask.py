@@ -36,8 +36,9 @@ from typing import Any
 
 import torch
 
-from tunesmith.config.multitask import MULTITASK, MultitaskConfig
+from tunesmith.config.multitask import sub_config
 from tunesmith.config.root import Config
+from tunesmith.config.task_specs import MultiTaskSpec
 from tunesmith.data.task_sampler import TaskBatchSampler, mixing_rates
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.models.loading import load_pretrained
@@ -53,21 +54,6 @@ from tunesmith.tasks.multitask_model import (
 
 log = logging.getLogger(__name__)
 
-#: Methods whose virtual tokens need peft's task-specific model classes.
-_REFUSED_METHODS = ("prefix", "prompt")
-
-
-def sub_config(cfg: Config, name: str) -> Config:
-    """The single-task config of task ``name``: the run's, with its type and data."""
-    sub = cfg.multitask.tasks[name]
-    return cfg.model_copy(
-        update={
-            "task": cfg.task.model_copy(update={"type": sub.type}),
-            "data": sub.data,
-            "multitask": MultitaskConfig(),
-        }
-    )
-
 
 def split_labels(labels: Sequence[str], names: Sequence[str]) -> dict[str, list[str]]:
     """``<task>/<label>`` names (id order) -> each task's label list, in the same order."""
@@ -81,13 +67,8 @@ def split_labels(labels: Sequence[str], names: Sequence[str]) -> dict[str, list[
 
 
 @register_task
-class MultiTask(Task):
+class MultiTask(MultiTaskSpec, Task):
     """Several classification / token-classification tasks on one shared encoder."""
-
-    name = MULTITASK
-    metric_names = ("average",)
-    peft_task_type = None
-    mixed_batches = False
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
@@ -104,28 +85,6 @@ class MultiTask(Task):
                 for m in ("loss", *task.metric_names)
             ),
         )
-
-    # -- config -------------------------------------------------------------------
-    @classmethod
-    def default_metric(cls, cfg: Config) -> str:
-        return "average"
-
-    @classmethod
-    def check_config(cls, cfg: Config) -> None:
-        if cfg.method.name in _REFUSED_METHODS:
-            raise ValueError(
-                f"method.name: '{cfg.method.name}' is not available with task.type multitask "
-                "(its virtual tokens need peft's single-task model classes); use full, freeze, "
-                "lora, dora, ia3 or bottleneck"
-            )
-        if cfg.train.feature_cache in ("memory", "disk"):
-            raise ValueError(
-                f"train.feature_cache: '{cfg.train.feature_cache}' is not available with "
-                "task.type multitask (the cache batches all training examples by length, "
-                "multi-task batches hold one task each); use auto or off"
-            )
-        for name, sub in cfg.multitask.tasks.items():
-            TASKS.get(sub.type).check_config(sub_config(cfg, name))
 
     # -- data ---------------------------------------------------------------------
     def load_splits(self) -> DataSplits:

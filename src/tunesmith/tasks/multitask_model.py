@@ -97,7 +97,7 @@ class TokenHead(SequenceHead):
         return self.classifier(self.dropout(hidden))
 
 
-#: Head class per task type (``multitask_settings.HEAD_TYPES`` lists these names).
+#: Head class per task type: one for each task spec with ``multitask_head`` (``config.task_specs``).
 HEADS: dict[str, type[SequenceHead]] = {
     "sequence_classification": SequenceHead,
     "token_classification": TokenHead,

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tunesmith.config.task_specs import Seq2SeqSpec
 from tunesmith.data.loading import load_records
 from tunesmith.data.pipeline import assemble_splits
 from tunesmith.errors import ModelError
@@ -47,13 +48,8 @@ log = logging.getLogger(__name__)
 
 
 @register_task
-class Seq2Seq(Task):
+class Seq2Seq(Seq2SeqSpec, Task):
     """Text to text with an encoder-decoder LM: translation, summarisation, rewriting."""
-
-    name = "seq2seq"
-    metric_names = ("bleu", "chrf")
-    peft_task_type = "SEQ_2_SEQ_LM"
-    new_head = False
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
@@ -61,21 +57,6 @@ class Seq2Seq(Task):
         self.tokenizer: Any = None
         #: ``(decoder start id, pad id)`` of the model built or loaded by this task.
         self.decoder_ids: tuple[int, int] | None = None
-
-    # -- config -------------------------------------------------------------
-    @classmethod
-    def default_metric(cls, cfg: Config) -> str:
-        """BLEU when validation generates text, else the loss (the only metric left)."""
-        return cls.metric_names[0] if cfg.generate.in_eval else "loss"
-
-    @classmethod
-    def check_config(cls, cfg: Config) -> None:
-        """BLEU/chrF exist only when validation generates: refuse them as ``eval.metric`` else."""
-        if not cfg.generate.in_eval and cfg.eval.metric in cls.metric_names:
-            raise ValueError(
-                f"eval.metric {cfg.eval.metric} is computed from generated text, but "
-                "generate.in_eval is false; set generate.in_eval=true or eval.metric=loss"
-            )
 
     # -- data ---------------------------------------------------------------
     def load_records(

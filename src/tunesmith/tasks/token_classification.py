@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from tunesmith.config.task_specs import TokenClassificationSpec
 from tunesmith.data.cleaning import FileReport
 from tunesmith.data.labels import build_label_list, check_labels
 from tunesmith.data.pipeline import assemble_splits
@@ -50,12 +51,8 @@ _BOOKKEEPING = ("word_ids", "word_labels", "char_start", "char_end")
 
 
 @register_task
-class TokenClassification(ClassLoss, Task):
+class TokenClassification(TokenClassificationSpec, ClassLoss, Task):
     """A tag per word (NER, BIO/IOBES) with a linear head on every token."""
-
-    name = "token_classification"
-    metric_names = ("entity_f1", "entity_precision", "entity_recall", "token_accuracy")
-    peft_task_type = "TOKEN_CLS"
 
     # -- data ---------------------------------------------------------------
     def load_records(
