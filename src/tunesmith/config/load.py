@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from tunesmith.assets.locate import ASSETS, locate
 from tunesmith.config.base import closest, section_model, suggest
 from tunesmith.config.specs import Problems
 from tunesmith.core import paths
@@ -271,7 +272,6 @@ def _resolve_assets(data: dict[str, Any]) -> dict[str, Any]:
     Example configs stay portable: ``model.name_or_path: asset:minilm`` works
     wherever the demo packages are installed.
     """
-    from tunesmith.assets.locate import ASSETS, locate
 
     for section, values, key in _path_slots(data):
         value = values.get(key)
