@@ -173,7 +173,7 @@ def estimate(cfg: Config, *, timed_steps: int = 3, progress: bool = False) -> Es
     cache = trainer.feature_cache
     windows = accumulation_windows(iter(trainer.loader), t.grad_accum)
     first = next(windows)  # the longest batch: the sampler puts it first
-    saved = _SavedTensors(trainer._plain)
+    saved = _SavedTensors(trainer.plain_model)
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda x: x):
         trainer.train_step(first, account=False)
     longest = max(int(b["input_ids"].shape[-1]) for b in first)

@@ -128,7 +128,7 @@ class Trainer:
             model, optimization.optimizer, loader
         )
         # The plain module: the feature cache swaps its submodules during a step.
-        self._plain = accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        self.plain_model = accelerator.unwrap_model(self.model, keep_torch_compile=False)
         self.steps_per_epoch = max(1, math.ceil(len(self.loader) / t.grad_accum))
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.state = TrainState(
@@ -140,7 +140,7 @@ class Trainer:
         cache_started = time.perf_counter()
         self.feature_cache = plan_cache(
             t.feature_cache,
-            self._plain,
+            self.plain_model,
             self.train_set,
             self.collator,
             cacheable=optimization.cacheable
@@ -316,7 +316,7 @@ class Trainer:
                 part = task.loss_sum(outputs, batch)
                 loss = self.objective.batch_loss(part, outputs, batch) * scale
                 # Once per step, inside the step's gradient sync (see train/objective.py).
-                penalty = self.objective.step_penalty(self._plain) if sync else None
+                penalty = self.objective.step_penalty(self.plain_model) if sync else None
                 if penalty is not None:
                     loss = loss + penalty
             acc.backward(loss)
@@ -427,7 +427,7 @@ class Trainer:
             self.feature_cache.close()
             self.feature_cache = None
         self.model = self.optimizer = self.scheduler = self.loader = None  # type: ignore[assignment]
-        self._plain = None  # type: ignore[assignment]
+        self.plain_model = None  # type: ignore[assignment]
         self.grad_groups, self.hooks = {}, []
 
     # -- helpers of a step ----------------------------------------------------
@@ -435,7 +435,7 @@ class Trainer:
         """Run only the blocks above the cached frozen prefix (when there is a cache)."""
         if self.feature_cache is None:
             return nullcontext()
-        return self.feature_cache.replaying(self._plain, batch)
+        return self.feature_cache.replaying(self.plain_model, batch)
 
     def group_grad_norms(self) -> dict[str, float]:
         """L2 norm of the gradients of each layer group (groups without gradients omitted)."""
