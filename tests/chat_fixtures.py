@@ -24,7 +24,9 @@ CORPUS = [
 ]
 
 
-def build_tiny_llama(folder: Path, *, chat_template: str | None = CHATML, layers: int = 2) -> Path:
+def build_tiny_llama(
+    folder: Path, *, chat_template: str | None = CHATML, layers: int = 2, positions: int = 128
+) -> Path:
     """Save a random Llama (hidden 32) plus tokenizer (EOS = ``<|im_end|>``) to ``folder``."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -54,7 +56,7 @@ def build_tiny_llama(folder: Path, *, chat_template: str | None = CHATML, layers
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=128,
+        max_position_embeddings=positions,
         pad_token_id=fast.pad_token_id,
         eos_token_id=fast.eos_token_id,
         bos_token_id=fast.bos_token_id,

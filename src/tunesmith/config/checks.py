@@ -136,15 +136,17 @@ def augment_problems(task: type[TaskSpec], data: DataConfig, train: TrainConfig)
 def padding_free_problems(
     task: type[TaskSpec], method: type[MethodSpec], data: DataConfig, distill: DistillConfig
 ) -> list[Problem]:
-    """Where ``data.padding_free``'s packed rows would change the results."""
-    if not data.padding_free:
+    """Where packed rows (``data.padding_free``, ``data.packing: documents``) change results."""
+    if not data.packed_rows:
         return []
+    key = "data.padding_free" if data.padding_free else "data.packing"
+    fix = "set padding_free: false" if data.padding_free else "use packing concat or none"
     problems = []
     if not task.packable:
         problems.append(
             Problem(
-                "data.padding_free",
-                "data.padding_free: only for task.type "
+                key,
+                f"{key}: only for task.type "
                 f"{' or '.join(_task_names('packable'))} (decoders whose attention mask "
                 "follows position_ids); encoder tasks pool or tag per row, and "
                 "data.group_by_length already leaves them ~2% padding",
@@ -153,17 +155,37 @@ def padding_free_problems(
     if not method.packable:
         problems.append(
             Problem(
-                "data.padding_free",
-                f"data.padding_free: method {method.name} adds virtual tokens per row, which "
-                "a packed row of several examples cannot have; set padding_free: false",
+                key,
+                f"{key}: method {method.name} adds virtual tokens per row, which "
+                f"a packed row of several examples cannot have; {fix}",
             )
         )
     if distill.teacher:
         problems.append(
-            Problem(
-                "data.padding_free",
-                "data.padding_free: distillation matches teacher outputs per example row; "
-                "set padding_free: false",
-            )
+            Problem(key, f"{key}: distillation matches teacher outputs per example row; {fix}")
         )
     return problems
+
+
+def data_format_problems(task: type[TaskSpec], data: DataConfig) -> list[Problem]:
+    """``data.format``, ``data.roles`` and ``data.packing`` are read by chat-data tasks only."""
+    if task.chat_data:
+        if data.packing != "none" and data.format not in ("auto", "text"):
+            return [
+                Problem(
+                    "data.packing",
+                    f"data.packing: {data.packing} packs raw text (data.format text); chats "
+                    f"(data.format {data.format}) are packed per batch by data.padding_free",
+                )
+            ]
+        return []
+    readers = " or ".join(_task_names("chat_data"))
+    return [
+        Problem(f"data.{key}", f"data.{key}: only read by task.type {readers} ({why})")
+        for key, why, set_ in (
+            ("format", "other tasks read their own columns", data.format != "auto"),
+            ("roles", "ShareGPT role names", bool(data.roles)),
+            ("packing", "raw-text pre-training", data.packing != "none"),
+        )
+        if set_
+    ]

@@ -73,6 +73,32 @@ class DataConfig(Section):
     response_column: str = Field(
         "response", min_length=1, description="causal_lm: the assistant's reply to train on."
     )
+    format: Literal[
+        "auto", "messages", "prompt_response", "alpaca", "sharegpt", "text", "preference", "kto"
+    ] = Field(
+        "auto",
+        description="causal_lm: the layout of the data files. auto: detected from the columns "
+        "(a file fitting two layouts is refused); messages (OpenAI, with tool_calls, tool "
+        "results and a tools column), prompt_response, alpaca (instruction/input/output), "
+        "sharegpt (conversations of from/value), preference (prompt/chosen/rejected: SFT on "
+        "chosen), kto (prompt/completion/label: SFT on the desirable rows), text (raw "
+        "text_column or a .txt file of paragraphs: continued pre-training, every token "
+        "trained).",
+    )
+    roles: dict[str, str] = Field(
+        default_factory=dict,
+        description="sharegpt: extra 'from' names and the role each becomes (system, user, "
+        "assistant, tool, or tool_call for a turn whose value is a function call), merged "
+        "over human/gpt/system/observation/function_call.",
+    )
+    packing: Literal["none", "documents", "concat"] = Field(
+        "none",
+        description="data.format text: documents: documents (each ending with EOS) packed "
+        "into max_length blocks, attention kept inside each document by position_ids, batches "
+        "padding-free; concat: GPT-2 style, the token stream cut into max_length blocks, "
+        "attention across documents; none: one document per row (long ones in max_length "
+        "pieces). Validation always scores one document per row.",
+    )
     source_column: str = Field("source", min_length=1, description="seq2seq: input text column.")
     target_column: str = Field("target", min_length=1, description="seq2seq: output text column.")
     max_target_length: int = Field(
@@ -136,9 +162,20 @@ class DataConfig(Section):
             raise ValueError(f"labels must be distinct (got {self.labels})")
         if self.labels == []:
             raise ValueError("labels must not be empty; use null to keep every label")
+        roles = {"system", "user", "assistant", "tool", "tool_call"}
+        for name, role in self.roles.items():
+            if role not in roles:
+                raise ValueError(
+                    f"roles.{name}: {role!r} is not a role; use one of {', '.join(sorted(roles))}"
+                )
         held_out = (self.validation_fraction if self.validation is None else 0.0) + (
             self.test_fraction if self.test is None else 0.0
         )
         if held_out >= 1:
             raise ValueError(f"validation_fraction + test_fraction = {held_out:g}; keep it below 1")
         return self
+
+    @property
+    def packed_rows(self) -> bool:
+        """Whether training batches are one packed row (``padding_free`` or document packing)."""
+        return self.padding_free or self.packing == "documents"

@@ -32,7 +32,12 @@ from tunesmith.config.base import (  # noqa: F401 (field_docs re-exported)
     section_model,
     suggest,
 )
-from tunesmith.config.checks import augment_problems, objective_problems, padding_free_problems
+from tunesmith.config.checks import (
+    augment_problems,
+    data_format_problems,
+    objective_problems,
+    padding_free_problems,
+)
 from tunesmith.config.data import DataConfig
 from tunesmith.config.distill import DistillConfig
 from tunesmith.config.load import (  # noqa: F401 (apply_overrides re-exported)
@@ -175,6 +180,7 @@ class Config(Section):
             *task.check_config(self),
             *augment_problems(task, self.data, self.train),
             *padding_free_problems(task, method, self.data, self.distill),
+            *data_format_problems(task, self.data),
             *objective_problems(
                 task, method, self.loss, self.regularize, self.forgetting, self.distill
             ),

@@ -92,6 +92,9 @@ class TaskSpec:
     #: them, so a packed row of several examples equals the padded batch
     #: (``data.padding_free``); encoders pool or tag per row.
     packable: bool = False
+    #: True when the task reads chats and raw text in the layouts of ``data.format``
+    #: (``data/formats``); other tasks read their own columns.
+    chat_data: bool = False
     #: True when the task is made of other tasks (``multitask.tasks``), each with
     #: its own labels and head.
     sub_tasks: bool = False

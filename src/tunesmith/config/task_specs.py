@@ -54,6 +54,7 @@ class CausalLMSpec(TaskSpec):
     peft_task_type = "CAUSAL_LM"
     new_head = False  # the pretrained LM head (often tied to the embeddings) stays as it is
     packable = True
+    chat_data = True
 
 
 @register_task_spec

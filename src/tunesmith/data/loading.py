@@ -436,9 +436,8 @@ def check_columns(
         listed = one_line(", ".join(map(str, columns[:20]))) + more
         close = difflib.get_close_matches(column, columns, n=1, cutoff=0.5)
         guess = f"did you mean {close[0]!r}? " if close else ""
-        raise DataError(
-            f"{name}: column {column!r} not found (columns: {listed}; {guess}set {keys[key]})"
-        )
+        fix = f"set {keys[key]}" if key in keys else "add it, or set data.format"
+        raise DataError(f"{name}: column {column!r} not found (columns: {listed}; {guess}{fix})")
 
 
 def _make_record(source: str, raw: Mapping[str, Any], wanted: dict[str, str]) -> dict[str, Any]:

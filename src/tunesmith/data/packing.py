@@ -14,6 +14,13 @@ last token of one example to predict the first of the next. In a padded
 batch that first label is never a target either (nothing precedes it), so
 the targets, and hence the loss sum and its normalisation, are the same.
 
+The same mechanism trains raw text for continued pre-training
+(``data.packing: documents``): ``pack_documents`` fills ``max_length``
+blocks with whole documents, each block carrying ``position_ids`` that
+restart at every document, and the collator concatenates a batch's blocks
+into one row as it does examples. ``concat_blocks`` is GPT-2's scheme: one
+token stream cut into blocks, attention crossing documents.
+
 Training only: evaluation and generation score or decode each example on its
 own row, so they keep the padded collator. Where packed rows would change the
 results (encoder tasks, virtual tokens, distillation), config validation
@@ -37,7 +44,8 @@ class PackedCollator:
 
     Returns ``input_ids``, ``position_ids`` and ``labels`` of shape ``[1, total]``
     (plus ``index`` when the features carry one); no ``attention_mask``, so the
-    model derives the per-example causal mask from ``position_ids``.
+    model derives the per-example causal mask from ``position_ids``. A feature
+    that is itself a block of documents brings its own ``position_ids`` and labels.
     """
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -47,7 +55,7 @@ class PackedCollator:
         for feature in features:
             row = list(feature["input_ids"])
             ids += row
-            positions += range(len(row))
+            positions += feature.get("position_ids", range(len(row)))
             own = list(feature.get("labels", row))
             labels += [IGNORE, *own[1:]] if own else []
         batch = {
@@ -58,6 +66,42 @@ class PackedCollator:
         if "index" in features[0]:
             batch["index"] = torch.tensor([f["index"] for f in features])
         return batch
+
+
+def pack_documents(documents: Sequence[Mapping[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """Whole documents (features of at most ``limit`` tokens) packed in order into blocks.
+
+    A block takes documents until the next would overflow ``limit``; its
+    ``position_ids`` restart at each document and the first label of each is
+    ignored (nothing of the document precedes it), so each document's loss is
+    what it would be alone.
+    """
+    blocks: list[dict[str, Any]] = []
+    block: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for doc in documents:
+        ids = list(doc["input_ids"])
+        if block["input_ids"] and len(block["input_ids"]) + len(ids) > limit:
+            blocks.append(_with_mask(block))
+            block = {"input_ids": [], "labels": [], "position_ids": []}
+        block["input_ids"] += ids
+        block["labels"] += [IGNORE, *list(doc.get("labels", ids))[1:]]
+        block["position_ids"] += range(len(ids))
+    if block["input_ids"]:
+        blocks.append(_with_mask(block))
+    return blocks
+
+
+def concat_blocks(documents: Sequence[Mapping[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """GPT-2 style: every document's tokens in one stream, cut into ``limit``-token blocks."""
+    stream = [t for doc in documents for t in doc["input_ids"]]
+    return [
+        _with_mask({"input_ids": part, "labels": list(part)})
+        for part in (stream[i : i + limit] for i in range(0, len(stream), limit))
+    ]
+
+
+def _with_mask(block: dict[str, list[int]]) -> dict[str, Any]:
+    return {**block, "attention_mask": [1] * len(block["input_ids"])}
 
 
 def training_loader(

@@ -70,7 +70,8 @@ def build_run_parts(cfg: Config, task: Task) -> RunParts:
     if cfg.data.augment.enabled:  # after the model: embedding neighbours come from it
         splits.train, _stats = augment_training(cfg, splits.train, tokenizer, model)
     label2id = {lab: i for i, lab in enumerate(splits.labels)}
-    train_set = training_dataset(cfg, task.encode(splits.train, tokenizer, label2id), tokenizer)
+    features = task.pack_training(task.encode(splits.train, tokenizer, label2id), tokenizer)
+    train_set = training_dataset(cfg, features, tokenizer)
     val_set, test_set = (
         FeatureDataset(task.encode(recs, tokenizer, label2id))
         for recs in (splits.validation, splits.test)

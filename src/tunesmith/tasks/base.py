@@ -182,6 +182,15 @@ class Task(TaskSpec, ABC):
         limit = effective_limit(tokenizer, self.cfg.data.max_length)
         return {"input": (full_lengths(tokenizer, texts, pairs), limit)}
 
+    def pack_training(
+        self, features: list[Feature], tokenizer: PreTrainedTokenizerBase
+    ) -> list[Feature]:
+        """The training features as batches will take them; tasks that pack rows override it.
+
+        Called on the training split only: evaluation scores one example per row.
+        """
+        return features
+
     def feature_length(self, feature: Feature) -> int:
         """Length used for length-grouped batching."""
         return len(feature["input_ids"])

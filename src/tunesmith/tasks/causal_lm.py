@@ -29,11 +29,18 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.config.task_specs import CausalLMSpec
-from tunesmith.data.chat import load_chats, prompt_record
+from tunesmith.data.chat import prompt_record, read_chat_file, read_options
+from tunesmith.data.packing import concat_blocks, pack_documents
 from tunesmith.data.pipeline import assemble_splits
 from tunesmith.errors import DataError
 from tunesmith.tasks.base import Batch, DataSplits, Feature, Task, register_task
-from tunesmith.tasks.chat_template import label_tokens, render, reply_spans, resolve_template
+from tunesmith.tasks.chat_template import (
+    check_tools_kept,
+    label_tokens,
+    render,
+    reply_spans,
+    resolve_template,
+)
 from tunesmith.tasks.encoding import effective_limit, full_lengths, require_fast_tokenizer
 from tunesmith.tasks.generation import generate_ids, generated_rows
 from tunesmith.tasks.losses import IGNORE, shifted_token_cross_entropy_sum
@@ -49,19 +56,38 @@ class CausalLM(CausalLMSpec, Task):
     def load_records(
         self, path: str, *, labelled: bool = True, dropped: list[str] | None = None
     ) -> list[dict[str, Any]]:
-        d = self.cfg.data
-        return load_chats(
+        """Chats (or documents) in the configured layout; KTO rows train their desirable ones."""
+        layout, records = read_chat_file(
             path,
-            messages_column=d.messages_column,
-            prompt_column=d.prompt_column,
-            response_column=d.response_column,
-            labelled=labelled,
+            read_options(self.cfg.data, labelled=labelled),
+            fmt=self.cfg.data.format,
             system_prompt=self.cfg.task.system_prompt,
             dropped=dropped,
         )
+        if self.cfg.data.packing != "none" and layout != "text":
+            raise DataError(
+                f"{path}: data.packing {self.cfg.data.packing} packs raw text, but the file holds "
+                f"{layout} chats; set data.packing=none (data.padding_free packs chats per batch)"
+            )
+        if labelled and layout == "kto":
+            kept = [r for r in records if r["desirable"]]
+            log.info(
+                "%s: %d of %d KTO rows are desirable and trained (supervised fine-tuning on KTO "
+                "data imitates the good completions only)",
+                path,
+                len(kept),
+                len(records),
+            )
+            records = kept
+        return records
 
     def text_records(self, texts: Sequence[str]) -> list[dict[str, Any]]:
-        """Each text is one user message (after ``task.system_prompt``)."""
+        """Each text is one user message (after ``task.system_prompt``); raw text to continue
+        when the run trained on raw text (``data.format: text``)."""
+        if self.cfg.data.format == "text":
+            return [
+                {"text": t, "source": f"text {i}", "labelled": False} for i, t in enumerate(texts)
+            ]
         return [
             prompt_record(t, f"text {i}", self.cfg.task.system_prompt) for i, t in enumerate(texts)
         ]
@@ -93,9 +119,18 @@ class CausalLM(CausalLMSpec, Task):
     def token_lengths(
         self, records: Sequence[Mapping[str, Any]], tokenizer: Any
     ) -> dict[str, tuple[list[int], int]]:
-        """Tokens of each whole chat as rendered by the chat template (replies included)."""
-        template = resolve_template(tokenizer, self.cfg.task.chat_template)
-        texts = [render(tokenizer, r["messages"], template) for r in records]
+        """Tokens of each whole chat as the chat template renders it (documents: as they are)."""
+        template = (
+            resolve_template(tokenizer, self.cfg.task.chat_template)
+            if any("messages" in r for r in records)
+            else None
+        )
+        texts = [
+            render(tokenizer, r["messages"], template, tools=r.get("tools"))
+            if "messages" in r
+            else r["text"]
+            for r in records
+        ]
         lengths = full_lengths(tokenizer, texts, add_special_tokens=False)
         return {"input": (lengths, effective_limit(tokenizer, self.cfg.data.max_length))}
 
@@ -107,27 +142,36 @@ class CausalLM(CausalLMSpec, Task):
     ) -> list[Feature]:
         """Render and tokenise; training chats get reply labels, prompts keep their end.
 
+        Documents (``data.format: text``) are trained on every token, EOS
+        appended, in ``max_length`` pieces (so a long one is never cut short).
+
         Raises:
             DataError: Chats to train on exist but not one reply token survives
-                ``data.max_length`` (nothing would be trained).
+                ``data.max_length`` (nothing would be trained); a row's tool use
+                is dropped by the chat template.
         """
         require_fast_tokenizer(tokenizer, self.name, "character offsets to locate the replies")
         self.tokenizer = tokenizer  # decodes what generate_predictions produces
         if tokenizer.pad_token_id is None:  # decoders often have none; EOS pads (masked out)
             tokenizer.pad_token = tokenizer.eos_token
-        template = resolve_template(tokenizer, self.cfg.task.chat_template)
         limit = effective_limit(tokenizer, self.cfg.data.max_length)
+        if records and "messages" not in records[0]:
+            return document_features(records, tokenizer, limit)
+        template = resolve_template(tokenizer, self.cfg.task.chat_template)
         last_only = self.cfg.task.train_on == "last_assistant"
         features, empty, labelled = [], 0, 0
         for record in records:
-            messages = record["messages"]
+            messages, tools = record["messages"], record.get("tools")
+            check_tools_kept(tokenizer, record, template)
             if messages[-1]["role"] != "assistant":  # a prompt to answer: keep its end
-                text = render(tokenizer, messages, template, prompt=True)
+                text = render(tokenizer, messages, template, prompt=True, tools=tools)
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"][-limit:]
                 features.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
                 continue
             labelled += 1
-            text, spans = reply_spans(tokenizer, messages, template, last_only=last_only)
+            text, spans = reply_spans(
+                tokenizer, messages, template, last_only=last_only, tools=tools
+            )
             enc = tokenizer(
                 text,
                 add_special_tokens=False,
@@ -159,6 +203,22 @@ class CausalLM(CausalLMSpec, Task):
                 limit,
             )
         return features
+
+    def pack_training(self, features: list[Feature], tokenizer: Any) -> list[Feature]:
+        """Training documents packed as ``data.packing`` says (chats are left as they are)."""
+        packing = self.cfg.data.packing
+        if packing == "none" or not features:
+            return features
+        limit = effective_limit(tokenizer, self.cfg.data.max_length)
+        packed = (pack_documents if packing == "documents" else concat_blocks)(features, limit)
+        log.info(
+            "data.packing %s: %d documents (or pieces) in %d blocks of at most %d tokens",
+            packing,
+            len(features),
+            len(packed),
+            limit,
+        )
+        return packed
 
     # -- model --------------------------------------------------------------
     def auto_class(self) -> Any:
@@ -229,6 +289,31 @@ class CausalLM(CausalLMSpec, Task):
             return [{} for _ in records]
         returns = self.cfg.generate.num_return_sequences
         return generated_rows(predictions["generated"], self.tokenizer, returns)
+
+
+def document_features(
+    records: Sequence[Mapping[str, Any]], tokenizer: Any, limit: int
+) -> list[Feature]:
+    """Raw-text features: every token trained, EOS closing each document, ``limit``-token pieces.
+
+    Prediction input (``labelled: False``) is a text to continue: it keeps its
+    end and gets no EOS.
+    """
+    eos = tokenizer.eos_token_id
+    features: list[Feature] = []
+    for record in records:
+        ids = tokenizer(record["text"])["input_ids"]
+        if not record.get("labelled", True):
+            ids = ids[-limit:]
+            features.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+            continue
+        ids = [*ids, eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+        for start in range(0, len(ids), limit):
+            piece = ids[start : start + limit]
+            features.append(
+                {"input_ids": piece, "attention_mask": [1] * len(piece), "labels": list(piece)}
+            )
+    return features
 
 
 def left_aligned(

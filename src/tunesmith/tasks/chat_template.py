@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tunesmith.errors import ModelError
+from tunesmith.errors import DataError, ModelError
 
 #: A minimal template for tokenizers without one (``task.chat_template: plain``).
 PLAIN_TEMPLATE = (
@@ -53,35 +53,95 @@ def resolve_template(tokenizer: Any, configured: str | None) -> str:
 
 
 def render(
-    tokenizer: Any, messages: Sequence[dict[str, str]], template: str, *, prompt: bool = False
+    tokenizer: Any,
+    messages: Sequence[dict[str, Any]],
+    template: str,
+    *,
+    prompt: bool = False,
+    tools: Sequence[dict[str, Any]] | None = None,
 ) -> str:
-    """The chat as text; ``prompt`` appends the assistant header generation continues from."""
+    """The chat as text; ``prompt`` appends the assistant header generation continues from.
+
+    ``tools`` (function definitions) go to the template, which may list them
+    in the system turn; templates that ignore them are caught by ``check_tools_kept``.
+    """
     return tokenizer.apply_chat_template(
-        list(messages), chat_template=template, tokenize=False, add_generation_prompt=prompt
+        list(messages),
+        chat_template=template,
+        tokenize=False,
+        add_generation_prompt=prompt,
+        **({"tools": list(tools)} if tools else {}),
+    )
+
+
+def check_tools_kept(tokenizer: Any, record: dict[str, Any], template: str) -> None:
+    """Refuse a row whose tools, tool calls or tool results the chat template drops.
+
+    A template that ignores them (SmolLM2's ignores ``tools``) would train the
+    row silently without them: the model would learn to answer as if it had
+    called nothing. Compared by rendering with and without each part.
+
+    Raises:
+        DataError: Naming the row and what the template drops.
+    """
+    messages, tools = record["messages"], record.get("tools")
+    calls = any(m.get("tool_calls") for m in messages)
+    results = [m for m in messages if m["role"] == "tool"]
+    if not (tools or calls or results):
+        return
+    source = record.get("source", "a row")
+    try:
+        full = render(tokenizer, messages, template, tools=tools)
+        if tools and full == render(tokenizer, messages, template):
+            dropped = "the tools column"
+        elif calls and full == render(
+            tokenizer,
+            [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages],
+            template,
+            tools=tools,
+        ):
+            dropped = "the assistant's tool_calls"
+        elif any(m["content"] not in full for m in results):
+            dropped = "the tool results"
+        else:
+            return
+    except Exception as err:  # jinja raises its own errors for what a template cannot render
+        raise DataError(
+            f"{source}: the chat template cannot render this row's tool use ({err}); use a "
+            "template that supports tools (task.chat_template) or drop the row"
+        ) from None
+    raise DataError(
+        f"{source}: the chat template drops {dropped}, so the row would be trained without "
+        "them; use a chat template that renders tools (task.chat_template) or remove the "
+        "tool use from the row"
     )
 
 
 def reply_spans(
     tokenizer: Any,
-    messages: Sequence[dict[str, str]],
+    messages: Sequence[dict[str, Any]],
     template: str,
     *,
     last_only: bool = False,
+    tools: Sequence[dict[str, Any]] | None = None,
 ) -> tuple[str, list[Span]]:
     """The rendered chat and the character spans of the assistant replies to train on.
+
+    A turn that calls tools is trained whole (the call is what the model must
+    learn to write); tool results, like user turns, are context.
 
     Raises:
         ModelError: The template renders a shorter chat as something that is
             not a prefix of the longer one (replies cannot be located).
     """
-    full = render(tokenizer, messages, template)
+    full = render(tokenizer, messages, template, tools=tools)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if last_only:
         turns = turns[-1:]
     eos = getattr(tokenizer, "eos_token", None)
     spans = []
     for i in turns:
-        before = render(tokenizer, messages[:i], template, prompt=True)
+        before = render(tokenizer, messages[:i], template, prompt=True, tools=tools)
         if not full.startswith(before):
             raise ModelError(
                 "the chat template renders the turns before a reply differently from the whole "
@@ -89,10 +149,13 @@ def reply_spans(
                 "each other (set task.chat_template)"
             )
         content = messages[i]["content"]
-        start = full.find(content, len(before))
-        if start < 0:  # the template rewrote the reply: train on its whole turn
+        start = (
+            -1 if messages[i].get("tool_calls") or not content else full.find(content, len(before))
+        )
+        if start < 0:  # a tool call, or the template rewrote the reply: train its whole turn
             start = len(before)
-            end = len(render(tokenizer, messages[: i + 1], template).rstrip())
+            turn = render(tokenizer, messages[: i + 1], template, tools=tools)
+            end = len(turn.rstrip()) if full.startswith(turn.rstrip()) else len(full.rstrip())
         else:
             end = start + len(content)
             if eos and full.startswith(eos, end):

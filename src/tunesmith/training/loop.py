@@ -117,7 +117,7 @@ class Trainer:
             t.batch_size,
             self.sampler,
             self.collator,
-            cfg.data.padding_free,
+            cfg.data.packed_rows,
             accelerator,
         )
         if t.gradient_checkpointing:
@@ -144,7 +144,7 @@ class Trainer:
             self.train_set,
             self.collator,
             cacheable=optimization.cacheable
-            and not cfg.data.padding_free
+            and not cfg.data.packed_rows
             and not self.hooks
             and task.mixed_batches
             and getattr(self.train_set, "fixed_inputs", True),

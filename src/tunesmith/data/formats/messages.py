@@ -1,0 +1,34 @@
+"""OpenAI ``messages`` rows: the chat itself, tool calls and tool results, a ``tools`` column.
+
+``{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "",
+"tool_calls": [...]}, {"role": "tool", "content": "..."}, ...], "tools": [...]}``; the
+``tools`` definitions go to the chat template (``tools=``) when the row is rendered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from tunesmith.data.formats.base import Layout, Parts, ReadOptions, parse_messages, tool_specs
+
+
+def convert(source: str, raw: Mapping[str, Any], opts: ReadOptions) -> Parts | None:
+    """The row's messages (and tools); None for an empty chat."""
+    column = opts.messages_column
+    messages = parse_messages(source, column, raw.get(column))
+    if messages is None:
+        return None
+    parts: Parts = {"messages": messages}
+    tools = tool_specs(source, "tools", raw.get("tools"))
+    if tools:
+        parts["tools"] = tools
+    return parts
+
+
+LAYOUT = Layout(
+    "messages",
+    indicators=lambda o: [o.messages_column],
+    required=lambda o: {"messages": o.messages_column},
+    convert=convert,
+)
