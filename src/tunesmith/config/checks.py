@@ -54,6 +54,20 @@ def objective_problems(
                     f"({', '.join(class_tasks)}); task.type is {kind}",
                 )
             )
+    if not task.chat_data and not task.sub_tasks:
+        readers = " or ".join(_task_names("chat_data"))
+        for key, on in (
+            ("reference_text", forgetting.reference_text is not None),
+            ("probe_prompts", bool(forgetting.probe_prompts)),
+        ):
+            if on:
+                problems.append(
+                    Problem(
+                        f"forgetting.{key}",
+                        f"forgetting.{key}: for generative runs (task.type {readers}); "
+                        "a classifier's forgetting is measured on reference_data",
+                    )
+                )
     if task.sub_tasks:
         used = (
             ("loss.class_weights", loss.class_weights is not None),

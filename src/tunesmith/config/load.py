@@ -36,7 +36,7 @@ from tunesmith.errors import ConfigError
 _PATH_KEYS = {
     "model": ("name_or_path",),
     "data": ("train", "validation", "test"),
-    "forgetting": ("reference_checkpoint", "reference_data"),
+    "forgetting": ("reference_checkpoint", "reference_data", "reference_text"),
     "distill": ("teacher",),
 }
 # PyYAML (YAML 1.1) reads ``3e-5`` as a string; overrides treat such text as a number.

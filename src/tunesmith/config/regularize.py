@@ -79,21 +79,56 @@ class ForgettingConfig(Section):
     report: bool = Field(
         True,
         description="Evaluate the reference task before and after training; summary.json "
-        "gets forgetting.retention = after / before of its headline metric.",
+        "gets forgetting.retention: after / before of its headline metric, before / after "
+        "where lower is better (perplexity), so 1.0 is nothing forgotten either way.",
+    )
+    reference_text: str | None = Field(
+        None,
+        description="causal_lm: general text the model should not forget (a .txt file of "
+        "paragraphs, a table with data.text_column, or asset:hamlet); its held-out "
+        "perplexity is measured before and after training (at most reference_samples "
+        "documents). With replay, half of its documents are held out for the measurement "
+        "and the rest are replayed, every token trained.",
+    )
+    probe_prompts: list[str] = Field(
+        default_factory=list,
+        description="causal_lm: prompts answered greedily before and after training, side "
+        "by side in the summary and the report (what a perplexity cannot show).",
+    )
+    max_ppl_increase: float | None = Field(
+        None,
+        gt=1,
+        description="With reference_text: the largest reference perplexity ratio after / "
+        "before accepted (e.g. 1.10: 10% worse); a run past it is marked "
+        "(forgetting.exceeded) and the log names the remedy (forgetting.replay of general "
+        "text). null: measured, never marked.",
     )
 
     @model_validator(mode="after")
     def _needs_a_reference(self) -> ForgettingConfig:
-        if self.reference_checkpoint is None and self.reference_data is None:
+        if self.reference_text is not None and (
+            self.reference_checkpoint is not None or self.reference_data is not None
+        ):
+            raise ValueError(
+                "reference_text is the reference of a generative run; it cannot be combined "
+                "with reference_checkpoint or reference_data (a classification reference)"
+            )
+        if self.max_ppl_increase is not None and self.reference_text is None:
+            raise ValueError("max_ppl_increase needs reference_text (the text it is measured on)")
+        if not self.active:
             for key in ("ewc", "replay"):
                 if getattr(self, key):
                     raise ValueError(
                         f"{key} needs a reference: set reference_data (and reference_checkpoint "
-                        "when the reference task is not the run's own)"
+                        "when the reference task is not the run's own), or reference_text for "
+                        "a generative run"
                     )
         return self
 
     @property
     def active(self) -> bool:
         """Whether a reference is configured at all."""
-        return self.reference_checkpoint is not None or self.reference_data is not None
+        return any(
+            key is not None
+            for key in (self.reference_checkpoint, self.reference_data, self.reference_text)
+        )

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config.root import Config
-from tunesmith.data.batching import FeatureDataset
+from tunesmith.data.batching import IGNORE, FeatureDataset
 from tunesmith.errors import ConfigError
 from tunesmith.methods.bottleneck import hidden_size_of
 from tunesmith.objectives.distill import hidden as h
@@ -38,10 +38,16 @@ from tunesmith.objectives.regularize.reference import (
 from tunesmith.objectives.regularize.replay import ReplaySampler
 from tunesmith.runs.load import load_checkpoint
 from tunesmith.runs.parts import RunParts
-from tunesmith.runs.predict import evaluate
+from tunesmith.runs.predict import evaluate, generation_settings, predict, predict_records
 from tunesmith.training.resume import data_fingerprint
 
 log = logging.getLogger(__name__)
+#: Probe prompts are answered greedily: the same answer every time, so before/after compare.
+GREEDY = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1}
+REMEDY = (
+    "replay general text while training (forgetting.replay: 0.1-0.3 with forgetting."
+    "reference_text), or lower the learning rate or the number of epochs"
+)
 
 
 @dataclass
@@ -63,6 +69,8 @@ class RunExtras:
     reference: Any = None
     before: dict[str, Any] | None = None
     writers: list[Callable[[Path], None]] = field(default_factory=list)
+    #: ``forgetting.probe_prompts`` and the untrained model's greedy answers to them.
+    probes: list[dict[str, str]] = field(default_factory=list)
 
     def save(self, out: Path) -> None:
         """Write what a resumed run reads back (Fisher, teacher logits) into ``out``."""
@@ -70,12 +78,35 @@ class RunExtras:
             write(out)
         self.writers = []
 
-    def forgetting(self, chosen: Path) -> dict[str, Any]:
-        """The forgetting report of the trained checkpoint ``chosen`` ({} when not asked)."""
+    def forgetting(self, chosen: Path, limit: float | None = None) -> dict[str, Any]:
+        """The forgetting report of the trained checkpoint ``chosen`` ({} when not asked).
 
+        ``limit`` is ``forgetting.max_ppl_increase``: a perplexity ratio past it
+        marks the report ``exceeded`` and names the remedy.
+        """
+        report = self._reference_report(chosen) if self.before is not None else {}
+        if report.get("ppl_ratio") is not None and limit is not None:
+            report["max_ppl_increase"] = limit
+            report["exceeded"] = report["ppl_ratio"] > limit
+            if report["exceeded"]:
+                report["remedy"] = REMEDY
+                log.warning(
+                    "forgetting: reference perplexity x%.3f after training, past "
+                    "forgetting.max_ppl_increase=%.3f; %s",
+                    report["ppl_ratio"],
+                    limit,
+                    REMEDY,
+                )
+        if self.probes:
+            prompts = [p["prompt"] for p in self.probes]
+            answers = predict(chosen, texts=prompts, generate=GREEDY)
+            report["probes"] = [
+                {**p, "after": a["generated"]} for p, a in zip(self.probes, answers, strict=True)
+            ]
+        return report
+
+    def _reference_report(self, chosen: Path) -> dict[str, Any]:
         ref = self.reference
-        if ref is None or self.before is None:
-            return {}
         if ref.checkpoint is None:
             after = evaluate(chosen, records=ref.records)
         else:
@@ -84,7 +115,9 @@ class RunExtras:
             transplant_encoder(trained, scorer)
             del trained
             after = ref.score(scorer)
-        report = forgetting_report(self.before, after, ref.metric)
+        report = forgetting_report(
+            self.before, after, ref.metric, higher_is_better=ref.higher_is_better
+        )
         log.info(
             "forgetting: reference %s %.4f before, %.4f after (retention %s)",
             report["metric"],
@@ -107,6 +140,8 @@ def build_extras(
     extras = RunExtras(Objective(), parts.train_set)
     if cfg.forgetting.active:
         _add_reference(cfg, task, parts, out, resuming, dict(trained), extras, regularisers)
+    if cfg.forgetting.probe_prompts:
+        extras.probes = probe_answers(cfg, task, parts, cfg.forgetting.probe_prompts)
     terms = _distill_terms(cfg, task, parts, extras, out, resuming) if cfg.distill.teacher else []
     extras.objective = Objective(terms, regularisers)
     return extras
@@ -161,7 +196,34 @@ def _add_reference(
             seed=cfg.train.seed,
         )
         log.info("replay: %d reference examples per epoch", extras.sampler.count)
+        if task.chat_data:  # a causal LM's loss averages over every trained token of a batch
+            share = sum(len(x["input_ids"]) for x in replayed) / max(
+                1, sum(len(x["input_ids"]) for x in replayed) + _trained_tokens(base)
+            )
+            log.info(
+                "replay: replayed text trains every token: %.0f%% of the trained tokens of a "
+                "full pass (the loss averages over tokens, so this is its weight)",
+                100 * share,
+            )
     ref.model = None  # the report reloads it; not kept in memory during training
+
+
+def _trained_tokens(features: list[dict[str, Any]]) -> int:
+    return sum(sum(1 for t in f.get("labels", ())[1:] if t != IGNORE) for f in features)
+
+
+def probe_answers(
+    cfg: Config, task: Any, parts: RunParts, prompts: list[str]
+) -> list[dict[str, str]]:
+    """Greedy answers of the untrained model (the method applied, nothing learned yet)."""
+    own = task.cfg
+    task.cfg = cfg.model_copy(update={"generate": generation_settings(cfg, GREEDY)})
+    try:
+        records = task.text_records(prompts)
+        rows = predict_records(parts.model, task, parts.tokenizer, parts.splits.labels, records)
+    finally:
+        task.cfg = own
+    return [{"prompt": p, "before": r["generated"]} for p, r in zip(prompts, rows, strict=True)]
 
 
 def _fisher(cfg: Config, ref: Any, parts: RunParts, trained: dict[str, Any]) -> tuple[dict, dict]:

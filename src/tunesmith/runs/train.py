@@ -329,11 +329,17 @@ def finish(run: Run, loop: LoopResult, *, test: bool = True) -> TrainResult:
             }
         )
     if accelerator.is_main_process:
-        result.forgetting = run.extras.forgetting(best_dir or final_dir)
+        result.forgetting = run.extras.forgetting(
+            best_dir or final_dir, cfg.forgetting.max_ppl_increase
+        )
         if result.forgetting:
             run.metrics_log.write(
                 {"step": loop.steps, "epoch": round(loop.epochs, 4), "split": "reference"}
-                | {f"forgetting/{k}": v for k, v in result.forgetting.items()}
+                | {
+                    f"forgetting/{k}": v
+                    for k, v in result.forgetting.items()
+                    if not isinstance(v, list)  # the probes' answers: summary.json
+                }
             )
         _write_summary(result)
     run.metrics_log.close()

@@ -134,6 +134,17 @@ def _evaluation_html(summary: Mapping[str, Any] | None, evaluation: Any) -> str:
     forgetting = (summary or {}).get("forgetting")
     if forgetting:
         out.append("<h3>forgetting</h3>" + html_table(["", "value"], _metric_rows(forgetting)))
+        if forgetting.get("exceeded"):
+            out.append(
+                f"<p><b>past forgetting.max_ppl_increase</b> ({fmt(forgetting['ppl_ratio'])} > "
+                f"{fmt(forgetting['max_ppl_increase'])}): {html.escape(forgetting['remedy'])}</p>"
+            )
+        probes = forgetting.get("probes")
+        if probes:
+            rows = [[p["prompt"], p["before"], p["after"]] for p in probes]
+            out.append(
+                "<h4>probe prompts (greedy)</h4>" + html_table(["prompt", "before", "after"], rows)
+            )
     if evaluation:
         out.append("<h3>tunesmith eval --full</h3>" + evaluation_table(evaluation))
     return "\n".join(out) or _missing("no evaluation recorded")

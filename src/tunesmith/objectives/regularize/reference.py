@@ -7,10 +7,15 @@ NER): its *head* keeps scoring the reference task, and after training the
 run's *encoder* weights are put under that head (matched by name under the
 transformers base model, e.g. ``bert.``), which is how much of the old skill
 the shared weights kept. Without a checkpoint the reference is the run's own
-model and task on ``reference_data``.
+model and task on ``reference_data``. A generative run's reference is general
+text (``reference_text``): its held-out perplexity, before and after.
 
-``retention = after / before`` of the reference task's headline metric
-(accuracy, entity F1) goes into ``summary.json`` and ``metrics.jsonl``.
+``retention`` of the reference task's headline metric goes into
+``summary.json`` and ``metrics.jsonl``: ``after / before`` where higher is
+better (accuracy, entity F1), ``before / after`` where lower is (perplexity),
+so 1.0 means nothing forgotten and less means worse, whichever the metric.
+A text reference also reports ``ppl_ratio = after / before``, the number
+``forgetting.max_ppl_increase`` limits.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from torch import nn
 
 from tunesmith.data.batching import Collator, FeatureDataset
+from tunesmith.data.chat import read_chat_file, read_options
 from tunesmith.errors import DataError, ModelError
 from tunesmith.objectives.regularize.penalties import plain_name
 from tunesmith.tasks.inference import evaluate_dataset
@@ -53,11 +59,18 @@ class Reference:
     collator: Collator
     model: nn.Module | None = None
     checkpoint: Path | None = None
+    #: Text reference with replay: the documents replayed (never the measured ones).
+    replay_records: list[dict[str, Any]] | None = None
 
     @property
     def metric(self) -> str:
         """The reference task's headline metric."""
         return self.task.default_metric(self.task.cfg)
+
+    @property
+    def higher_is_better(self) -> bool:
+        """The direction of ``metric``, as the reference task declares it."""
+        return self.task.higher_is_better(self.metric, self.task.cfg)
 
     def score(self, model: nn.Module, batch_size: int = 64) -> dict[str, Any]:
         """The reference task's metrics for ``model`` (which must do the reference task)."""
@@ -86,6 +99,8 @@ def load_reference(
             reference model.
     """
     f = cfg.forgetting
+    if f.reference_text is not None:
+        return _text_reference(cfg, run_task, tokenizer, labels)
     if checkpoint is None:
         task, ref_tokenizer, ref_labels, model, folder = run_task, tokenizer, labels, None, None
     else:
@@ -100,6 +115,31 @@ def load_reference(
     features = task.encode(records, ref_tokenizer, label2id)
     collator = Collator(ref_tokenizer.pad_token_id, ref_tokenizer.padding_side)
     return Reference(task, list(ref_labels), records, features, collator, model, folder)
+
+
+def _text_reference(cfg: Any, task: Any, tokenizer: Any, labels: list[str]) -> Reference:
+    """General text scored by the run's own model; with replay, measured and replayed apart.
+
+    The documents are shuffled (``train.seed``); with ``forgetting.replay`` the
+    first half (at most ``reference_samples``) is measured and the rest
+    replayed, so the perplexity is never measured on text the run trained on.
+    """
+    f = cfg.forgetting
+    _, records = read_chat_file(f.reference_text, read_options(cfg.data), fmt="text")
+    random.Random(cfg.train.seed).shuffle(records)
+    measured = len(records) // 2 if f.replay > 0 else len(records)
+    if f.reference_samples is not None:
+        measured = min(measured, f.reference_samples)
+    if measured == 0 or (f.replay > 0 and measured == len(records)):
+        raise DataError(
+            f"forgetting.reference_text: {f.reference_text} has {len(records)} documents; "
+            "measuring and replaying need at least 2 (blank-line separated paragraphs)"
+        )
+    held_out, rest = records[:measured], records[measured:]
+    features = task.encode(held_out, tokenizer, {})
+    collator = Collator(tokenizer.pad_token_id, tokenizer.padding_side)
+    replay = rest if f.replay > 0 else None
+    return Reference(task, list(labels), held_out, features, collator, replay_records=replay)
 
 
 def _reference_records(
@@ -134,9 +174,10 @@ def replay_features(
             f"forgetting.replay: reference examples are {ref.task.name} examples; the run "
             f"trains {run_task.name}, so they cannot share its batches (use forgetting.ewc)"
         )
+    records = ref.records if ref.replay_records is None else ref.replay_records
     label2id = {lab: i for i, lab in enumerate(labels)}
-    run_task.check_labels(ref.records, label2id, "reference (replay)")
-    return run_task.encode(ref.records, tokenizer, label2id)
+    run_task.check_labels(records, label2id, "reference (replay)")
+    return run_task.encode(records, tokenizer, label2id)
 
 
 def _encoder(model: nn.Module) -> nn.Module:
@@ -180,15 +221,28 @@ def transplant_encoder(source: nn.Module, target: nn.Module) -> int:
     return copied
 
 
-def forgetting_report(before: dict[str, Any], after: dict[str, Any], metric: str) -> dict[str, Any]:
-    """``{metric, before, after, retention}`` (retention None when before is 0)."""
+def forgetting_report(
+    before: dict[str, Any], after: dict[str, Any], metric: str, *, higher_is_better: bool = True
+) -> dict[str, Any]:
+    """``{metric, before, after, retention, ...}``; retention None when it cannot be computed.
+
+    Retention is after / before for a metric where higher is better and
+    before / after where lower is, so below 1.0 is forgetting either way.
+    Perplexity also gets ``ppl_ratio`` (after / before: 1.10 is 10% worse).
+    """
     b, a = before.get(metric), after.get(metric)
-    retention = a / b if isinstance(a, int | float) and isinstance(b, int | float) and b else None
-    return {
+    numbers = isinstance(a, int | float) and isinstance(b, int | float)
+    ratio = a / b if numbers and b else None
+    if ratio is not None and not higher_is_better:
+        ratio = 1 / ratio if ratio else None
+    report = {
         "metric": metric,
         "before": b,
         "after": a,
-        "retention": round(retention, 6) if retention is not None else None,
+        "retention": round(ratio, 6) if ratio is not None else None,
         "loss_before": before.get("loss"),
         "loss_after": after.get("loss"),
     }
+    if metric == "perplexity" and numbers and b:
+        report["ppl_ratio"] = round(a / b, 6)
+    return report

@@ -78,7 +78,6 @@ def rows(results: Sequence[Mapping[str, Any]], metric: str) -> list[list[Cell]]:
         rob = e.get("robustness")
         drop = _points(list(rob["mean_drop"].values())[-1], metric) if rob else "n/a"
         forgetting = s.get("forgetting") or e.get("forgetting") or {}
-        retention = forgetting.get("retention")
         out.append(
             [
                 Link(name, r["report"]) if r.get("report") else name,
@@ -92,7 +91,7 @@ def rows(results: Sequence[Mapping[str, Any]], metric: str) -> list[list[Cell]]:
                 f"{e['latency_bs1']['p50_ms']:.1f}",
                 f"{e['throughput']['examples_per_s']:.1f}",
                 drop,
-                f"{retention:.3f}" if isinstance(retention, float) else "n/a (no reference)",
+                _retention_text(forgetting),
             ]
         )
     return out
@@ -131,3 +130,14 @@ def write_tables(results: Sequence[Mapping[str, Any]], out: Path, title: str) ->
     )
     paths["json"].write_text(json.dumps(list(results), indent=1) + "\n", encoding="utf-8")
     return paths
+
+
+def _retention_text(forgetting: Mapping[str, Any]) -> str:
+    """Retention (1.0: nothing forgotten), the perplexity ratio of a text reference, the mark."""
+    retention = forgetting.get("retention")
+    if not isinstance(retention, float):
+        return "n/a (no reference)"
+    text = f"{retention:.3f}"
+    if isinstance(forgetting.get("ppl_ratio"), float):
+        text += f" (ppl x{forgetting['ppl_ratio']:.3f})"
+    return text + (" PAST LIMIT" if forgetting.get("exceeded") else "")
