@@ -498,6 +498,7 @@ class Trainer:
             accelerator=self.acc,
             generate=self.cfg.generate.in_eval,
             generate_limit=self.cfg.generate.eval_samples,
+            calibrate=True,  # thresholds and the like are fitted on validation only
         )
         state.last_validation = metrics
         self.metrics_log.write(
