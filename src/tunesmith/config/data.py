@@ -55,6 +55,19 @@ class DataConfig(Section):
     text_column: str = Field("text", min_length=1, description="Column holding the input text.")
     text_pair_column: str | None = Field(None, description="Second text column for pair tasks.")
     label_column: str = Field("label", min_length=1, description="Column holding the label.")
+    # -- multi-label and regression targets (task.problem_type) --
+    label_delimiter: str | None = Field(
+        None,
+        description="multi_label: separator of the labels in a text label column ('|' reads "
+        "'PER|LOC' as two); null: the column holds a list (JSONL, parquet). An empty value "
+        "is a row with no label.",
+    )
+    label_columns: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="regression: the numeric target columns, one or several (each a model "
+        "output named after its column); null: label_column alone.",
+    )
     tokens_column: str = Field(
         "tokens", min_length=1, description="token_classification tables: list of tokens."
     )

@@ -18,12 +18,17 @@ Weights = list[float] | dict[str, float]
 
 
 class LossConfig(Section):
-    """Loss of the classification-like tasks: focal loss and class weights."""
+    """Loss of the classification-like tasks: focal loss, class weights; regression losses."""
 
-    type: Literal["cross_entropy", "focal"] = Field(
+    type: Literal["cross_entropy", "focal", "mse", "huber"] = Field(
         "cross_entropy",
-        description="cross_entropy, or focal: down-weights examples the model already gets "
-        "right by (1 - p_true)^focal_gamma (sequence/token classification).",
+        description="cross_entropy (multi_label: binary, a sigmoid per label), or focal: "
+        "down-weights examples the model already gets right by (1 - p_true)^focal_gamma "
+        "(sequence/token classification); mse or huber for task.problem_type regression "
+        "(its default: mse).",
+    )
+    huber_delta: float = Field(
+        1.0, gt=0, description="Huber loss delta (type huber): quadratic below, linear above."
     )
     focal_gamma: float = Field(
         2.0, ge=0, description="Focal-loss gamma (type focal); 0 is cross-entropy."
@@ -71,6 +76,8 @@ class LossConfig(Section):
             raise ValueError(f"{changed[0]} is only read with type: focal")
         if changed_from_default(self, ["effective_beta"]) and self.class_weights != "effective":
             raise ValueError("effective_beta is only read with class_weights: effective")
+        if changed_from_default(self, ["huber_delta"]) and self.type != "huber":
+            raise ValueError("huber_delta is only read with type: huber")
         return self
 
     @property

@@ -40,6 +40,7 @@ from tunesmith.config.checks import (
 )
 from tunesmith.config.data import DataConfig
 from tunesmith.config.distill import DistillConfig
+from tunesmith.config.heads import problem_type_problems
 from tunesmith.config.load import (  # noqa: F401 (apply_overrides re-exported)
     Lines,
     apply_overrides,
@@ -105,20 +106,16 @@ class EvalConfig(Section):
         "accuracy",
         min_length=1,
         description="Metric that picks the best model; when left out, the task's headline "
-        "metric (accuracy; entity_f1 for token_classification; bleu for seq2seq, or loss "
+        "metric (accuracy; micro_f1 for multi_label, rmse for regression; entity_f1 for "
+        "token_classification; bleu for seq2seq, or loss "
         "when generate.in_eval is false; for multitask, average: the mean of the tasks' "
         "headline metrics, or one task's as <task>/<metric>).",
     )
     greater_is_better: bool | None = Field(
-        None, description="null: false if the name contains loss/perplexity, else true."
+        None,
+        description="Direction of the metric; null: as the task declares it (loss, "
+        "perplexity, rmse, mse, mae: lower is better; every other metric: higher).",
     )
-
-    def higher_is_better(self) -> bool:
-        """Return the metric's direction, inferring it from the name when not set."""
-        if self.greater_is_better is not None:
-            return self.greater_is_better
-        name = self.metric.lower()
-        return not ("loss" in name or "perplexity" in name)
 
 
 class Config(Section):
@@ -174,7 +171,10 @@ class Config(Section):
         if "metric" not in self.eval.model_fields_set:
             # A default that names another task's metric would fail the run at start.
             self.eval.metric = task.default_metric(self)
+        if "type" not in self.loss.model_fields_set:
+            self.loss.type = task.default_loss(self)  # type: ignore[assignment]
         problems = [
+            *problem_type_problems(task, self),
             *self._layout_problems(task),
             *(p for p in map(search_key_problem, self.search) if p is not None),
             *task.check_config(self),
@@ -188,6 +188,16 @@ class Config(Section):
         if problems:
             raise Problems(problems)
         return self
+
+    def higher_is_better(self) -> bool:
+        """Direction of ``eval.metric``: ``eval.greater_is_better``, else the task's declaration.
+
+        Early stopping, ``best/``, evaluation reports and studies all ask here,
+        so a metric's direction is decided once, by the task that reports it.
+        """
+        if self.eval.greater_is_better is not None:
+            return self.eval.greater_is_better
+        return TASK_SPECS.get(self.task.type).higher_is_better(self.eval.metric, self)
 
     def _layout_problems(self, task: type[TaskSpec]) -> list[Problem]:
         """Where the data files are named: ``data`` (one task) or each task's (multi-task)."""

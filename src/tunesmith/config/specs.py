@@ -64,6 +64,12 @@ class TaskSpec:
     name: str = ""
     #: Metric names this task reports (``eval.metric`` must be one of them or ``loss``).
     metric_names: tuple[str, ...] = ()
+    #: Metrics where lower is better, also as the family of per-label keys (``rmse`` for
+    #: ``rmse/<target>``); ``loss`` always is, and every other metric is higher-is-better.
+    #: Declared, never guessed from a metric's name (see ``higher_is_better``).
+    lower_better_metrics: frozenset[str] = frozenset()
+    #: The ``task.problem_type`` values this task has a head for.
+    problem_types: tuple[str, ...] = ("single_label",)
     #: ``peft.TaskType`` name for adapter methods (None: peft's plain ``PeftModel``).
     peft_task_type: str | None = "SEQ_CLS"
     #: False when examples of different kinds may not share a batch (multi-task: a
@@ -109,6 +115,22 @@ class TaskSpec:
     def default_metric(cls, cfg: Any) -> str:
         """``eval.metric`` when the config leaves it out: the task's headline metric."""
         return cls.metric_names[0]
+
+    @classmethod
+    def default_loss(cls, cfg: Any) -> str:
+        """``loss.type`` when the config leaves it out."""
+        return "cross_entropy"
+
+    @classmethod
+    def higher_is_better(cls, metric: str, cfg: Any) -> bool:
+        """Whether a larger ``metric`` is better: what early stopping, ``best/`` and studies follow.
+
+        A per-label key (``f1/<label>``, ``rmse/<target>``) goes the way of its
+        family, the part before the first slash; ``loss`` and the task's
+        ``lower_better_metrics`` go down, everything else up.
+        """
+        family = metric.split("/", 1)[0]
+        return family != "loss" and family not in cls.lower_better_metrics
 
     @classmethod
     def check_config(cls, cfg: Any) -> list[Problem]:

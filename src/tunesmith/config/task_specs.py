@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunesmith.config.heads import METRICS_BY_PROBLEM, REGRESSION_LOWER, head_problems
 from tunesmith.config.multitask import MULTITASK, sub_config
 from tunesmith.config.specs import (
     METHOD_SPECS,
@@ -24,12 +25,29 @@ class SequenceClassificationSpec(TaskSpec):
     """One label per text (or text pair) with a linear head on the pooled encoder."""
 
     name = "sequence_classification"
-    metric_names = ("accuracy", "macro_f1")
+    metric_names = METRICS_BY_PROBLEM["single_label"]  # the task sets its problem type's
+    lower_better_metrics = REGRESSION_LOWER
+    problem_types = tuple(METRICS_BY_PROBLEM)
     has_classes = True
     word_augment = True
     row_labels = True
     multitask_head = True
     onnx_export = True
+
+    @classmethod
+    def default_metric(cls, cfg: Any) -> str:
+        """The problem type's headline metric: accuracy, micro_f1 or rmse."""
+        return METRICS_BY_PROBLEM[cfg.task.problem_type][0]
+
+    @classmethod
+    def default_loss(cls, cfg: Any) -> str:
+        """Regression defaults to mean squared error, the classifiers to cross-entropy."""
+        return "mse" if cfg.task.problem_type == "regression" else "cross_entropy"
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> list[Problem]:
+        """Loss, label and distillation keys the problem type cannot use (``config/heads``)."""
+        return head_problems(cfg)
 
 
 @register_task_spec
@@ -51,6 +69,7 @@ class CausalLMSpec(TaskSpec):
 
     name = "causal_lm"
     metric_names = ("perplexity",)
+    lower_better_metrics = frozenset({"perplexity"})
     peft_task_type = "CAUSAL_LM"
     new_head = False  # the pretrained LM head (often tied to the embeddings) stays as it is
     packable = True
@@ -98,6 +117,15 @@ class MultiTaskSpec(TaskSpec):
     @classmethod
     def default_metric(cls, cfg: Any) -> str:
         return "average"
+
+    @classmethod
+    def higher_is_better(cls, metric: str, cfg: Any) -> bool:
+        """``<task>/<metric>`` goes the way its task declares; ``average`` up, losses down."""
+        name, _, own = metric.partition("/")
+        if own and name in cfg.multitask.tasks:
+            sub = TASK_SPECS.get(cfg.multitask.tasks[name].type)
+            return sub.higher_is_better(own, sub_config(cfg, name))
+        return super().higher_is_better(metric, cfg)
 
     @classmethod
     def check_config(cls, cfg: Any) -> list[Problem]:

@@ -49,6 +49,13 @@ class TaskConfig(Section):
     system_prompt: str | None = Field(
         None, description="causal_lm: system message put before every conversation."
     )
+    # -- sequence_classification heads: single-label, multi-label, regression --
+    problem_type: Literal["single_label", "multi_label", "regression"] = Field(
+        "single_label",
+        description="sequence_classification: single_label (softmax, one label per row), "
+        "multi_label (a sigmoid per label, any number per row; thresholds tuned on "
+        "validation) or regression (one or several numbers per row: data.label_columns).",
+    )
 
     @field_validator("type")
     @classmethod

@@ -70,7 +70,9 @@ class Collator:
 
     def _pad(self, rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
         width = max(len(r) for r in rows)
-        out = torch.full((len(rows), width), value, dtype=torch.long)
+        # Float rows (multi-hot or regression targets) stay float; ids are long.
+        floats = any(isinstance(x, float) for r in rows[:1] for x in r)
+        out = torch.full((len(rows), width), value, dtype=torch.float if floats else torch.long)
         for i, row in enumerate(rows):
             if not row:
                 continue

@@ -48,7 +48,7 @@ EXAMPLES = 20
 #: Record keys holding input text; ``source`` (the row locator) and labels never change.
 TEXT_KEYS = ("text", "text_pair", "target", "group")
 #: Keys that are the answer rather than the input (conflicting labels compare the rest).
-LABEL_KEYS = ("label", "tags")
+LABEL_KEYS = ("label", "tags", "targets")
 
 _ODD_SPACES = re.compile("[\u00a0\u2000-\u200a\u202f\u3000]")
 _ZERO_WIDTH = re.compile("[\u200b-\u200d\ufeff]")

@@ -23,6 +23,7 @@ from typing import Any
 
 from tunesmith.core import paths
 from tunesmith.data.labels import normalise_label
+from tunesmith.data.targets import TargetReader
 from tunesmith.errors import DataError
 
 Row = tuple[str, Mapping[str, Any]]  # (source, raw values by column)
@@ -53,6 +54,7 @@ def load_records(
     dropped: list[str] | None = None,
     check_label_kinds: bool = True,
     config_keys: Mapping[str, str] | None = None,
+    targets: TargetReader | None = None,
 ) -> list[dict[str, Any]]:
     """Load a data set file (or ``save_to_disk`` folder) into records.
 
@@ -74,9 +76,13 @@ def load_records(
         config_keys: Record key -> the config key naming its column, where a
             task maps a key to another setting than the default (seq2seq reads
             ``text`` from ``data.source_column``), so messages name the right key.
+        targets: Reads the record's ``targets`` (multi-label sets, regression
+            numbers, ``data/targets.py``); a row whose targets are empty is
+            dropped like an empty label.
 
     Returns:
-        Records ``{"text", ["text_pair"], ["target"], "label", "source"}`` in file order.
+        Records ``{"text", ["text_pair"], ["target"], "label", ["targets"], "source"}``
+        in file order.
 
     Raises:
         DataError: On any missing, malformed or inconsistent input.
@@ -91,6 +97,13 @@ def load_records(
     wanted = {key: col for key, col in wanted.items() if col is not None}
     columns, rows = read_rows(path)
     check_columns(path.name, columns, wanted, config_keys)
+    if targets is not None:
+        check_columns(
+            path.name,
+            columns,
+            {c: c for c in targets.columns},
+            dict.fromkeys(targets.columns, targets.config_key),
+        )
     records = []
     kinds: dict[str, tuple[int, str, Any]] = {}  # label kind -> (rows, first source, value)
     for source, raw in rows:
@@ -98,6 +111,13 @@ def load_records(
             dropped.append(source)
             continue
         record = _make_record(source, raw, wanted)
+        if targets is not None:
+            record["targets"] = targets.parse(source, raw)
+            if record["targets"] is None:
+                if dropped is None:
+                    raise DataError(f"{source}: empty target ({targets.config_key}); fill it in")
+                dropped.append(source)
+                continue
         records.append(record)
         if record["label"] is not None:
             kind = "number" if _NUMERIC.fullmatch(record["label"]) else "text"

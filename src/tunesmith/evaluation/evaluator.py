@@ -98,7 +98,7 @@ def evaluate_checkpoint(
         "data": data if data is not None else f"{split} split",
         "examples": len(records),
         "metric": metric,
-        "higher_is_better": cfg.eval.higher_is_better(),
+        "higher_is_better": cfg.higher_is_better(),
         "metrics": metrics,
         "peak_memory": vars(peak.reading),
         "size": checkpoint_size(folder),
@@ -115,7 +115,7 @@ def evaluate_checkpoint(
             labels,
             metric,
             opts,
-            higher_is_better=cfg.eval.higher_is_better(),
+            higher_is_better=cfg.higher_is_better(),
         )
     forgetting = run_summary(folder).get("forgetting")
     if forgetting:

@@ -54,6 +54,7 @@ def load_checkpoint(
     tokenizer.padding_side = manifest.get("padding_side", tokenizer.padding_side)
     labels = list(manifest.get("labels", []))
     task.class_weights = manifest.get("class_weights")
+    task.restore_state(manifest.get("task_state") or {})
     model = load_trained(task, str(folder), labels, tokenizer)
     return cfg, task, model, tokenizer, labels
 

@@ -243,7 +243,7 @@ def fit(run: Run, *, progress: bool = True) -> LoopResult:
                 out / "best",
                 lambda folder: task.save_weights(method, unwrapped, folder),
                 run.tokenizer,
-                {**run.manifest, "validation": metrics},
+                {**run.manifest, "validation": metrics, "task_state": task.fitted_state()},
             )
 
     checkpointer = Checkpointer(
@@ -285,7 +285,7 @@ def fit(run: Run, *, progress: bool = True) -> LoopResult:
             out / "final",
             functools.partial(task.save_weights, method, unwrapped),
             run.tokenizer,
-            {**run.manifest, "validation": loop.last_validation},
+            {**run.manifest, "validation": loop.last_validation, "task_state": task.fitted_state()},
         )
     # The test evaluation reloads the chosen checkpoint: free the trained model and
     # the optimizer state first, so the reload reuses their memory instead of

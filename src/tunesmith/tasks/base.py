@@ -317,6 +317,23 @@ class Task(TaskSpec, ABC):
         """The part of a batch that goes into ``model(**inputs)``."""
         return {k: v for k, v in batch.items() if k not in ("labels", "index")}
 
+    # -- state fitted on validation (multi-label thresholds) -----------------
+    def calibrate(self, predictions: Mapping[str, torch.Tensor], labels: Sequence[str]) -> None:
+        """Fit what the task tunes on validation outputs before scoring them (nothing here).
+
+        Called by the loop's validation only, never on test: multi-label
+        classification picks each label's threshold here.
+        """
+        return None
+
+    def fitted_state(self) -> dict[str, Any]:
+        """What ``calibrate`` fitted, saved in the checkpoint manifest (``task_state``)."""
+        return {}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Take back ``fitted_state`` when a checkpoint is loaded."""
+        return None
+
     # -- loop hooks (multi-task overrides them; other tasks keep these) ------
     def train_sampler(
         self, features: Sequence[Feature], batch_size: int, *, group_by_length: bool, seed: int

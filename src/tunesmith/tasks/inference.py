@@ -146,8 +146,13 @@ def evaluate_dataset(
     *,
     generate: bool = False,
     generate_limit: int | None = None,
+    calibrate: bool = False,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Task metrics plus ``loss`` on a labelled data set, and the raw predictions.
+
+    ``calibrate`` (the validation split of training only) lets the task fit
+    what it tunes on validation first (``Task.calibrate``: multi-label
+    thresholds), so the metrics are those of the fitted state.
 
     ``generate`` adds the metrics of generated text (BLEU, chrF) for generative
     tasks, computed on the first ``generate_limit`` items when it is set
@@ -163,6 +168,8 @@ def evaluate_dataset(
         generate=generate,
         generate_limit=generate_limit,
     )
+    if calibrate:
+        task.calibrate(preds, labels)
     metrics = task.compute_metrics(preds, labels)
     if loss is not None:
         metrics = {"loss": loss, **metrics}

@@ -132,7 +132,7 @@ class Trainer:
         self.steps_per_epoch = max(1, math.ceil(len(self.loader) / t.grad_accum))
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.state = TrainState(
-            EarlyStopping(cfg.eval.higher_is_better(), patience=t.early_stopping_patience)
+            EarlyStopping(cfg.higher_is_better(), patience=t.early_stopping_patience)
         )
         self.hooks = list(callbacks.hooks)
         # Hooks learn the run's length before the schedule computes its first LR.
@@ -498,6 +498,7 @@ class Trainer:
             accelerator=self.acc,
             generate=self.cfg.generate.in_eval,
             generate_limit=self.cfg.generate.eval_samples,
+            calibrate=True,  # thresholds and the like are fitted on validation only
         )
         state.last_validation = metrics
         self.metrics_log.write(

@@ -244,7 +244,7 @@ def open_study(cfg: Config, folder: Path) -> Any:
         storage = optuna.storages.RDBStorage(
             storage_url(cfg, folder), heartbeat_interval=30, grace_period=120
         )
-    direction = "maximize" if cfg.eval.higher_is_better() else "minimize"
+    direction = "maximize" if cfg.higher_is_better() else "minimize"
     study = optuna.create_study(
         study_name=cfg.tune.study_name,
         storage=storage,
