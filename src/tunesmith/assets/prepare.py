@@ -108,3 +108,24 @@ def chatterbot_to_jsonl(folder: Path, out: Path) -> None:
             row = {"messages": messages, "category": category, "origin": f"{path.name}#{n}"}
             lines.append(json.dumps(row, ensure_ascii=False))
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def conll_entity_types_jsonl(conll: Path, out: Path) -> None:
+    """Write each sentence of a CoNLL file (``token<TAB>tag``, BIO) with the entity types it has.
+
+    A multi-label set derived from NER tags: ``{"text", "entity_types"}`` per
+    sentence, the types sorted (an empty list: no entity). Tokens are joined
+    with spaces, as the tweets were tokenised.
+    """
+    rows, tokens, types = [], [], set()
+    lines = conll.read_text(encoding="utf-8").splitlines()
+    for line in [*lines, ""]:
+        parts = line.split()
+        if len(parts) >= 2:
+            tokens.append(parts[0])
+            if parts[-1][:2] in ("B-", "I-"):
+                types.add(parts[-1][2:])
+        elif not parts and tokens:
+            rows.append({"text": " ".join(tokens), "entity_types": sorted(types)})
+            tokens, types = [], set()
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")

@@ -76,7 +76,7 @@ class SequenceClassification(SequenceClassificationSpec, ProblemHeads, ClassLoss
         if self.problem_type == "single_label":
             labels = build_label_list(parts["train"], self.cfg.data.labels)
         else:
-            labels = self.head_labels(parts["train"], notes)
+            labels = self.head_labels(parts, notes)
         label2id = {lab: i for i, lab in enumerate(labels)}
         for split in ("validation", "test"):
             self.check_labels(parts[split], label2id, split)

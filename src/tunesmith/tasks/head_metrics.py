@@ -96,6 +96,8 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0  # a constant has no correlation (and its mean's rounding would fake one)
     a, b = a - a.mean(), b - b.mean()
     denominator = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / denominator) if denominator > 0 else 0.0

@@ -65,18 +65,30 @@ class ProblemHeads:
             return number_reader(d.label_columns or [d.label_column])
         return None
 
-    def head_labels(self, train: Sequence[dict[str, Any]], notes: list[str]) -> list[str]:
-        """The outputs' names: the label set (multi-label) or the target columns (regression)."""
+    def head_labels(self, parts: Mapping[str, list[dict[str, Any]]], notes: list[str]) -> list[str]:
+        """The outputs' names: the label set (multi-label) or the target columns (regression).
+
+        Multi-label: ``data.labels`` (unlisted labels removed from every row), else
+        every label of the data files. A rare label may miss the training rows (a
+        capped or small training split); it keeps its output, scored as never
+        predicted, and a note says so, where failing would lose the run.
+        """
         d = self.cfg.data
         if self.problem_type == "regression":
             return list(d.label_columns or [d.label_column])
         if d.labels:
-            removed = keep_listed(train, d.labels)
-            if removed:
-                counts = ", ".join(f"{lab}: {n}" for lab, n in sorted(removed.items()))
-                notes.append(f"train: removed labels not in data.labels ({counts})")
+            for split, records in parts.items():
+                removed = keep_listed(records, d.labels)
+                if removed:
+                    counts = ", ".join(f"{lab}: {n}" for lab, n in sorted(removed.items()))
+                    notes.append(f"{split}: removed labels not in data.labels ({counts})")
             return list(d.labels)
-        return sort_labels(lab for r in train for lab in r["targets"])
+        trained = {lab for r in parts["train"] for lab in r["targets"]}
+        labels = sort_labels(lab for rows in parts.values() for r in rows for lab in r["targets"])
+        missing = [lab for lab in labels if lab not in trained]
+        if missing:
+            notes.append(f"train: no row has label {', '.join(missing)} (held-out rows do)")
+        return labels
 
     def check_head_labels(
         self, records: Sequence[Mapping[str, Any]], label2id: Mapping[str, int], split: str
