@@ -218,3 +218,12 @@ def tool_specs(source: str, where: str, value: Any) -> list[dict[str, Any]] | No
             '(write [{"type": "function", "function": {"name": ..., "parameters": {...}}}])'
         )
     return [dict(t) for t in value]
+
+
+def with_tools(source: str, raw: Mapping[str, Any], messages: list[Message]) -> Parts:
+    """The parts of a chat row: its messages, and its ``tools`` column when it has one."""
+    parts: Parts = {"messages": messages}
+    tools = tool_specs(source, "tools", raw.get("tools"))
+    if tools:
+        parts["tools"] = tools
+    return parts

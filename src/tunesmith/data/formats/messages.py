@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from tunesmith.data.formats.base import Layout, Parts, ReadOptions, parse_messages, tool_specs
+from tunesmith.data.formats.base import Layout, Parts, ReadOptions, parse_messages, with_tools
 
 
 def convert(source: str, raw: Mapping[str, Any], opts: ReadOptions) -> Parts | None:
@@ -19,11 +19,7 @@ def convert(source: str, raw: Mapping[str, Any], opts: ReadOptions) -> Parts | N
     messages = parse_messages(source, column, raw.get(column))
     if messages is None:
         return None
-    parts: Parts = {"messages": messages}
-    tools = tool_specs(source, "tools", raw.get("tools"))
-    if tools:
-        parts["tools"] = tools
-    return parts
+    return with_tools(source, raw, messages)
 
 
 LAYOUT = Layout(

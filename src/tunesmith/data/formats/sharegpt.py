@@ -22,8 +22,8 @@ from tunesmith.data.formats.base import (
     parse_message,
     text_cell,
     tool_calls,
-    tool_specs,
     turn,
+    with_tools,
 )
 from tunesmith.data.loading import type_name
 from tunesmith.errors import DataError
@@ -64,11 +64,7 @@ def convert(source: str, raw: Mapping[str, Any], opts: ReadOptions) -> Parts | N
         if message is None:
             return None
         messages.append(message)
-    parts: Parts = {"messages": messages}
-    tools = tool_specs(source, "tools", raw.get("tools"))
-    if tools:
-        parts["tools"] = tools
-    return parts
+    return with_tools(source, raw, messages)
 
 
 LAYOUT = Layout(
