@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from tunesmith.config.root import Config
     from tunesmith.data.cleaning import CleaningReport, FileReport
+    from tunesmith.tasks.truncation import TruncationReport
 
 Feature = dict[str, Any]
 Batch = dict[str, torch.Tensor]
@@ -181,6 +182,17 @@ class Task(TaskSpec, ABC):
         pairs = [r["text_pair"] for r in records] if records and "text_pair" in records[0] else None
         limit = effective_limit(tokenizer, self.cfg.data.max_length)
         return {"input": (full_lengths(tokenizer, texts, pairs), limit)}
+
+    def truncation(
+        self, records: Sequence[Mapping[str, Any]], tokenizer: PreTrainedTokenizerBase
+    ) -> TruncationReport | None:
+        """What the length limits cut off the answers of ``records`` (generative tasks).
+
+        Computed from the tokenizer alone, so a run can refuse cut data before
+        the model loads (``tasks/truncation.py``). Tasks without free-text
+        answers (classification, tagging) return None: nothing is gated.
+        """
+        return None
 
     def feature_length(self, feature: Feature) -> int:
         """Length used for length-grouped batching."""
