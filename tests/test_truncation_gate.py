@@ -113,9 +113,9 @@ def test_the_default_threshold_is_five_percent(
 ) -> None:
     assert DataConfig().max_truncated_fraction == 0.05 and DataConfig().drop_truncated is False
     # 1 of 20 rows cut (5%) is not above the default: the run goes on to load the model ...
-    with caplog.at_level(logging.INFO, logger="tunesmith.runs.preflight"):
-        with pytest.raises(ModelLoaded):
-            train(chat_config(tiny_llama, tmp_path / "a", chat_rows(20, cut=1)), progress=False)
+    cfg = chat_config(tiny_llama, tmp_path / "a", chat_rows(20, cut=1))
+    with caplog.at_level(logging.INFO, "tunesmith.runs.preflight"), pytest.raises(ModelLoaded):
+        train(cfg, progress=False)
     assert loads == ["causal_lm"]
     logged = caplog.text
     assert "1 of 20 train rows (5.0%) cut by data.max_length=64" in logged
