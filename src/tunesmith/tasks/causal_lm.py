@@ -168,8 +168,8 @@ class CausalLM(CausalLMSpec, Task):
         template = resolve_template(tokenizer, self.cfg.task.chat_template)
         limit = effective_limit(tokenizer, self.cfg.data.max_length)
         chats = [r for r in records if r["messages"][-1]["role"] == "assistant"]
-        end = end_of_turn_id(tokenizer, chats[0]["messages"], template) if chats else None
-        end = end if end is not None else tokenizer.eos_token_id
+        first = chats[0]["messages"] if chats else None
+        end = end_of_turn_id(tokenizer, first, template) if first else tokenizer.eos_token_id
         name = None if end is None else tokenizer.convert_ids_to_tokens(end)
         report = TruncationReport("data.max_length", limit, name)
         for record in chats:
