@@ -114,12 +114,23 @@ def test_plain_template_and_missing_template(tmp_path: Path) -> None:
         train(sft_config(bare, data, tmp_path / "a"), progress=False)
 
 
-def test_all_replies_truncated_is_refused(tiny_llama: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("gate", "match"),
+    [
+        (0.05, r"8 of 8 train rows \(100.0%\) cut by data.max_length=32"),  # the pre-flight gate
+        (1.0, r"no reply token to train on.*data.max_length=32"),  # gate off: encode refuses
+    ],
+)
+def test_all_replies_truncated_is_refused(
+    tiny_llama: Path, tmp_path: Path, gate: float, match: str
+) -> None:
     long_prompt = "hello world " * 40
     rows = [{"prompt": f"{long_prompt}{i}", "response": REPLY} for i in range(10)]  # distinct
     data = write_jsonl(tmp_path / "c.jsonl", rows)
-    cfg = sft_config(tiny_llama, data, tmp_path / "o", data={"max_length": 32})
-    with pytest.raises(DataError, match=r"no reply token to train on.*data.max_length=32"):
+    cfg = sft_config(
+        tiny_llama, data, tmp_path / "o", data={"max_length": 32, "max_truncated_fraction": gate}
+    )
+    with pytest.raises(DataError, match=match):
         train(cfg, progress=False)
 
 

@@ -154,6 +154,20 @@ class DataConfig(Section):
         description="causal_lm: train on packed rows (a batch's examples concatenated, "
         "attention kept within each by position_ids): no padding at all.",
     )
+    # Pre-flight truncation gate of generative tasks (tasks/truncation.py).
+    max_truncated_fraction: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="causal_lm, seq2seq: a run is refused, before the model loads, when more "
+        "than this share of training rows has its answer or final end-of-turn/EOS token cut "
+        "by max_length (seq2seq: max_target_length); 1 turns the gate off.",
+    )
+    drop_truncated: bool = Field(
+        False,
+        description="causal_lm, seq2seq: drop the training rows whose answer or final "
+        "end-of-turn/EOS token is cut (counted in the log and splits.json) instead of refusing.",
+    )
     empty_rows: Literal["drop", "error"] = Field(
         "drop",
         description="Rows with an empty text or label: drop them (counted in the log) or fail.",

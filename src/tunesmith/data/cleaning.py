@@ -42,6 +42,8 @@ Records = list[dict[str, Any]]
 EMPTY = "empty"
 LABEL_NOT_LISTED = "label not in data.labels"
 DUPLICATE = "duplicate"
+#: Training rows whose answer the length limit cuts, dropped by ``data.drop_truncated``.
+TRUNCATED = "truncated"
 #: Sources kept per removal reason and leakage examples per split: enough to look
 #: at, small enough for ``splits.json``.
 EXAMPLES = 20
@@ -204,6 +206,17 @@ class CleaningReport:
             total.update(f.removed)
         return dict(total)
 
+    def drop_after_split(self, split: str, reason: str, sources: Sequence[str]) -> None:
+        """Count rows removed from ``split`` once split (``data.drop_truncated``).
+
+        They are counted on the split's file, as removed rather than kept, and
+        leave the split's row count.
+        """
+        report = next(f for f in self.files if f.split == split)
+        report.drop(reason, sources)
+        report.kept -= len(sources)
+        self.rows[split] = self.rows.get(split, 0) - len(sources)
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: counts, and at most ``EXAMPLES`` sources per reason and split."""
         return {
@@ -316,4 +329,5 @@ _REASON_WORDS = {
     EMPTY: "empty",
     DUPLICATE: "exact duplicates",
     LABEL_NOT_LISTED: "with a label not in data.labels",
+    TRUNCATED: "with the answer cut by the length limit",
 }

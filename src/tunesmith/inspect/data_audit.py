@@ -5,7 +5,10 @@ learns to echo prompts) or when replies are cut off by ``max_length`` (it
 learns nothing). The audit encodes the training split exactly as ``train``
 does and shows a few samples as rendered text with the trained tokens
 marked, plus the share of trained tokens over the whole split. It applies to
-tasks whose labels are per input token (causal_lm, token_classification).
+tasks whose labels are per input token (causal_lm, token_classification), and
+to generative tasks (causal_lm, seq2seq) it adds the pre-flight truncation
+gate a run applies (``tasks/truncation.py``): answers and end tokens cut by
+the length limits, the worst rows, and whether a run would be refused.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.models.loading import load_tokenizer
 from tunesmith.tasks.base import get_task
 from tunesmith.tasks.losses import IGNORE
+from tunesmith.tasks.truncation import TruncationReport
 
 #: Markers around trained text when the output is not a colour terminal.
 OPEN, CLOSE = "[[", "]]"
@@ -35,6 +39,11 @@ class AuditReport:
     at_max_length: int = 0
     max_length: int = 0
     samples: list[list[tuple[str, bool]]] = field(default_factory=list)
+    #: The pre-flight gate's report of the training split (generative tasks), and the
+    #: settings that decide on it.
+    truncation: TruncationReport | None = None
+    max_truncated_fraction: float = 0.0
+    drop_truncated: bool = False
 
     @property
     def trained_fraction(self) -> float:
@@ -46,21 +55,30 @@ def audit(cfg: Config, samples: int = 3, seed: int = 0) -> AuditReport:
     """Encode the training split as ``train`` would and collect the report.
 
     Raises:
-        ConfigError: The task's labels are not per input token.
+        ConfigError: The task has neither per-token labels nor a truncation gate.
     """
     task = get_task(cfg)
     splits = task.load_splits()
     tokenizer = load_tokenizer(
         cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code
     )
+    d = cfg.data
+    report = AuditReport(
+        max_length=d.max_length,
+        truncation=task.truncation(splits.train, tokenizer),
+        max_truncated_fraction=d.max_truncated_fraction,
+        drop_truncated=d.drop_truncated,
+    )
     label2id = {lab: i for i, lab in enumerate(splits.labels)}
     features = task.encode(splits.train, tokenizer, label2id)
     if not features or not _token_labels(features[0]):
+        if report.truncation is not None:  # seq2seq: the gate, no per-token samples
+            return report
         raise ConfigError(
             f"data audit shows per-token training targets; task.type {cfg.task.type} has none "
-            "(it applies to causal_lm and token_classification)"
+            "(it applies to causal_lm, seq2seq and token_classification)"
         )
-    report = AuditReport(examples=len(features), max_length=cfg.data.max_length)
+    report.examples = len(features)
     for f in features:
         trained = sum(lab != IGNORE for lab in f["labels"])
         report.tokens += len(f["input_ids"])
@@ -90,21 +108,41 @@ def _runs(feature: dict[str, Any], tokenizer: Any) -> list[tuple[str, bool]]:
 
 
 def render_audit(report: AuditReport, *, color: bool = False) -> str:
-    """The samples with trained text marked (green, or ``[[...]]``) and the counts."""
+    """The samples with trained text marked (green, or ``[[...]]``), the counts, the gate."""
     lines = []
     for n, runs in enumerate(report.samples, 1):
         lines.append(f"--- sample {n} " + "-" * 40)
         text = "".join(_mark(t, trained, color) for t, trained in runs)
         lines.append(text)
     marker = "green" if color else f"{OPEN} {CLOSE}"
-    lines += [
-        "-" * 54,
-        f"trained tokens ({marker}): {report.trained_tokens:,} of {report.tokens:,} "
-        f"({report.trained_fraction:.1%}) over {report.examples:,} training examples",
-        f"examples with nothing to train: {report.untrained_examples:,}; "
-        f"cut at data.max_length={report.max_length}: {report.at_max_length:,}",
-    ]
+    if report.examples:
+        lines += [
+            "-" * 54,
+            f"trained tokens ({marker}): {report.trained_tokens:,} of {report.tokens:,} "
+            f"({report.trained_fraction:.1%}) over {report.examples:,} training examples",
+            f"examples with nothing to train: {report.untrained_examples:,}; "
+            f"cut at data.max_length={report.max_length}: {report.at_max_length:,}",
+        ]
+    if report.truncation is not None:
+        lines += ["-" * 54, *_gate_lines(report.truncation, report)]
     return "\n".join(lines)
+
+
+def _gate_lines(gate: TruncationReport, report: AuditReport) -> list[str]:
+    """The pre-flight gate as a run applies it: its report and its verdict."""
+    threshold = report.max_truncated_fraction
+    if not gate.cut:
+        verdict = "a run would pass"
+    elif report.drop_truncated:
+        verdict = f"a run would drop the {len(gate.cut):,} cut rows (data.drop_truncated)"
+    elif gate.refuses(threshold):
+        verdict = (
+            f"a run would be REFUSED: raise {gate.limit_key}, or set data.drop_truncated: true"
+        )
+    else:
+        verdict = "a run would pass (cut rows within the threshold)"
+    head = f"pre-flight truncation gate (data.max_truncated_fraction={threshold:g}): {verdict}"
+    return [head, *(f"  {line}" for line in gate.lines())]
 
 
 def _mark(text: str, trained: bool, color: bool) -> str:

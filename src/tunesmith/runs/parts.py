@@ -19,6 +19,7 @@ from tunesmith.methods.base import Method, get_method
 from tunesmith.models.loading import load_tokenizer
 from tunesmith.objectives.class_weights import resolve_class_weights
 from tunesmith.objectives.distill.student import build_student
+from tunesmith.runs.preflight import preflight
 from tunesmith.tasks.base import DataSplits, Task
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ class RunParts:
 def build_run_parts(cfg: Config, task: Task) -> RunParts:
     """Read and split the data, tokenise it, load the model and apply the method.
 
+    Generative tasks check their answers against the length limits before the
+    model loads (``runs/preflight.py``): too many cut ones refuse the run.
+
     The seed is set just before the model is built, so a new head starts
     from the same weights in every run with that seed. Augmentation comes
     after the model (synonyms may be its embedding neighbours) and before
@@ -61,6 +65,7 @@ def build_run_parts(cfg: Config, task: Task) -> RunParts:
     tokenizer = load_tokenizer(
         cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code
     )
+    preflight(cfg, task, splits, tokenizer)  # cut answers: refused before the model loads
     method = get_method(cfg)
     set_seed(cfg.train.seed)
     if cfg.distill.student_layers is not None:  # the teacher with fewer blocks

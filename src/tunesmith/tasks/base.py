@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from tunesmith.config.root import Config
     from tunesmith.data.cleaning import CleaningReport, FileReport
+    from tunesmith.tasks.truncation import TruncationReport
 
 Feature = dict[str, Any]
 Batch = dict[str, torch.Tensor]
@@ -190,6 +191,17 @@ class Task(TaskSpec, ABC):
         Called on the training split only: evaluation scores one example per row.
         """
         return features
+
+    def truncation(
+        self, records: Sequence[Mapping[str, Any]], tokenizer: PreTrainedTokenizerBase
+    ) -> TruncationReport | None:
+        """What the length limits cut off the answers of ``records`` (generative tasks).
+
+        Computed from the tokenizer alone, so a run can refuse cut data before
+        the model loads (``tasks/truncation.py``). Tasks without free-text
+        answers (classification, tagging) return None: nothing is gated.
+        """
+        return None
 
     def feature_length(self, feature: Feature) -> int:
         """Length used for length-grouped batching."""

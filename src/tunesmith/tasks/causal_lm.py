@@ -36,6 +36,7 @@ from tunesmith.errors import DataError
 from tunesmith.tasks.base import Batch, DataSplits, Feature, Task, register_task
 from tunesmith.tasks.chat_template import (
     check_tools_kept,
+    end_of_turn_id,
     label_tokens,
     render,
     reply_spans,
@@ -44,6 +45,7 @@ from tunesmith.tasks.chat_template import (
 from tunesmith.tasks.encoding import effective_limit, full_lengths, require_fast_tokenizer
 from tunesmith.tasks.generation import generate_ids, generated_rows
 from tunesmith.tasks.losses import IGNORE, shifted_token_cross_entropy_sum
+from tunesmith.tasks.truncation import TruncationReport, labels_cut
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +160,6 @@ class CausalLM(CausalLMSpec, Task):
         if records and "messages" not in records[0]:
             return document_features(records, tokenizer, limit)
         template = resolve_template(tokenizer, self.cfg.task.chat_template)
-        last_only = self.cfg.task.train_on == "last_assistant"
         features, empty, labelled = [], 0, 0
         for record in records:
             messages, tools = record["messages"], record.get("tools")
@@ -169,25 +170,10 @@ class CausalLM(CausalLMSpec, Task):
                 features.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
                 continue
             labelled += 1
-            text, spans = reply_spans(
-                tokenizer, messages, template, last_only=last_only, tools=tools
-            )
-            enc = tokenizer(
-                text,
-                add_special_tokens=False,
-                return_offsets_mapping=True,
-                truncation=True,
-                max_length=limit,
-            )
-            labels = label_tokens(enc["offset_mapping"], enc["input_ids"], spans)
+            ids, labels = self.labelled_chat(record, tokenizer, template)
+            ids, labels = ids[:limit], labels[:limit]
             empty += all(t == IGNORE for t in labels[1:])
-            features.append(
-                {
-                    "input_ids": enc["input_ids"],
-                    "attention_mask": enc["attention_mask"],
-                    "labels": labels,
-                }
-            )
+            features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
         if labelled and empty == labelled:
             raise DataError(
                 f"no reply token to train on: in all {labelled} conversations the assistant "
@@ -219,6 +205,39 @@ class CausalLM(CausalLMSpec, Task):
             limit,
         )
         return packed
+
+    def labelled_chat(
+        self, record: Mapping[str, Any], tokenizer: Any, template: str
+    ) -> tuple[list[int], list[int]]:
+        """A chat's ids and labels, uncut: ``encode`` keeps the first ``limit``, the gate all."""
+        last_only = self.cfg.task.train_on == "last_assistant"
+        text, spans = reply_spans(
+            tokenizer, record["messages"], template, last_only=last_only, tools=record.get("tools")
+        )
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return enc["input_ids"], label_tokens(enc["offset_mapping"], enc["input_ids"], spans)
+
+    def truncation(
+        self, records: Sequence[Mapping[str, Any]], tokenizer: Any
+    ) -> TruncationReport | None:
+        """Each chat ending with a reply, measured against ``data.max_length`` uncut.
+
+        Documents (``data.format: text``) are split into pieces, never cut: not gated.
+        """
+        if records and "messages" not in records[0]:
+            return None
+        require_fast_tokenizer(tokenizer, self.name, "character offsets to locate the replies")
+        template = resolve_template(tokenizer, self.cfg.task.chat_template)
+        limit = effective_limit(tokenizer, self.cfg.data.max_length)
+        chats = [r for r in records if r["messages"][-1]["role"] == "assistant"]
+        first = chats[0]["messages"] if chats else None
+        end = end_of_turn_id(tokenizer, first, template) if first else tokenizer.eos_token_id
+        name = None if end is None else tokenizer.convert_ids_to_tokens(end)
+        report = TruncationReport("data.max_length", limit, name)
+        for record in chats:
+            ids, labels = self.labelled_chat(record, tokenizer, template)
+            report.rows.append(labels_cut(record["source"], labels, limit, end, tokens=len(ids)))
+        return report
 
     # -- model --------------------------------------------------------------
     def auto_class(self) -> Any:

@@ -171,3 +171,25 @@ def label_tokens(offsets: Sequence[Span], ids: Sequence[int], spans: Sequence[Sp
         inside = b > a and any(a < e and b > s for s, e in spans)
         labels.append(token if inside else IGNORE)
     return labels
+
+
+def end_of_turn_id(tokenizer: Any, messages: Sequence[dict[str, str]], template: str) -> int | None:
+    """The token the template ends a reply with: the special token right after its content.
+
+    Read off one rendered chat ending with a reply (ChatML writes
+    ``<|im_end|>``, Llama 3 ``<|eot_id|>``, the plain template EOS); when the
+    template writes no special token there, the tokenizer's EOS (None if it
+    has none). Training must reach this token or the model never learns to stop.
+    """
+    full = render(tokenizer, messages, template)
+    content = messages[-1]["content"]
+    at = full.rfind(content)
+    if at >= 0:
+        after = tokenizer(full[at + len(content) :], add_special_tokens=False)["input_ids"]
+        special = set(getattr(tokenizer, "all_special_ids", ()))
+        special |= {
+            i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special
+        }
+        if after and after[0] in special:
+            return after[0]
+    return getattr(tokenizer, "eos_token_id", None)

@@ -40,6 +40,7 @@ from tunesmith.tasks.base import Batch, DataSplits, Feature, Task, register_task
 from tunesmith.tasks.encoding import chunks, effective_limit, full_lengths
 from tunesmith.tasks.generation import NO_TOKEN, decode, generate_ids, generated_rows
 from tunesmith.tasks.losses import IGNORE, token_cross_entropy_sum
+from tunesmith.tasks.truncation import TruncationReport, lengths_cut
 
 if TYPE_CHECKING:
     from tunesmith.config.root import Config
@@ -149,6 +150,31 @@ class Seq2Seq(Seq2SeqSpec, Task):
                 )
         return features
 
+    def truncation(self, records: Sequence[Mapping[str, Any]], tokenizer: Any) -> TruncationReport:
+        """Targets against ``data.max_target_length``, sources against ``data.max_length``."""
+        d, eos = self.cfg.data, tokenizer.eos_token_id
+        limit, input_limit = (
+            effective_limit(tokenizer, n) for n in (d.max_target_length, d.max_length)
+        )
+        end = None if eos is None else tokenizer.convert_ids_to_tokens(eos)
+        report = TruncationReport("data.max_target_length", limit, end, input_limit=input_limit)
+        pairs = [r for r in records if r.get("target") is not None]
+        inputs = full_lengths(tokenizer, [r["text"] for r in pairs])
+        for chunk, ins in zip(chunks(pairs), chunks(inputs), strict=True):
+            targets = full_target_ids(tokenizer, [r["target"] for r in chunk])
+            for record, n_in, ids in zip(chunk, ins, targets, strict=True):
+                report.rows.append(
+                    lengths_cut(
+                        record["source"],
+                        len(ids),
+                        limit,
+                        inputs=n_in,
+                        input_limit=input_limit,
+                        has_end=eos is not None,
+                    )
+                )
+        return report
+
     # -- model --------------------------------------------------------------
     def auto_class(self) -> Any:
         from transformers import AutoModelForSeq2SeqLM
@@ -255,10 +281,21 @@ def target_ids(tokenizer: Any, targets: Sequence[str], max_length: int) -> list[
     only once the model emits it.
     """
     eos = tokenizer.eos_token_id
-    ids = tokenizer(text_target=list(targets), truncation=True, max_length=max_length)["input_ids"]
-    if eos is None:
-        return [list(row) for row in ids]
-    return [row if row and row[-1] == eos else [*row[: max_length - 1], eos] for row in ids]
+    return [fit_target(row, max_length, eos) for row in full_target_ids(tokenizer, targets)]
+
+
+def full_target_ids(tokenizer: Any, targets: Sequence[str]) -> list[list[int]]:
+    """Label ids of ``targets`` uncut, each ending in EOS (appended if the tokenizer adds none)."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(text_target=list(targets), verbose=False)["input_ids"]
+    return [list(row) if eos is None or (row and row[-1] == eos) else [*row, eos] for row in ids]
+
+
+def fit_target(row: list[int], max_length: int, eos: int | None) -> list[int]:
+    """``row`` cut to ``max_length``, its last kept token replaced by ``eos`` when cut."""
+    if len(row) <= max_length:
+        return row
+    return row[:max_length] if eos is None else [*row[: max_length - 1], eos]
 
 
 def shift_right(labels: torch.Tensor, start: int, pad: int) -> torch.Tensor:
