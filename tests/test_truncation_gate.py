@@ -136,7 +136,7 @@ def test_a_cut_end_of_turn_token_is_counted_apart_from_a_cut_answer(
     assert not row.cut and row.end_trained and whole.end_token == "<|im_end|>"
     # the limit ending right before <|im_end|> (+ its newline): the reply fits, its end does not
     tokenizer = load_tokenizer(str(tiny_llama))
-    _, labels = task.labelled_chat(chat, tokenizer, resolve_template(tokenizer, None))
+    _, labels = task.labelled_chat({"messages": chat}, tokenizer, resolve_template(tokenizer, None))
     end_at = max(i for i, t in enumerate(labels) if t != -100)
     _, cut = chat_report(tiny_llama, tmp_path / "b", [chat], max_length=end_at)
     (row,) = cut.rows
