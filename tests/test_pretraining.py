@@ -126,3 +126,14 @@ def test_a_pretraining_run_lowers_held_out_perplexity(tiny_llama, tmp_path, pack
     if packing == "none":  # raw text to continue: no chat template around it
         (out,) = predict(result.best_dir, texts=["hello world the"])
         assert out["text"] == "hello world the" and "<|im_start|>" not in out["generated"]
+
+
+def test_audit_of_raw_text_trains_every_token_and_cuts_nothing(tiny_llama, tmp_path, capsys):
+    from helpers import write_config
+    from tunesmith.cli import main
+
+    raw = cpt_config(tiny_llama, text_file(tmp_path), tmp_path / "o").model_dump(mode="json")
+    assert main(["data", "audit", str(write_config(tmp_path, raw))]) == 0
+    out = capsys.readouterr().out
+    assert "(100.0%)" in out and "pieces of documents split at data.max_length=48" in out
+    assert "cut at data.max_length" not in out

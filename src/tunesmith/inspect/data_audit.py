@@ -37,6 +37,8 @@ class AuditReport:
     trained_tokens: int = 0
     untrained_examples: int = 0
     at_max_length: int = 0
+    #: Raw-text documents: long ones are split into ``max_length`` pieces, never cut.
+    documents: bool = False
     max_length: int = 0
     samples: list[list[tuple[str, bool]]] = field(default_factory=list)
     #: The pre-flight gate's report of the training split (generative tasks), and the
@@ -79,6 +81,7 @@ def audit(cfg: Config, samples: int = 3, seed: int = 0) -> AuditReport:
             "(it applies to causal_lm, seq2seq and token_classification)"
         )
     report.examples = len(features)
+    report.documents = bool(splits.train) and "messages" not in splits.train[0]
     for f in features:
         trained = sum(lab != IGNORE for lab in f["labels"])
         report.tokens += len(f["input_ids"])
@@ -121,7 +124,12 @@ def render_audit(report: AuditReport, *, color: bool = False) -> str:
             f"trained tokens ({marker}): {report.trained_tokens:,} of {report.tokens:,} "
             f"({report.trained_fraction:.1%}) over {report.examples:,} training examples",
             f"examples with nothing to train: {report.untrained_examples:,}; "
-            f"cut at data.max_length={report.max_length}: {report.at_max_length:,}",
+            + (
+                f"pieces of documents split at data.max_length={report.max_length} "
+                f"(nothing is cut): {report.at_max_length:,}"
+                if report.documents
+                else f"cut at data.max_length={report.max_length}: {report.at_max_length:,}"
+            ),
         ]
     if report.truncation is not None:
         lines += ["-" * 54, *_gate_lines(report.truncation, report)]
