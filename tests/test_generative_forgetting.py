@@ -126,3 +126,12 @@ def test_reference_text_is_refused_where_it_cannot_apply(changes, match, tmp_pat
                 "forgetting": {"max_ppl_increase": 1.1},
             }
         )
+
+
+def test_compare_table_shows_the_perplexity_ratio_and_the_mark():
+    from tunesmith.studies.compare.table import _retention_text
+
+    report = {"retention": 0.8, "ppl_ratio": 1.25, "exceeded": True}
+    assert _retention_text(report) == "0.800 (ppl x1.250) PAST LIMIT"
+    assert _retention_text({"retention": 0.95}) == "0.950"
+    assert _retention_text({}) == "n/a (no reference)"
