@@ -49,6 +49,13 @@ class TaskConfig(Section):
     system_prompt: str | None = Field(
         None, description="causal_lm: system message put before every conversation."
     )
+    head_in_loss: bool = Field(
+        True,
+        description="causal_lm: apply the LM head inside the loss, to the labelled positions "
+        "only and a few hundred at a time, instead of building every position's logits "
+        "(same loss and gradients; less memory and compute). Falls back to the model's own "
+        "logits where the head is wrapped by an adapter or the logits are transformed.",
+    )
     # -- sequence_classification heads: single-label, multi-label, regression --
     problem_type: Literal["single_label", "multi_label", "regression"] = Field(
         "single_label",

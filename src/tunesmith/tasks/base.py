@@ -329,6 +329,14 @@ class Task(TaskSpec, ABC):
         """The part of a batch that goes into ``model(**inputs)``."""
         return {k: v for k, v in batch.items() if k not in ("labels", "index")}
 
+    def forward(self, model: torch.nn.Module, batch: Batch) -> Any:
+        """The outputs ``loss_sum`` and ``outputs_to_predictions`` read, for one batch.
+
+        The model's own outputs here; a task may skip what its loss does not
+        read (the causal LM applies its head to the labelled positions only).
+        """
+        return model(**self.model_inputs(batch))
+
     # -- state fitted on validation (multi-label thresholds) -----------------
     def calibrate(self, predictions: Mapping[str, torch.Tensor], labels: Sequence[str]) -> None:
         """Fit what the task tunes on validation outputs before scoring them (nothing here).

@@ -44,7 +44,9 @@ from tunesmith.tasks.chat_template import (
 )
 from tunesmith.tasks.encoding import effective_limit, full_lengths, require_fast_tokenizer
 from tunesmith.tasks.generation import generate_ids, generated_rows
+from tunesmith.tasks.lm_head import HiddenOutputs, forward_to_head
 from tunesmith.tasks.losses import IGNORE, shifted_token_cross_entropy_sum
+from tunesmith.tasks.losses.linear_ce import linear_cross_entropy_sum, linear_token_losses
 from tunesmith.tasks.truncation import TruncationReport, labels_cut
 
 log = logging.getLogger(__name__)
@@ -260,9 +262,22 @@ class CausalLM(CausalLMSpec, Task):
         """Tokens that are predicted: labelled ones after the first position."""
         return (batch["labels"][:, 1:] != IGNORE).sum()
 
+    def forward(self, model: torch.nn.Module, batch: Batch) -> Any:
+        """Scored batches stop before the LM head (``task.head_in_loss``): the loss applies it."""
+        if "labels" in batch and self.cfg.task.head_in_loss:
+            outputs = forward_to_head(model, self.model_inputs(batch))
+            if outputs is not None:
+                return outputs
+        return super().forward(model, batch)
+
     def loss_sum(self, outputs: Any, batch: Batch) -> torch.Tensor:
+        eps = self.cfg.task.label_smoothing
+        if isinstance(outputs, HiddenOutputs):
+            hidden, targets = _labelled_states(outputs.hidden, batch["labels"])
+            head = outputs.head
+            return linear_cross_entropy_sum(hidden, head.weight, head.bias, targets, eps)
         return shifted_token_cross_entropy_sum(
-            _text_logits(outputs, batch["labels"]), batch["labels"], self.cfg.task.label_smoothing
+            _text_logits(outputs, batch["labels"]), batch["labels"], eps
         )
 
     def outputs_to_predictions(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
@@ -270,13 +285,21 @@ class CausalLM(CausalLMSpec, Task):
         if "labels" not in batch:
             return {}
         labels = batch["labels"][:, 1:]
+        targets = (labels != IGNORE).sum(1)
+        if isinstance(outputs, HiddenOutputs):
+            hidden, wanted = _labelled_states(outputs.hidden, batch["labels"])
+            head = outputs.head
+            nll = linear_token_losses(hidden, head.weight, head.bias, wanted)
+            rows = (labels != IGNORE).nonzero()[:, 0]
+            per_row = torch.zeros(labels.shape[0], dtype=torch.float64, device=nll.device)
+            return {"nll_sum": per_row.index_add_(0, rows, nll.double()), "targets": targets}
         nll = F.cross_entropy(
             _text_logits(outputs, batch["labels"])[:, :-1].float().transpose(1, 2),
             labels,
             ignore_index=IGNORE,
             reduction="none",
         )
-        return {"nll_sum": nll.sum(1).double(), "targets": (labels != IGNORE).sum(1)}
+        return {"nll_sum": nll.sum(1).double(), "targets": targets}
 
     def compute_metrics(
         self, predictions: Mapping[str, torch.Tensor], labels: Sequence[str]
@@ -347,6 +370,20 @@ def left_aligned(
         ids[i, width - len(real) :] = real
         mask[i, width - len(real) :] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def _labelled_states(
+    hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The states of the positions whose next token is labelled, and those tokens.
+
+    Position t predicts label t + 1; extra leading positions (prompt tuning's
+    virtual tokens) are dropped as in ``_text_logits``.
+    """
+    extra = hidden.shape[1] - labels.shape[1]
+    hidden = hidden[:, extra:] if extra > 0 else hidden
+    mask = labels[:, 1:] != IGNORE
+    return hidden[:, :-1][mask], labels[:, 1:][mask]
 
 
 def _text_logits(outputs: Any, labels: torch.Tensor) -> torch.Tensor:

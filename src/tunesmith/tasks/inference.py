@@ -62,7 +62,7 @@ def predict_loader(
         batch = {k: v.to(device) for k, v in batch.items()}
         ctx = accelerator.autocast() if accelerator is not None else nullcontext()
         with ctx:
-            outputs = model(**task.model_inputs(batch))
+            outputs = task.forward(model, batch)
         labelled = "labels" in batch
         if labelled:
             loss_sum += float(task.loss_sum(outputs, batch))
