@@ -41,6 +41,8 @@ from tunesmith.methods.quantized_base import storage_bytes
 from tunesmith.models.loading import check_model_source, quiet_transformers
 from tunesmith.runs.parts import build_run_parts
 from tunesmith.tasks.base import get_task
+from tunesmith.training.activations import SavedActivations
+from tunesmith.training.allocator import return_freed_memory
 from tunesmith.training.loop import Trainer, accumulation_windows
 from tunesmith.training.monitor import MetricsLog, peak_rss_mb, rss_mb
 from tunesmith.training.parts import LoopCallbacks, LoopData
@@ -98,44 +100,9 @@ def tensor_bytes(tensors: Any) -> int:
     return sum(storage_bytes(t) for t in tensors)
 
 
-def _storages(tensor: torch.Tensor) -> list[tuple[int, int]]:
-    """``(data pointer, bytes)`` of the storages behind a tensor.
-
-    A tensor subclass (a QLoRA NF4/int8 weight) has none of its own: its inner tensors do.
-    """
-    flatten = getattr(tensor, "__tensor_flatten__", None)
-    if flatten is not None:
-        inner = [getattr(tensor, name) for name in flatten()[0]]
-        return [s for t in inner if isinstance(t, torch.Tensor) for s in _storages(t)]
-    storage = tensor.untyped_storage()
-    return [(storage.data_ptr(), storage.nbytes())]
-
-
 def optimizer_state_bytes(trainable: list[torch.nn.Parameter]) -> int:
     """AdamW's state: two moments like each parameter, one fp32 step per tensor."""
     return 2 * tensor_bytes(trainable) + 4 * len(trainable)
-
-
-class _SavedTensors:
-    """Counts the distinct storages autograd saves for backward (parameters excluded)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.skip = {ptr for p in model.parameters() for ptr, _ in _storages(p)}
-        self.seen: dict[int, int] = {}
-
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        for ptr, nbytes in _storages(tensor):
-            if ptr not in self.skip:
-                self.seen[ptr] = nbytes
-        return tensor
-
-    @property
-    def total(self) -> int:
-        return sum(self.seen.values())
-
-    @property
-    def largest(self) -> int:
-        return max(self.seen.values(), default=0)
 
 
 def estimate(cfg: Config, *, timed_steps: int = 3, progress: bool = False) -> Estimate:
@@ -148,6 +115,8 @@ def estimate(cfg: Config, *, timed_steps: int = 3, progress: bool = False) -> Es
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
+    if t.return_freed_memory:  # as ``train`` does: the measured peak is the run's
+        return_freed_memory()
     check_model_source(cfg.model.name_or_path, allow_unsafe_weights=cfg.model.allow_unsafe_weights)
     task = get_task(cfg)
     precision = resolve_precision(t.precision)
@@ -173,8 +142,7 @@ def estimate(cfg: Config, *, timed_steps: int = 3, progress: bool = False) -> Es
     cache = trainer.feature_cache
     windows = accumulation_windows(iter(trainer.loader), t.grad_accum)
     first = next(windows)  # the longest batch: the sampler puts it first
-    saved = _SavedTensors(trainer.plain_model)
-    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda x: x):
+    with SavedActivations(trainer.plain_model) as saved:
         trainer.train_step(first, account=False)
     longest = max(int(b["input_ids"].shape[-1]) for b in first)
     timed, tokens, steps = 0.0, 0, 0
