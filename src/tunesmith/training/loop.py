@@ -312,7 +312,7 @@ class Trainer:
                 nullcontext() if sync else acc.no_sync(self.model),
                 acc.autocast(),
             ):
-                outputs = self.model(**task.model_inputs(batch))
+                outputs = task.forward(self.model, batch)
                 part = task.loss_sum(outputs, batch)
                 loss = self.objective.batch_loss(part, outputs, batch) * scale
                 # Once per step, inside the step's gradient sync (see train/objective.py).
@@ -368,6 +368,7 @@ class Trainer:
         state.bad_steps = 0
         state.step += 1
         state.real_tokens += tokens
+        state.targets += stats.targets
         state.window.add_step(loss_value, stats.targets, tokens, stats.parts)
 
         # 5. Log: a train line every log_steps (and at the last step) with the

@@ -29,6 +29,8 @@ class LoopResult:
     epochs: float = 0.0
     train_seconds: float = 0.0
     real_tokens: int = 0
+    #: Targets of all taken steps (a causal LM's trained tokens).
+    targets: float = 0.0
     best_metric: float | None = None
     best_step: int | None = None
     stopped_early: bool = False
@@ -87,6 +89,7 @@ class TrainState:
         stopped_early: Early stopping ended the run.
         last_validation: Metrics of the last evaluation.
         real_tokens: Real (non-pad) training tokens of all taken steps.
+        targets: Targets (trained tokens, labels) of all taken steps.
         train_seconds: Training time (batching and steps, not evaluation).
         cache_seconds: Time spent building the feature cache (in ``train_seconds`` too).
     """
@@ -101,6 +104,7 @@ class TrainState:
     stopped_early: bool = False
     last_validation: dict[str, Any] = field(default_factory=dict)
     real_tokens: int = 0
+    targets: float = 0.0
     train_seconds: float = 0.0
     cache_seconds: float = 0.0
 
@@ -139,6 +143,7 @@ class TrainState:
             epochs=self.step / steps_per_epoch,
             train_seconds=self.train_seconds,
             real_tokens=self.real_tokens,
+            targets=self.targets,
             best_metric=self.stopper.best,
             best_step=self.stopper.best_step,
             stopped_early=self.stopped_early,
