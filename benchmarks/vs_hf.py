@@ -1,7 +1,8 @@
 """HF Trainer vs tunesmith, back to back on the offline demo assets (MiniLM-L6, Rotten Tomatoes).
 
 Three pairs (full fine-tuning, LoRA r=8 on query/value, top-2 blocks + head),
-each contender in its own process; prints the machine, a per-contender table
+each contender in its own process, HF Trainer twice (random and length-grouped
+batches); prints the machine, a per-contender table
 (train time, real tokens/s, samples/s, peak RSS, test accuracy, share of the
 fp32 matmul peak) and tunesmith/HF ratios. The logic lives in
 ``tunesmith.studies.bench`` (fairness rules and the FLOP formula are documented there).

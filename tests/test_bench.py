@@ -106,12 +106,15 @@ def test_smoke_run_of_the_orchestration(tmp_path: Path, capsys):
     assert entry["same_trainable_names"]
     assert entry["hf"]["trainable_parameters"] == entry["tunesmith"]["trainable_parameters"]
     keys = {"tokens_per_s", "train_seconds", "train_peak_rss_mb", "peak_rss_mb", "accuracy_points"}
-    assert set(entry["ratios"]) == keys
+    assert set(entry["ratios"]) == keys and set(entry["ratios_grouped"]) == keys
+    # HF at its best: the same rows in length-grouped batches carry less padding.
+    assert entry["hf_grouped"]["padded_tokens"] < entry["hf"]["padded_tokens"]
     assert entry["tunesmith"]["padded_tokens"] >= entry["expected_real_tokens"]
     assert json.loads(out.read_text())["pairs"]["top2"]["lr"] == PAIRS["top2"][1]
     assert entry["epochs"] == 1
     table = bench.format_tables(results)
     assert "| top2 | HF Trainer |" in table and "| top2 | tunesmith |" in table
+    assert "| top2 | HF Trainer, length-grouped | 1 |" in table
     assert "matmul peak" in capsys.readouterr().out
 
 

@@ -19,7 +19,8 @@ and thread count; no checkpoints and no evaluation while training (tunesmith
 evaluates validation once after training, outside its timer). Both must train
 exactly the same parameter names and see the same real tokens (both checked
 and shown). What is left is each tool's own recipe: HF pads random batches
-(``DataCollatorWithPadding``; ``--hf-group-by-length`` groups them too),
+(``DataCollatorWithPadding``), and HF runs a second time with length-grouped
+batches (``train_sampling_strategy="group_by_length"``, HF at its best),
 tunesmith groups batches by length (both padding shares are shown); HF warms
 up from LR 0, tunesmith from LR/warmup; the new classifier starts from HF's
 normal(0.02) vs tunesmith's Xavier init. Per pair HF runs first, then
@@ -38,6 +39,7 @@ and the optimizer are left out, so the fraction of matmul peak is a lower bound.
 """
 
 from tunesmith.studies.bench.contenders import (
+    BASELINES,
     CONTENDERS,
     PAIRS,
     RunSpec,
@@ -56,6 +58,7 @@ from tunesmith.studies.bench.orchestrate import add_rates, main, run_benchmark
 from tunesmith.studies.bench.report import format_tables
 
 __all__ = [
+    "BASELINES",
     "CONTENDERS",
     "PAIRS",
     "RunSpec",

@@ -11,8 +11,15 @@ from typing import Any
 from tunesmith.studies.bench.measure import matmul_peak_flops, read_jsonl
 from tunesmith.training.monitor import peak_rss_mb
 
-CONTENDERS = ("hf", "tunesmith")
-NAMES = {"hf": "HF Trainer", "tunesmith": "tunesmith"}
+#: HF Trainer twice: its default random batches, and length-grouped ones
+#: (``train_sampling_strategy="group_by_length"``), the comparison a careful user makes.
+CONTENDERS = ("hf", "hf_grouped", "tunesmith")
+BASELINES = ("hf", "hf_grouped")
+NAMES = {
+    "hf": "HF Trainer",
+    "hf_grouped": "HF Trainer, length-grouped",
+    "tunesmith": "tunesmith",
+}
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["query", "value"]}
 TOP_LAYERS = 2
 #: pair -> (tunesmith ``method`` section, default peak LR (adapters need larger ones),
@@ -45,7 +52,6 @@ class RunSpec:
     seed: int = 0
     threads: int | None = None
     run_dir: str = "runs/vs_hf/run"
-    hf_group_by_length: bool = False  # HF with length-grouped batches too (isolates padding)
     matmul_size: int = 2048  # of the square matrices timed for the fp32 matmul peak
 
 
@@ -119,7 +125,7 @@ def hf_training_args(spec: RunSpec) -> Any:
     kwargs |= dict(lr_scheduler_type="linear", optim=optim, use_cpu=True, bf16=False, fp16=False)
     kwargs |= dict(dataloader_num_workers=0, eval_strategy="no", save_strategy="no")
     kwargs |= dict(logging_strategy="no", report_to=[], disable_tqdm=True)
-    if spec.hf_group_by_length:  # named train_sampling_strategy since transformers 5
+    if spec.contender == "hf_grouped":  # named train_sampling_strategy since transformers 5
         kwargs |= dict(group_by_length=True, train_sampling_strategy="group_by_length")
     return TrainingArguments(**{k: v for k, v in kwargs.items() if k in fields})
 
@@ -223,7 +229,7 @@ def run_contender(spec: RunSpec) -> dict[str, Any]:
     start = time.perf_counter()
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    result = (run_hf if spec.contender == "hf" else run_tunesmith)(spec)
+    result = (run_hf if spec.contender in BASELINES else run_tunesmith)(spec)
     return {
         **result,
         "peak_rss_mb": round(peak_rss_mb(), 1),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.studies.bench.contenders import (
+    BASELINES,
     CONTENDERS,
     NAMES,
     PAIRS,
@@ -115,19 +116,25 @@ def run_child(kind: str, payload: dict[str, Any], stem: Path) -> dict[str, Any]:
 
 
 def add_rates(entry: dict[str, Any], peak: float) -> None:
-    """Per contender tokens/s, samples/s, FLOP/s and share of peak; per pair tunesmith/HF."""
-    for r in (entry[w] for w in CONTENDERS if "error" not in entry[w]):
+    """Per contender tokens/s, samples/s, FLOP/s and share of peak; per baseline tunesmith/HF.
+
+    ``ratios`` compare with HF's default random batches, ``ratios_grouped`` with
+    HF's length-grouped ones (empty where a side failed).
+    """
+    for r in (entry[w] for w in CONTENDERS if w in entry and "error" not in entry[w]):
         secs = r["train_seconds"]
         r["tokens_per_s"], r["samples_per_s"] = r["real_tokens"] / secs, r["samples"] / secs
         r["flops_per_s"] = entry["flops_per_token"] * r["real_tokens"] / secs
         r["peak_fraction"] = r["flops_per_s"] / peak
-    hf, ts = entry["hf"], entry["tunesmith"]
-    if "error" in hf or "error" in ts:
-        entry["ratios"] = {}
-        return
-    keys = ("tokens_per_s", "train_seconds", "train_peak_rss_mb", "peak_rss_mb")
-    entry["ratios"] = {k: ts[k] / hf[k] for k in keys}
-    entry["ratios"]["accuracy_points"] = 100 * (ts["test_accuracy"] - hf["test_accuracy"])
+    ts = entry["tunesmith"]
+    for baseline, key in zip(BASELINES, ("ratios", "ratios_grouped"), strict=True):
+        hf = entry.get(baseline, {"error": "not run"})
+        if "error" in hf or "error" in ts:
+            entry[key] = {}
+            continue
+        names = ("tokens_per_s", "train_seconds", "train_peak_rss_mb", "peak_rss_mb")
+        entry[key] = {k: ts[k] / hf[k] for k in names}
+        entry[key]["accuracy_points"] = 100 * (ts["test_accuracy"] - hf["test_accuracy"])
 
 
 def run_benchmark(
@@ -206,9 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("runs/vs_hf"), help="run folders")
     p.add_argument("--out", type=Path, help="results JSON (default: WORK/results.json)")
     p.add_argument("--quick", action="store_true", help="smoke run: 200 train, 200 eval rows")
-    p.add_argument(
-        "--hf-group-by-length", action="store_true", help="HF batches grouped by length too"
-    )
     p.add_argument("--child", nargs=3, metavar=("KIND", "SPEC", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:  # one step of run_benchmark, in its own process
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = demo_settings("unused")  # the demo's model, data, labels and max_length
     rows, cap = (200, 200) if args.quick else (args.rows, None)
     settings = dict(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
-    settings |= dict(hf_group_by_length=args.hf_group_by_length, matmul_size=args.matmul_size)
+    settings |= dict(matmul_size=args.matmul_size)
     opts = dict(rows=rows, eval_cap=cap, lr=args.lr, threads=args.threads, **settings)
     out = args.out or args.work / "results.json"
     model = demo["model"]["name_or_path"]
