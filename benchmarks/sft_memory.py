@@ -126,9 +126,11 @@ def measure(cfg: Config, steps: int) -> dict[str, Any]:
     report["grads_mib"] = round(tensor_mib(p.grad for p in trained if p.grad is not None), 2)
     report["optimizer_state_mib"] = round(tensor_mib(optimizer_state(trainer.optimizer)), 2)
     with PeakMemory() as peak:
+        start = time.perf_counter()
         for _ in range(steps):
             trainer.train_step(next(windows), account=False)
-    report["later_steps"] = peak.reading.__dict__
+        later_s = (time.perf_counter() - start) / max(steps, 1)
+    report["later_steps"] = {**peak.reading.__dict__, "seconds_per_step": round(later_s, 2)}
     gc.collect()
     live, rss = live_tensor_mib(), rss_mb()
     report["after_steps"] = {"rss_mib": round(rss), "live_tensors_mib": round(live)}
@@ -151,10 +153,11 @@ def print_table(r: dict[str, Any]) -> None:
     print("| part | MiB |\n|---|---|")
     for name, mib in rows:
         print(f"| {name} | {mib:,.1f} |")
-    print("\n| phase | peak RSS MiB | added MiB |\n|---|---|---|")
+    print("\n| phase | peak RSS MiB | added MiB | seconds |\n|---|---|---|---|")
     for phase in ("setup", "validation_pass", "first_step", "later_steps"):
         p = r[phase]
-        print(f"| {phase} | {p['peak_mb']:,.0f} | {p['added_mb']:,.0f} |")
+        secs = p.get("seconds", p.get("seconds_per_step", ""))
+        print(f"| {phase} | {p['peak_mb']:,.0f} | {p['added_mb']:,.0f} | {secs} |")
     a = r["after_steps"]
     print(
         f"\nafter the steps: RSS {a['rss_mib']:,} MiB, live tensors {a['live_tensors_mib']:,} MiB,"
