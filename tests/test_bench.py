@@ -107,8 +107,9 @@ def test_smoke_run_of_the_orchestration(tmp_path: Path, capsys):
     assert entry["hf"]["trainable_parameters"] == entry["tunesmith"]["trainable_parameters"]
     keys = {"tokens_per_s", "train_seconds", "train_peak_rss_mb", "peak_rss_mb", "accuracy_points"}
     assert set(entry["ratios"]) == keys and set(entry["ratios_grouped"]) == keys
-    # HF at its best: the same rows in length-grouped batches carry less padding.
-    assert entry["hf_grouped"]["padded_tokens"] < entry["hf"]["padded_tokens"]
+    # HF at its best: never more padding (HF's window is one batch on data this small:
+    # at least 4 windows per epoch, so here the batches are only reordered).
+    assert entry["hf_grouped"]["padded_tokens"] <= entry["hf"]["padded_tokens"]
     assert entry["tunesmith"]["padded_tokens"] >= entry["expected_real_tokens"]
     assert json.loads(out.read_text())["pairs"]["top2"]["lr"] == PAIRS["top2"][1]
     assert entry["epochs"] == 1
@@ -132,7 +133,7 @@ def test_tables_show_failures_without_claiming_a_match():
         in table
     )
     assert "| lora | tunesmith | failed: boom |" in table
-    assert "| lora | 1 | 0.001 | - | - | - | - | yes | - |" in table
+    assert "| lora | HF Trainer | 1 | 0.001 | - | - | - | - | yes | - |" in table
 
 
 def test_unknown_pair_is_rejected(capsys):
