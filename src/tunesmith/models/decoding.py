@@ -41,7 +41,8 @@ class GeneratorOptions:
         last_logits_only: Run the LM head on the last prompt position only.
         prefill_chunk: Prefill in chunks of this many positions (None: one pass).
         max_batch_rows: Decode at most this many rows (completions) at once; more
-            requests are served in consecutive batches (None: all at once).
+            requests are served in consecutive batches (None: all at once). The
+            ``n`` rows of one request always share a batch.
     """
 
     kv_cache: CacheKind = "preallocated"

@@ -37,6 +37,7 @@ from tunesmith.models.completions import (
     CompletionState,
     GenerationRequest,
     GenerationResult,
+    chat_prompt_ids,
     check_request,
     encode_prompt,
 )
@@ -50,7 +51,17 @@ from tunesmith.models.decoding import (
 )
 from tunesmith.models.sampling import Sampler
 
-__all__ = ["GenerationStats", "Generator", "GeneratorOptions", "eos_token_ids"]
+#: One import for users: the generator and what goes in and comes out.
+__all__ = [
+    "Completion",
+    "GenerationRequest",
+    "GenerationResult",
+    "GenerationStats",
+    "Generator",
+    "GeneratorOptions",
+    "chat_prompt_ids",
+    "eos_token_ids",
+]
 
 
 class Generator:
