@@ -8,10 +8,12 @@ wrong position id or a misplaced cache row go unnoticed.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
@@ -22,6 +24,7 @@ from transformers.generation.logits_process import (
 from chat_fixtures import build_tiny_llama
 from tunesmith.errors import GenerationError
 from tunesmith.models.completions import GenerationRequest
+from tunesmith.models.decoding import accepts_logits_to_keep
 from tunesmith.models.generator import Generator, GeneratorOptions
 from tunesmith.models.sampling import filter_logits
 
@@ -102,6 +105,20 @@ def test_greedy_equals_generate_with_per_request_budgets(lm, options):
     assert token_ids(results) == [row[:b] for row, b in zip(reference, BUDGETS, strict=True)]
     assert [r.completions[0].finish_reason for r in results] == ["length"] * len(TEXTS)
     assert len(set(map(tuple, token_ids(results)))) == len(TEXTS)  # not one token repeated
+
+
+def test_a_lora_wrapped_model_generates_like_its_generate(lm):
+    model, tokenizer = lm
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    wrapped = get_peft_model(copy.deepcopy(model), lora).eval()
+    assert accepts_logits_to_keep(wrapped)  # the wrapper passes it on to the Llama
+    prompts = prompt_ids(tokenizer)
+    reference = hf_greedy(wrapped, tokenizer, prompts, 8)
+    results = Generator(wrapped, tokenizer).generate(
+        [GenerationRequest(p, max_new_tokens=8) for p in prompts]
+    )
+    assert token_ids(results) == reference
+    assert reference != hf_greedy(model, tokenizer, prompts, 8)  # the adapter changes the output
 
 
 def test_text_prompts_are_tokenized_as_given(lm):

@@ -128,7 +128,7 @@ class ModelRunner:
         self.model = model
         self.options = options
         self.stats = GenerationStats()
-        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._keeps_logits = accepts_logits_to_keep(model)
         self._compiled: Any = None
         self._compiled_shapes: set[tuple[int, ...]] = set()
         self._static_caches: dict[tuple[int, int], Any] = {}
@@ -262,6 +262,20 @@ class BatchDecoder:
         self.cache.batch_select_indices(rows)
         self.mask = self.mask[rows]
         self.next_positions = self.next_positions[rows]
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether ``model`` can run its LM head on the last positions only (``logits_to_keep``).
+
+    A wrapper such as a peft model takes ``**kwargs`` and hands them to the
+    model it wraps, so the wrapped model's signature decides.
+    """
+    parameters = inspect.signature(model.forward).parameters
+    if "logits_to_keep" in parameters:
+        return True
+    passes_on = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    base = model.get_base_model() if hasattr(model, "get_base_model") else None
+    return passes_on and base is not None and base is not model and accepts_logits_to_keep(base)
 
 
 def static_capacity(capacity: int) -> int:
