@@ -47,6 +47,19 @@ VARIANTS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for this module's tests, the count restored after them.
+
+    A model this small gains nothing from more, and on a busy machine the
+    threads waiting on each other made a test 100 times slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory: pytest.TempPathFactory) -> tuple[LlamaForCausalLM, object]:
     """A random Llama whose greedy continuations vary, and its tokenizer (left padding)."""
