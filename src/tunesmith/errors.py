@@ -36,6 +36,13 @@ class AssetError(TunesmithError):
     """An offline demo asset (model or data package) is not installed."""
 
 
+class GenerationError(TunesmithError):
+    """A generation request cannot be served (bad sampling settings, prompt too long).
+
+    Its own class so a server can answer it as the client's mistake, not its own.
+    """
+
+
 class TrainingDiverged(TunesmithError):
     """Loss or gradients stayed non-finite for several steps and the run was stopped.
 
