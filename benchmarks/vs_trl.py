@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from tunesmith.studies.bench.orchestrate import run_child
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"sft": ROOT / "examples" / "sft_smollm2.yaml"}
@@ -27,17 +28,7 @@ CONTENDERS = ("trl", "tunesmith")
 
 def child(kind: str, spec: dict[str, Any], stem: Path) -> dict[str, Any]:
     """Run ``prepare`` or one contender in a fresh process (the parent never loads torch)."""
-    spec_path, out_path, log_path = (Path(f"{stem}{s}") for s in (".spec.json", ".json", ".log"))
-    spec_path.write_text(json.dumps(spec, indent=1))
-    out_path.unlink(missing_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, __file__, "--child", kind, str(spec_path), str(out_path)]
-    with open(log_path, "w", encoding="utf-8") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-    if code != 0 or not out_path.is_file():
-        lines = log_path.read_text(encoding="utf-8").strip().splitlines()
-        return {"error": lines[-1] if lines else f"exit code {code}", "log": str(log_path)}
-    return json.loads(out_path.read_text())
+    return run_child(kind, spec, stem, entry=[sys.executable, __file__])
 
 
 def run_child_here(kind: str, spec_path: str, out_path: str) -> None:

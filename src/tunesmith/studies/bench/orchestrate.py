@@ -99,14 +99,21 @@ def pair_epochs(pair: str, epochs: int) -> int:
     return PAIRS[pair][2] or epochs
 
 
-def run_child(kind: str, payload: dict[str, Any], stem: Path) -> dict[str, Any]:
-    """Run ``prepare`` or one contender in a fresh Python process; the result comes back as JSON."""
+def run_child(
+    kind: str, payload: dict[str, Any], stem: Path, entry: list[str] | None = None
+) -> dict[str, Any]:
+    """Run ``prepare`` or one contender in a fresh Python process; the result comes back as JSON.
+
+    ``entry`` is the program whose ``--child KIND SPEC OUT`` runs it (default: this
+    benchmark's module; ``benchmarks/vs_trl.py`` passes itself).
+    """
     spec_path, result_path, log_path = (Path(f"{stem}{s}") for s in (".spec.json", ".json", ".log"))
     spec_path.write_text(json.dumps(payload, indent=1))
     result_path.unlink(missing_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     paths = (spec_path, result_path)
-    cmd = [sys.executable, "-m", "tunesmith.studies.bench", "--child", kind, *map(str, paths)]
+    entry = entry or [sys.executable, "-m", "tunesmith.studies.bench"]
+    cmd = [*entry, "--child", kind, *map(str, paths)]
     with open(log_path, "w", encoding="utf-8") as log:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0 or not result_path.is_file():
