@@ -81,6 +81,9 @@ def test_grouped_padding_replays_the_sampler():
     assert exact == padded_tokens(EpochSampler(lengths, 2, window=4).order(), lengths, 2)
     shuffled = padded_tokens(EpochSampler(lengths, 2, group_by_length=False).order(), lengths, 2)
     assert exact < shuffled
+    # Labels that follow the length turn the run's grouping off: random batches' padding.
+    labels = ["long" if n > 5 else "short" for n in lengths]
+    assert bench.grouped_padded_tokens(lengths, 2, seed=0, epochs=1, labels=labels) == shuffled
 
 
 def test_matmul_peak_is_a_rate(one_thread):
