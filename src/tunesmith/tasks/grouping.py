@@ -90,10 +90,9 @@ def choose_window(
     narrowest = grouped_label_spread(per_length, batch_size, max(window, 2))
     why = f"in {size}-batch windows, {_spread(spread, batch_size, 'would be')}"
     if window == 1:
+        still = f"; in 2-batch windows still {narrowest:.2f}x" if size > 2 else ""
         return WindowChoice(
-            1,
-            "length grouping off, random batches: text length predicts the label "
-            f"({why}; in 2-batch windows still {narrowest:.2f}x)",
+            1, f"length grouping off, random batches: text length predicts the label ({why}{still})"
         )
     return WindowChoice(
         window,
