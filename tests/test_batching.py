@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from tunesmith.data.batching import Collator, EpochSampler
+from tunesmith.data.batching import Collator, EpochSampler, window_batches
 
 
 def test_collator_pads_to_longest_in_batch_only():
@@ -62,10 +62,28 @@ def test_sampler_is_seeded_per_epoch():
 
 def test_partial_batch_is_last():
     lengths = [random.Random(i).randint(1, 50) for i in range(50)]
-    order = EpochSampler(lengths, 16, seed=0).order()
+    order = EpochSampler(lengths, 16, seed=0, window=4).order()  # one window: the whole epoch
     assert len(order) == 50
     # Batches 0..2 are full, sorted within; the 2 leftover items come last.
     for start in (0, 16, 32):
         chunk = [lengths[i] for i in order[start : start + 16]]
         assert chunk == sorted(chunk, reverse=True)
     assert torch.tensor(order).unique().numel() == 50
+
+
+def test_size_rule():
+    assert window_batches(10_202, 16) == 50  # the demo's training set: unchanged
+    assert window_batches(800, 16) == 12  # four windows of 12 batches, not one of 50
+    assert window_batches(4 * 16 * 3, 16) == 3
+    assert window_batches(127, 16) == 1  # under 8 batches: random batches
+    assert EpochSampler(list(range(800)), 16).window == 12
+
+
+def test_window_of_one_batch_is_random_batches():
+    lengths = [random.Random(i).randint(5, 64) for i in range(500)]
+    random_order = EpochSampler(lengths, 16, group_by_length=False, seed=2).order()
+    assert EpochSampler(lengths, 16, seed=2, window=1).order() == random_order
+    assert (
+        EpochSampler(lengths[:100], 16, seed=2).order()
+        == EpochSampler(lengths[:100], 16, group_by_length=False, seed=2).order()
+    )

@@ -74,9 +74,16 @@ def test_flops_per_token_formula(bert4: Path, one_thread):
 
 
 def test_grouped_padding_replays_the_sampler():
-    lengths = [1, 9, 2, 8, 3, 7, 4, 6]
+    from tunesmith.data.batching import EpochSampler, padded_tokens
+
+    lengths = [1, 9, 2, 8, 3, 7, 4, 6] * 4  # 16 batches of 2: windows of 4 batches
     exact = bench.grouped_padded_tokens(lengths, 2, seed=0, epochs=1)
-    assert exact == 2 * (9 + 7 + 4 + 2)  # one mega-batch: pairs sorted by length
+    assert exact == padded_tokens(EpochSampler(lengths, 2, window=4).order(), lengths, 2)
+    shuffled = padded_tokens(EpochSampler(lengths, 2, group_by_length=False).order(), lengths, 2)
+    assert exact < shuffled
+    # Labels that follow the length turn the run's grouping off: random batches' padding.
+    labels = ["long" if n > 5 else "short" for n in lengths]
+    assert bench.grouped_padded_tokens(lengths, 2, seed=0, epochs=1, labels=labels) == shuffled
 
 
 def test_matmul_peak_is_a_rate(one_thread):

@@ -149,6 +149,15 @@ class DataConfig(Section):
         description="Training-data augmentation (training split only, seeded).",
     )
     group_by_length: bool = Field(True, description="Batch similar lengths: less padding.")
+    length_window: int | None = Field(
+        None,
+        gt=0,
+        description="group_by_length: batches per sorting window (each window of examples is "
+        "sorted by length and cut into batches; 1 is random batches). null: chosen per run: "
+        "at most 50 and at most a quarter of the epoch, and smaller, down to random batches, "
+        "where text length predicts the label (single-label classification; the log says "
+        "which and why).",
+    )
     padding_free: bool = Field(
         False,
         description="causal_lm: train on packed rows (a batch's examples concatenated, "

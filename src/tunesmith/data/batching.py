@@ -83,17 +83,48 @@ class Collator:
         return out
 
 
+#: Most batches sorted together. The padding saved grows slowly beyond this:
+#: on the demo reviews (batch 16) windows of 12, 25 and 50 batches remove 81%,
+#: 91% and 95% of random batches' padding.
+MAX_WINDOW_BATCHES = 50
+#: Fewest windows per epoch. With one window covering the epoch, an example's
+#: batch-mates are the same length-neighbours every epoch; with four they come
+#: from a random quarter of the data each time. Four rather than more because
+#: the padding saved depends on the batches per window alone: 800 demo reviews
+#: in four windows of 12 batches keep 84% of the saving of one 50-batch window,
+#: in eight windows of 6 batches 70%.
+MIN_WINDOWS = 4
+
+
+def window_batches(examples: int, batch_size: int) -> int:
+    """Batches per sorting window for an epoch of ``examples``: the size rule.
+
+    At most ``MAX_WINDOW_BATCHES`` and at most a ``MIN_WINDOWS``-th of the
+    epoch; 1 (random batches) where the epoch has fewer than
+    ``2 * MIN_WINDOWS`` batches, too few to group without fixing them.
+    """
+    return max(1, min(MAX_WINDOW_BATCHES, examples // (MIN_WINDOWS * batch_size)))
+
+
 class EpochSampler(Sampler[int]):
     """Seeded per-epoch order; optionally groups similar lengths into batches.
 
-    With ``group_by_length`` the epoch's permutation is cut into mega-batches
-    of ``mega_factor * batch_size`` items, each sorted by length and cut into
-    batches, and the batch order is then shuffled, so batches stay random but
-    nearly padding-free. The longest batch is placed first so that a run that
-    does not fit in memory fails at once instead of hours in.
+    With ``group_by_length`` the epoch's permutation is cut into windows of
+    ``window * batch_size`` items, each sorted by length and cut into batches,
+    and the batch order is then shuffled, so batches stay random but nearly
+    padding-free. The longest batch is placed first so that a run that does
+    not fit in memory fails at once instead of hours in. A window of one batch
+    is random batches (the order ``group_by_length=False`` gives).
 
     The order depends only on ``seed`` and the epoch set by ``set_epoch``, so a
     run is reproducible and a resumed run can skip to its position.
+
+    Args:
+        lengths: Token length of every example.
+        batch_size: Examples per batch.
+        group_by_length: Sort windows by length (False: random batches).
+        seed: The run's seed.
+        window: Batches per sorting window; None: ``window_batches`` of the data size.
     """
 
     def __init__(
@@ -103,13 +134,15 @@ class EpochSampler(Sampler[int]):
         *,
         group_by_length: bool = True,
         seed: int = 0,
-        mega_factor: int = 50,
+        window: int | None = None,
     ) -> None:
         self.lengths = list(lengths)
         self.batch_size = batch_size
-        self.group_by_length = group_by_length
         self.seed = seed
-        self.mega_factor = mega_factor
+        self.window = window_batches(len(self.lengths), batch_size) if window is None else window
+        if self.window < 1:
+            raise ValueError(f"window must be at least 1 batch, got {self.window}")
+        self.group_by_length = group_by_length and self.window > 1
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -129,7 +162,7 @@ class EpochSampler(Sampler[int]):
         rng.shuffle(perm)
         if not self.group_by_length:
             return perm
-        mega = self.batch_size * self.mega_factor
+        mega = self.batch_size * self.window
         batches: list[list[int]] = []
         for start in range(0, len(perm), mega):
             chunk = sorted(perm[start : start + mega], key=lambda i: -self.lengths[i])

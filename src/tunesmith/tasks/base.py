@@ -12,6 +12,7 @@ inherits from it, and each task registered here has a spec of the same name.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from tunesmith.errors import DataError
 from tunesmith.models.dropout import configured_dropout
 from tunesmith.models.loading import load_pretrained
 from tunesmith.tasks.encoding import effective_limit, full_lengths
+from tunesmith.tasks.grouping import choose_window
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
     from tunesmith.config.root import Config
     from tunesmith.data.cleaning import CleaningReport, FileReport
     from tunesmith.tasks.truncation import TruncationReport
+
+log = logging.getLogger(__name__)
 
 Feature = dict[str, Any]
 Batch = dict[str, torch.Tensor]
@@ -365,7 +369,22 @@ class Task(TaskSpec, ABC):
         """
 
         lengths = [self.feature_length(f) for f in features]
-        return EpochSampler(lengths, batch_size, group_by_length=group_by_length, seed=seed)
+        if not group_by_length:
+            return EpochSampler(lengths, batch_size, group_by_length=False, seed=seed)
+        choice = choose_window(
+            lengths, self.grouping_labels(features), batch_size, self.cfg.data.length_window
+        )
+        log.log(logging.WARNING if choice.warn else logging.INFO, "%s", choice.message)
+        return EpochSampler(lengths, batch_size, seed=seed, window=choice.window)
+
+    def grouping_labels(self, features: Sequence[Feature]) -> list[int] | None:
+        """The class of every training example, for length grouping's label check.
+
+        None (here) skips the check: the task has no single class per example.
+        Tasks that have one return it, so a run whose text length predicts the
+        label gets smaller sorting windows or random batches (``tasks/grouping.py``).
+        """
+        return None
 
     def prediction_parts(self, dataset: Any) -> list[tuple[str, Task, list[int], float]] | None:
         """How a task made of sub-tasks splits a data set for prediction (None: it does not).

@@ -135,6 +135,12 @@ class SequenceClassification(SequenceClassificationSpec, ProblemHeads, ClassLoss
             )
         return features
 
+    def grouping_labels(self, features: Sequence[Feature]) -> list[int] | None:
+        """Single-label examples' class ids; multi-label and regression targets skip the check."""
+        if self.problem_type != "single_label":
+            return None
+        return [int(f["labels"]) for f in features]
+
     # -- model --------------------------------------------------------------
     def auto_class(self) -> Any:
         from transformers import AutoModelForSequenceClassification

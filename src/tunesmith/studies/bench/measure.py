@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Hashable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,23 @@ def matmul_peak_flops(n: int = 2048, reps: int = 5, threads: int | None = None) 
     return 2 * n**3 / best
 
 
-def grouped_padded_tokens(lengths: list[int], batch_size: int, seed: int, epochs: int) -> int:
-    """Padded tokens of tunesmith's length-grouped batches (its sampler's order, replayed)."""
-    from tunesmith.data.batching import EpochSampler, padded_tokens
+def grouped_padded_tokens(
+    lengths: list[int],
+    batch_size: int,
+    seed: int,
+    epochs: int,
+    labels: list[Hashable] | None = None,
+) -> int:
+    """Padded tokens of tunesmith's length-grouped batches (its sampler's order, replayed).
 
-    sampler, total = EpochSampler(lengths, batch_size, seed=seed), 0
+    ``labels`` are the training labels: with them the window is the one a
+    classification run chooses after its label check, not the size rule alone.
+    """
+    from tunesmith.data.batching import EpochSampler, padded_tokens
+    from tunesmith.tasks.grouping import choose_window
+
+    window = choose_window(lengths, labels, batch_size).window
+    sampler, total = EpochSampler(lengths, batch_size, seed=seed, window=window), 0
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
         total += padded_tokens(sampler.order(), lengths, batch_size)

@@ -66,7 +66,8 @@ def prepare(
         lines = [json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in recs]
         (out / f"{name}.jsonl").write_text("".join(lines), encoding="utf-8")
         files[name], counts[name] = str(out / f"{name}.jsonl"), len(recs)
-    texts = [r["text"] for r in read_jsonl(files["train"])]
+    train_rows = read_jsonl(files["train"])
+    texts, labels = [r["text"] for r in train_rows], [r["label"] for r in train_rows]
     enc = load_tokenizer(model)(texts, truncation=True, max_length=cfg.data.max_length)
     lengths = [len(ids) for ids in enc["input_ids"]]
     spec = RunSpec("hf", "full", model, files, list(splits.labels), 1e-3, **base)
@@ -81,7 +82,7 @@ def prepare(
             "flops_per_token": flops_per_token(hf_side),
             "expected_real_tokens": sum(lengths) * epochs,
             "tunesmith_padded_tokens": grouped_padded_tokens(
-                lengths, spec.batch_size, seed, epochs
+                lengths, spec.batch_size, seed, epochs, labels
             ),
         }
     return {
