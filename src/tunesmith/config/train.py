@@ -44,11 +44,11 @@ class TrainConfig(Section):
     )
     num_threads: int | None = Field(None, gt=0, description="Torch CPU threads; null: default.")
     return_freed_memory: bool = Field(
-        True,
-        description="Linux/glibc: tensors of 128 KiB and more get their own pages and go back "
-        "to the system when freed, so the process's memory follows its live tensors (an SFT "
-        "step of SmolLM2 peaked ~1 GB lower); false: glibc's default, which keeps freed "
-        "activations resident.",
+        False,
+        description="Linux/glibc: after every optimizer step, hand the malloc heap's free pages "
+        "back to the system (malloc_trim), so the process's memory follows its live tensors: "
+        "an SFT run of SmolLM2 + LoRA peaked 1.0 GB lower (4.5 -> 3.5 GB) at 0.78x the speed; "
+        "false: glibc's default, which keeps freed activations resident.",
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, ~30% slower."

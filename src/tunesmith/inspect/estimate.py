@@ -42,7 +42,6 @@ from tunesmith.models.loading import check_model_source, quiet_transformers
 from tunesmith.runs.parts import build_run_parts
 from tunesmith.tasks.base import get_task
 from tunesmith.training.activations import SavedActivations
-from tunesmith.training.allocator import return_freed_memory
 from tunesmith.training.loop import Trainer, accumulation_windows
 from tunesmith.training.monitor import MetricsLog, peak_rss_mb, rss_mb
 from tunesmith.training.parts import LoopCallbacks, LoopData
@@ -115,8 +114,6 @@ def estimate(cfg: Config, *, timed_steps: int = 3, progress: bool = False) -> Es
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    if t.return_freed_memory:  # as ``train`` does: the measured peak is the run's
-        return_freed_memory()
     check_model_source(cfg.model.name_or_path, allow_unsafe_weights=cfg.model.allow_unsafe_weights)
     task = get_task(cfg)
     precision = resolve_precision(t.precision)

@@ -39,7 +39,6 @@ from tunesmith.runs.extras import RunExtras, build_extras
 from tunesmith.runs.parts import build_run_parts
 from tunesmith.runs.predict import evaluate
 from tunesmith.tasks.base import DataSplits, Task, get_task
-from tunesmith.training.allocator import return_freed_memory
 from tunesmith.training.interrupt import GracefulInterrupt
 from tunesmith.training.loop import LoopResult, Trainer
 from tunesmith.training.monitor import MetricsLog
@@ -157,8 +156,6 @@ def setup(
         check_tensorboard()
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    if t.return_freed_memory:
-        return_freed_memory()
     task = get_task(cfg)
     _check_metric(cfg, task)
     check_model_source(cfg.model.name_or_path, allow_unsafe_weights=cfg.model.allow_unsafe_weights)

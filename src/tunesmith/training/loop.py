@@ -42,6 +42,7 @@ from tunesmith.models.loading import enable_gradient_checkpointing
 from tunesmith.objectives.objective import Objective
 from tunesmith.tasks.base import Batch, Task
 from tunesmith.tasks.inference import evaluate_dataset
+from tunesmith.training.allocator import release_after_steps
 from tunesmith.training.early_stop import EarlyStopping
 from tunesmith.training.feature_cache import plan_cache
 from tunesmith.training.monitor import peak_rss_mb
@@ -187,6 +188,8 @@ class Trainer:
         hooks (run before ``callbacks.hooks``) and LR factors the schedule.
         """
         optimizer = build_optimizer(method.param_groups(model), cfg.optim)
+        if cfg.train.return_freed_memory:
+            release_after_steps(optimizer)
         grad_groups = method.layer_groups(model)
         hooks = [*method.hooks(), *callbacks.hooks]
         optimization = Optimization(
