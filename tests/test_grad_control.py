@@ -18,6 +18,7 @@ from tunesmith.config.root import Config
 from tunesmith.errors import TrainingDiverged
 from tunesmith.training.loop import Trainer
 from tunesmith.training.monitor import read_metrics
+from tunesmith.training.step import clip_to
 
 GROUPS = ["embeddings", "block.0", "block.1", "head"]
 #: A weight of block.1 of the tiny BERT classifier.
@@ -147,6 +148,32 @@ def test_per_group_clipping_leaves_small_groups_alone(tiny_bert, features, tmp_p
     before, after, _, stepped = _norms_at_step(trainer, features)
     assert stepped
     assert after == pytest.approx(before, rel=1e-6)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1.0, 1.5, 2.0, 4.0])
+def test_clip_to_equals_torch_clipping_bit_for_bit(max_norm):
+    """Skipping the multiply by a coefficient clamped at 1 gives torch's exact gradients."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=gen) * 0.1 for n in (7, 33, 130)]  # norm ~1.3
+    ours, theirs = ([torch.nn.Parameter(torch.zeros_like(g)) for g in grads] for _ in range(2))
+    for a, b, g in zip(ours, theirs, grads, strict=True):
+        a.grad, b.grad = g.clone(), g.clone()
+    norm = float(torch.nn.utils.get_total_norm(grads))
+    torch.nn.utils.clip_grads_with_norm_(theirs, max_norm, torch.tensor(norm))
+    assert clip_to(ours, max_norm, norm) == (norm + 1e-6 > max_norm)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_clip_to_skips_the_pass_when_nothing_is_clipped(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", lambda *a: calls.append(a))
+    param = torch.nn.Parameter(torch.zeros(3))
+    param.grad = torch.ones(3)
+    assert not clip_to([param], 1.0, 0.5)
+    assert calls == []
+    assert clip_to([param], 1.0, 2.0)
+    assert len(calls) == 1
 
 
 # -- the non-finite guard ------------------------------------------------------------------

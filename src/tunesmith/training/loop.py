@@ -53,6 +53,7 @@ from tunesmith.training.state import LogWindow, LoopResult, TrainState
 from tunesmith.training.step import (
     StepStats,
     accumulation_windows,
+    clip_to,
     describe_non_finite,
     short_metrics,
     train_record,
@@ -461,10 +462,10 @@ class Trainer:
         if self.cfg.optim.clip_mode == "per_group":
             for name, norm in norms.items():
                 params = [p for p in self.grad_groups[name] if p.grad is not None]
-                torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm))
+                clip_to(params, max_norm, norm)
         else:
             params = [p for ps in self.grad_groups.values() for p in ps if p.grad is not None]
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(total))
+            clip_to(params, max_norm, total)
 
     def weights_finite(self) -> bool:
         """Whether every trained weight is finite (checked before anything is saved)."""
