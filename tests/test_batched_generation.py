@@ -41,6 +41,7 @@ VARIANTS = {
     "no compaction": GeneratorOptions(compaction=False),
     "dynamic cache": GeneratorOptions(kv_cache="dynamic"),
     "static cache": GeneratorOptions(kv_cache="static"),
+    "compiled decode step": GeneratorOptions(kv_cache="static", compile=True),
     "chunked prefill": GeneratorOptions(prefill_chunk=3),
     "all prefill logits": GeneratorOptions(last_logits_only=False),
     "two rows a batch": GeneratorOptions(max_batch_rows=2),

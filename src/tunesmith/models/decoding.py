@@ -155,15 +155,7 @@ class ModelRunner:
         kwargs: dict[str, Any] = {}
         if self._keeps_logits:
             kwargs["logits_to_keep"] = 1 if self.options.last_logits_only else 0
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            **kwargs,
-        )
-        return out.logits[:, -1].float()
+        return _last_logits(self.model, ids, mask, positions, cache, **kwargs)
 
     def compiled_step(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
@@ -186,19 +178,32 @@ class ModelRunner:
             position_ids=positions,
         )
         started = time.perf_counter()
-        out = self._compiled(
-            input_ids=ids,
-            attention_mask=mask4d,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        logits = _last_logits(self._compiled, ids, mask4d, positions, cache, logits_to_keep=1)
         if tuple(ids.shape) not in self._compiled_shapes:
             self._compiled_shapes.add(tuple(ids.shape))
             self.stats.compile_seconds += time.perf_counter() - started
             self.stats.decode_seconds -= time.perf_counter() - started  # counted apart
-        return out.logits[:, -1].float()
+        return logits
+
+
+def _last_logits(
+    call: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    cache: Any,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Float32 logits of the last position from one cached model call (eager or compiled)."""
+    out = call(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        **kwargs,
+    )
+    return out.logits[:, -1].float()
 
 
 class BatchDecoder:
