@@ -9,6 +9,7 @@ orchestration (a process per contender) on a few dozen rows.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -122,7 +123,7 @@ def test_smoke_run_of_the_orchestration(tmp_path: Path, capsys):
     assert entry["epochs"] == 1
     table = bench.format_tables(results)
     assert "| top2 | HF Trainer |" in table and "| top2 | tunesmith |" in table
-    assert "| top2 | HF Trainer, length-grouped | 1 |" in table
+    assert "| top2 | tunesmith | HF Trainer, length-grouped | 1 |" in table
     assert "matmul peak" in capsys.readouterr().out
 
 
@@ -140,7 +141,35 @@ def test_tables_show_failures_without_claiming_a_match():
         in table
     )
     assert "| lora | tunesmith | failed: boom |" in table
-    assert "| lora | HF Trainer | 1 | 0.001 | - | - | - | - | yes | - |" in table
+    assert "| lora | tunesmith | HF Trainer | 1 | 0.001 | - | - | - | - | yes | - |" in table
+    assert "precision auto" not in table  # that arm ran nowhere here
+
+
+def test_the_precision_auto_arm_runs_only_with_native_bf16(monkeypatch):
+    """On a CPU without native bf16, ``auto`` is fp32: the arm would repeat the fp32 one."""
+    from tunesmith.studies.bench import contenders
+
+    monkeypatch.setattr(contenders, "cpu_bf16_native", lambda: False)
+    assert contenders.contenders_here() == bench.CONTENDERS
+    monkeypatch.setattr(contenders, "cpu_bf16_native", lambda: True)
+    assert contenders.contenders_here() == (*bench.CONTENDERS, contenders.AUTO)
+    spec = RunSpec(contenders.AUTO, "full", "m", {"train": "t.csv"}, ["a", "b"], 1e-3)
+    assert contenders.tunesmith_settings(spec)["train"]["precision"] == "auto"
+    fp32 = contenders.tunesmith_settings(replace(spec, contender="tunesmith"))
+    assert fp32["train"]["precision"] == "fp32"
+
+
+def test_the_precision_auto_arm_is_compared_with_hf_defaults():
+    ok = {"train_seconds": 2.0, "real_tokens": 100, "padded_tokens": 125, "samples": 8}
+    ok |= {"train_peak_rss_mb": 400.0, "peak_rss_mb": 500.0, "test_accuracy": 0.75}
+    entry = {"lr": 1e-3, "epochs": 1, "same_trainable_names": True, "flops_per_token": 6e6}
+    entry |= {"expected_real_tokens": 100, "hf": dict(ok), "tunesmith": dict(ok)}
+    entry["tunesmith_auto"] = ok | {"train_seconds": 1.0, "test_accuracy": 0.76}
+    bench.add_rates(entry, peak=1e9)
+    assert entry["ratios_auto"]["tokens_per_s"] == 2.0
+    assert entry["ratios_auto"]["accuracy_points"] == pytest.approx(1.0)
+    table = bench.format_tables({"matmul_peak_flops": 1e9, "pairs": {"full": entry}})
+    assert "| full | tunesmith, precision auto (bf16) | HF Trainer | 1 | 0.001 | 2.00x |" in table
 
 
 def test_unknown_pair_is_rejected(capsys):

@@ -10,16 +10,33 @@ from typing import Any
 
 from tunesmith.studies.bench.measure import matmul_peak_flops, read_jsonl
 from tunesmith.training.monitor import peak_rss_mb
+from tunesmith.training.precision import cpu_bf16_native
 
 #: HF Trainer twice: its default random batches, and length-grouped ones
 #: (``train_sampling_strategy="group_by_length"``), the comparison a careful user makes.
 CONTENDERS = ("hf", "hf_grouped", "tunesmith")
 BASELINES = ("hf", "hf_grouped")
+#: tunesmith with its default ``precision: auto`` (bf16 autocast where the CPU runs bf16
+#: natively) against HF Trainer's defaults (fp32 on CPU): the comparison a user makes.
+#: Run only on such CPUs; elsewhere ``auto`` is fp32 and would repeat the fp32 arm.
+AUTO = "tunesmith_auto"
 NAMES = {
     "hf": "HF Trainer",
     "hf_grouped": "HF Trainer, length-grouped",
     "tunesmith": "tunesmith",
+    AUTO: "tunesmith, precision auto (bf16)",
 }
+
+#: (baseline, results key, tunesmith arm) of every ratio the tables show.
+RATIOS = (("hf", "ratios", "tunesmith"), ("hf_grouped", "ratios_grouped", "tunesmith"))
+RATIOS += (("hf", "ratios_auto", AUTO),)
+
+
+def contenders_here() -> tuple[str, ...]:
+    """The contenders this machine runs: the fp32 three, plus ``AUTO`` with native bf16."""
+    return CONTENDERS + ((AUTO,) if cpu_bf16_native() else ())
+
+
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["query", "value"]}
 TOP_LAYERS = 2
 #: pair -> (tunesmith ``method`` section, default peak LR (adapters need larger ones),
@@ -175,7 +192,8 @@ def tunesmith_settings(spec: RunSpec) -> dict[str, Any]:
     optim = {"lr": spec.lr, "weight_decay": spec.weight_decay, "max_grad_norm": 1.0}
     train = {"epochs": spec.epochs, "batch_size": spec.batch_size, "seed": spec.seed}
     train |= {"eval_steps": _NEVER, "early_stopping_patience": None, "save_minutes": None}
-    train |= {"precision": "fp32", "num_threads": spec.threads}
+    precision = "auto" if spec.contender == AUTO else "fp32"
+    train |= {"precision": precision, "num_threads": spec.threads}
     return {
         "model": {"name_or_path": spec.model},
         "task": {"type": "sequence_classification"},

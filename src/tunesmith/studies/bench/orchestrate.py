@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.studies.bench.contenders import (
-    BASELINES,
+    AUTO,
     CONTENDERS,
     NAMES,
     PAIRS,
+    RATIOS,
     RunSpec,
+    contenders_here,
     hf_model,
     run_contender,
     tunesmith_model,
@@ -127,16 +129,16 @@ def add_rates(entry: dict[str, Any], peak: float) -> None:
     """Per contender tokens/s, samples/s, FLOP/s and share of peak; per baseline tunesmith/HF.
 
     ``ratios`` compare with HF's default random batches, ``ratios_grouped`` with
-    HF's length-grouped ones (empty where a side failed).
+    HF's length-grouped ones, ``ratios_auto`` tunesmith's ``precision: auto`` arm
+    with HF's defaults (empty where a side failed or did not run).
     """
-    for r in (entry[w] for w in CONTENDERS if w in entry and "error" not in entry[w]):
+    for r in (entry[w] for w in (*CONTENDERS, AUTO) if w in entry and "error" not in entry[w]):
         secs = r["train_seconds"]
         r["tokens_per_s"], r["samples_per_s"] = r["real_tokens"] / secs, r["samples"] / secs
         r["flops_per_s"] = entry["flops_per_token"] * r["real_tokens"] / secs
         r["peak_fraction"] = r["flops_per_s"] / peak
-    ts = entry["tunesmith"]
-    for baseline, key in zip(BASELINES, ("ratios", "ratios_grouped"), strict=True):
-        hf = entry.get(baseline, {"error": "not run"})
+    for baseline, key, who in RATIOS:
+        hf, ts = (entry.get(w, {"error": "not run"}) for w in (baseline, who))
         if "error" in hf or "error" in ts:
             entry[key] = {}
             continue
@@ -181,16 +183,18 @@ def run_benchmark(
         entry: dict[str, Any] = {"lr": lr_pair, "epochs": base.epochs}
         padded = prep["checks"][pair].pop("tunesmith_padded_tokens")
         entry |= prep["checks"][pair]
-        for who in CONTENDERS:
+        for who in contenders_here():
             spec = replace(base, contender=who, run_dir=str(work / f"{pair}-{who}"))
             entry[who] = run_child("contender", asdict(spec), work / f"{pair}-{who}")
             print(f"{pair} / {NAMES[who]}: {json.dumps(entry[who])}", flush=True)
-        if "error" not in entry["tunesmith"]:
-            entry["tunesmith"]["padded_tokens"] = padded
+        for arm in ("tunesmith", AUTO):  # the same batches at either precision
+            if arm in entry and "error" not in entry[arm]:
+                entry[arm]["padded_tokens"] = padded
         results["pairs"][pair] = entry
         # The peak is the best of every sample (others' load only ever lowers one).
         samples = results["matmul_peak_samples"]
-        samples += [entry[w]["matmul_peak_flops"] for w in CONTENDERS if "error" not in entry[w]]
+        ran = [w for w in contenders_here() if "error" not in entry[w]]
+        samples += [entry[w]["matmul_peak_flops"] for w in ran]
         results["matmul_peak_flops"] = max(samples)
         for e in results["pairs"].values():
             add_rates(e, results["matmul_peak_flops"])
@@ -245,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_tables(results))
     entries = results["pairs"].values()
     ok = all(
-        e[w].get("real_tokens") == e["expected_real_tokens"] for e in entries for w in CONTENDERS
+        e[w].get("real_tokens") == e["expected_real_tokens"]
+        for e in entries
+        for w in contenders_here()
     )
     return 0 if ok and all(e["same_trainable_names"] for e in entries) else 1
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunesmith.studies.bench.contenders import BASELINES, CONTENDERS, NAMES
+from tunesmith.studies.bench.contenders import AUTO, CONTENDERS, NAMES, RATIOS
 
 
 def format_header(results: dict[str, Any]) -> str:
@@ -37,7 +37,7 @@ def format_tables(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for pair, e in results["pairs"].items():
-        for who, r in ((w, e[w]) for w in CONTENDERS if w in e):
+        for who, r in ((w, e[w]) for w in (*CONTENDERS, AUTO) if w in e):
             if "error" in r:
                 rows.append(f"| {pair} | {NAMES[who]} | failed: {r['error'][:80]} ||||||||")
                 continue
@@ -51,24 +51,27 @@ def format_tables(results: dict[str, Any]) -> str:
             )
     rows += [
         "",
-        "| pair | tunesmith against | epochs | lr | tokens/s | train time | peak RSS train / "
+        "| pair | tunesmith | against | epochs | lr | tokens/s | train time | peak RSS train / "
         "process | accuracy | same params | same tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for pair, e in results["pairs"].items():
-        for baseline, key in zip(BASELINES, ("ratios", "ratios_grouped"), strict=True):
+        for baseline, key, arm in RATIOS:
+            if arm not in e:
+                continue
             q = e.get(key)
             cells = ["-"] * 4
             if q:
                 cells = [f"{q['tokens_per_s']:.2f}x", f"{q['train_seconds']:.2f}x"]
                 cells.append(f"{q['train_peak_rss_mb']:.2f}x / {q['peak_rss_mb']:.2f}x")
                 cells.append(f"{q['accuracy_points']:+.1f} pts")
-            tokens = [e.get(w, {}).get("real_tokens") for w in (baseline, "tunesmith")]
+            tokens = [e.get(w, {}).get("real_tokens") for w in (baseline, arm)]
             same_tokens = None if None in tokens else tokens == [e["expected_real_tokens"]] * 2
             flags = [
                 "-" if ok is None else "yes" if ok else "NO"
                 for ok in (e["same_trainable_names"], same_tokens)
             ]
-            head = f"| {pair} | {NAMES[baseline]} | {e.get('epochs', '-')} | {e['lr']:g} | "
+            head = f"| {pair} | {NAMES[arm]} | {NAMES[baseline]} | {e.get('epochs', '-')} | "
+            head += f"{e['lr']:g} | "
             rows.append(head + " | ".join(cells + flags) + " |")
     return "\n".join(rows)
