@@ -49,6 +49,7 @@ class AdapterSpec(MethodSpec):
     """Base of the methods that train added modules and save only those (and the head)."""
 
     saves_adapter = True
+    peft_adapter = True
 
 
 @register_method_spec
@@ -101,6 +102,7 @@ class BottleneckSpec(AdapterSpec):
     """Bottleneck adapters in every (or the top ``train_layers``) block; head trains too."""
 
     name = "bottleneck"
+    peft_adapter = False  # tunesmith's own modules: the reference is a frozen copy
     keys = frozenset(
         {
             "reduction_factor",

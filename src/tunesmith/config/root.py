@@ -52,6 +52,7 @@ from tunesmith.config.load import (  # noqa: F401 (apply_overrides re-exported)
 from tunesmith.config.losses import LossConfig
 from tunesmith.config.methods import MethodConfig
 from tunesmith.config.multitask import FILE_KEYS, MultitaskConfig, share_data_defaults
+from tunesmith.config.preference import PreferenceConfig, preference_problems
 from tunesmith.config.regularize import ForgettingConfig, RegularizeConfig
 from tunesmith.config.specs import METHOD_SPECS, TASK_SPECS, Problem, Problems, TaskSpec
 from tunesmith.config.tasks import GenerateConfig, TaskConfig
@@ -139,6 +140,10 @@ class Config(Section):
         description="Tasks sharing one encoder (task.type multitask).",
     )
     loss: LossConfig = Field(default_factory=LossConfig, description="Classification losses.")
+    preference: PreferenceConfig = Field(
+        default_factory=PreferenceConfig,
+        description="Preference optimisation losses (task.type preference).",
+    )
     regularize: RegularizeConfig = Field(
         default_factory=RegularizeConfig, description="Dropout overrides and L2-SP."
     )
@@ -181,6 +186,7 @@ class Config(Section):
             *augment_problems(task, self.data, self.train),
             *padding_free_problems(task, method, self.data, self.distill),
             *data_format_problems(task, self.data),
+            *preference_problems(self.task.type, self.preference, self.task, self.data.format),
             *objective_problems(
                 task, method, self.loss, self.regularize, self.forgetting, self.distill
             ),

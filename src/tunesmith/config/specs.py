@@ -78,6 +78,10 @@ class TaskSpec:
     #: training example by length, is then not used, and DDP is told that a
     #: step may leave parameters (the other heads) without a gradient.
     mixed_batches: bool = True
+    #: False when a batch is not one row per feature (a preference pair is two
+    #: sequences), so the frozen-prefix feature cache, which stores per-row states,
+    #: cannot serve it.
+    feature_cacheable: bool = True
     #: True when ``build_model`` adds a newly initialised head (classifiers): adapter
     #: methods then train it and save it with the adapter. False when the model's own
     #: pretrained output layer is the head (seq2seq, causal LM: often tied to the
@@ -155,6 +159,9 @@ class MethodSpec:
     keys: frozenset[str] = frozenset()
     #: True when checkpoints hold only adapter + head weights (loading needs the base).
     saves_adapter: bool = False
+    #: True when the adapter is peft's, which can be switched off to give the base model
+    #: back (a preference run's reference then costs no second copy of the model).
+    peft_adapter: bool = False
     #: False when the method changes what frozen blocks compute (virtual tokens), so
     #: their output cannot be cached (``train.feature_cache``).
     prefix_cacheable: bool = True

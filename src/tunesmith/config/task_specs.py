@@ -77,6 +77,19 @@ class CausalLMSpec(TaskSpec):
 
 
 @register_task_spec
+class PreferenceSpec(CausalLMSpec):
+    """Preference optimisation of a causal LM (DPO and kin, KTO) on chosen/rejected replies."""
+
+    name = "preference"
+    #: Validation: how often the chosen reply out-scores the rejected one, by how much,
+    #: and how far the policy moved from the reference (KL on the chosen replies).
+    metric_names = ("reward_accuracy", "reward_margin", "kl")
+    lower_better_metrics = frozenset({"kl"})
+    packable = False  # two sequences per pair, scored side by side
+    feature_cacheable = False
+
+
+@register_task_spec
 class Seq2SeqSpec(TaskSpec):
     """Text to text with an encoder-decoder LM: translation, summarisation, rewriting."""
 

@@ -123,8 +123,9 @@ def training_loader(
 
 def real_tokens(batch: Mapping[str, torch.Tensor]) -> int:
     """Tokens of a batch that are not padding (a packed batch has none; 0 when unknown)."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
+    if "attention_mask" in batch:  # a preference pair's rejected reply has its own mask
+        masks = ("attention_mask", "rejected_attention_mask")
+        return sum(int(batch[k].sum()) for k in masks if k in batch)
     if "position_ids" in batch and "input_ids" in batch:
         return int(batch["input_ids"].numel())
     return 0

@@ -249,6 +249,8 @@ def fit(run: Run, *, progress: bool = True) -> LoopResult:
     checkpointer = Checkpointer(
         out, t.save_steps, t.save_minutes, t.save_total_limit, fingerprint=run.fingerprint
     )
+    # The untrained model, before the loop takes it (and before a resume restores weights).
+    task.before_training(run.model, (run.train_set, run.val_set), t.effective_eval_batch_size)
     with GracefulInterrupt() as interrupt:
         trainer = Trainer.for_method(
             cfg,

@@ -329,6 +329,10 @@ class Task(TaskSpec, ABC):
         """
         return {}
 
+    def scored(self, batch: Batch) -> bool:
+        """Whether the batch carries targets, so evaluation computes its loss."""
+        return "labels" in batch
+
     def model_inputs(self, batch: Batch) -> Batch:
         """The part of a batch that goes into ``model(**inputs)``."""
         return {k: v for k, v in batch.items() if k not in ("labels", "index")}
@@ -340,6 +344,23 @@ class Task(TaskSpec, ABC):
         read (the causal LM applies its head to the labelled positions only).
         """
         return model(**self.model_inputs(batch))
+
+    # -- training statistics besides the loss (preference rewards) -----------
+    def take_parts(self) -> dict[str, float]:
+        """Sums noted by ``loss_sum`` since the last call, added up over a log window."""
+        return {}
+
+    def log_fields(self, parts: Mapping[str, float], targets: float) -> dict[str, float]:
+        """The train log's fields from a window's summed ``take_parts`` and its targets."""
+        return {}
+
+    def progress_fields(self, record: Mapping[str, Any]) -> dict[str, str]:
+        """Extra progress-bar fields from a train log record."""
+        return {}
+
+    def before_training(self, model: Any, datasets: Sequence[Any], batch_size: int) -> None:
+        """Called once with the adapted, untrained model and the train/validation sets."""
+        return None
 
     # -- state fitted on validation (multi-label thresholds) -----------------
     def calibrate(self, predictions: Mapping[str, torch.Tensor], labels: Sequence[str]) -> None:
@@ -409,6 +430,7 @@ TASKS: Registry[type[Task]] = Registry(
         "tunesmith.tasks.classification",
         "tunesmith.tasks.token_classification",
         "tunesmith.tasks.causal_lm",
+        "tunesmith.tasks.preference",
         "tunesmith.tasks.seq2seq",
         "tunesmith.tasks.multitask",
     ],

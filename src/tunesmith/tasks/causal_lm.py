@@ -44,7 +44,12 @@ from tunesmith.tasks.chat_template import (
 )
 from tunesmith.tasks.encoding import effective_limit, full_lengths, require_fast_tokenizer
 from tunesmith.tasks.generation import generate_ids, generated_rows
-from tunesmith.tasks.lm_head import HiddenOutputs, forward_to_head
+from tunesmith.tasks.lm_head import (
+    HiddenOutputs,
+    forward_to_head,
+    labelled_states,
+    text_logits,
+)
 from tunesmith.tasks.losses import IGNORE, shifted_token_cross_entropy_sum
 from tunesmith.tasks.losses.linear_ce import linear_cross_entropy_sum, linear_token_losses
 from tunesmith.tasks.truncation import TruncationReport, labels_cut
@@ -61,13 +66,7 @@ class CausalLM(CausalLMSpec, Task):
         self, path: str, *, labelled: bool = True, dropped: list[str] | None = None
     ) -> list[dict[str, Any]]:
         """Chats (or documents) in the configured layout; KTO rows train their desirable ones."""
-        layout, records = read_chat_file(
-            path,
-            read_options(self.cfg.data, labelled=labelled),
-            fmt=self.cfg.data.format,
-            system_prompt=self.cfg.task.system_prompt,
-            dropped=dropped,
-        )
+        layout, records = self.read_layout(path, labelled=labelled, dropped=dropped)
         if self.cfg.data.packing != "none" and layout != "text":
             raise DataError(
                 f"{path}: data.packing {self.cfg.data.packing} packs raw text, but the file holds "
@@ -84,6 +83,18 @@ class CausalLM(CausalLMSpec, Task):
             )
             records = kept
         return records
+
+    def read_layout(
+        self, path: str, *, labelled: bool, dropped: list[str] | None, fmt: str | None = None
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """The file's layout (``fmt``, else ``data.format`` or the one detected) and its records."""
+        return read_chat_file(
+            path,
+            read_options(self.cfg.data, labelled=labelled),
+            fmt=fmt or self.cfg.data.format,
+            system_prompt=self.cfg.task.system_prompt,
+            dropped=dropped,
+        )
 
     def text_records(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         """Each text is one user message (after ``task.system_prompt``); raw text to continue
@@ -273,11 +284,11 @@ class CausalLM(CausalLMSpec, Task):
     def loss_sum(self, outputs: Any, batch: Batch) -> torch.Tensor:
         eps = self.cfg.task.label_smoothing
         if isinstance(outputs, HiddenOutputs):
-            hidden, targets = _labelled_states(outputs.hidden, batch["labels"])
+            hidden, targets = labelled_states(outputs.hidden, batch["labels"])
             head = outputs.head
             return linear_cross_entropy_sum(hidden, head.weight, head.bias, targets, eps)
         return shifted_token_cross_entropy_sum(
-            _text_logits(outputs, batch["labels"]), batch["labels"], eps
+            text_logits(outputs, batch["labels"]), batch["labels"], eps
         )
 
     def outputs_to_predictions(self, outputs: Any, batch: Batch) -> dict[str, torch.Tensor]:
@@ -287,14 +298,14 @@ class CausalLM(CausalLMSpec, Task):
         labels = batch["labels"][:, 1:]
         targets = (labels != IGNORE).sum(1)
         if isinstance(outputs, HiddenOutputs):
-            hidden, wanted = _labelled_states(outputs.hidden, batch["labels"])
+            hidden, wanted = labelled_states(outputs.hidden, batch["labels"])
             head = outputs.head
             nll = linear_token_losses(hidden, head.weight, head.bias, wanted)
             rows = (labels != IGNORE).nonzero()[:, 0]
             per_row = torch.zeros(labels.shape[0], dtype=torch.float64, device=nll.device)
             return {"nll_sum": per_row.index_add_(0, rows, nll.double()), "targets": targets}
         nll = F.cross_entropy(
-            _text_logits(outputs, batch["labels"])[:, :-1].float().transpose(1, 2),
+            text_logits(outputs, batch["labels"])[:, :-1].float().transpose(1, 2),
             labels,
             ignore_index=IGNORE,
             reduction="none",
@@ -370,28 +381,3 @@ def left_aligned(
         ids[i, width - len(real) :] = real
         mask[i, width - len(real) :] = 1
     return {"input_ids": ids, "attention_mask": mask}
-
-
-def _labelled_states(
-    hidden: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The states of the positions whose next token is labelled, and those tokens.
-
-    Position t predicts label t + 1; extra leading positions (prompt tuning's
-    virtual tokens) are dropped as in ``_text_logits``.
-    """
-    extra = hidden.shape[1] - labels.shape[1]
-    hidden = hidden[:, extra:] if extra > 0 else hidden
-    mask = labels[:, 1:] != IGNORE
-    return hidden[:, :-1][mask], labels[:, 1:][mask]
-
-
-def _text_logits(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
-    """The logits of the batch's own positions.
-
-    Prompt tuning puts its virtual tokens in front of the input, so the model
-    returns that many extra positions first; they predict nothing of the text.
-    """
-    logits = outputs.logits
-    extra = logits.shape[1] - labels.shape[1]
-    return logits[:, extra:] if extra > 0 else logits

@@ -63,7 +63,7 @@ def predict_loader(
         ctx = accelerator.autocast() if accelerator is not None else nullcontext()
         with ctx:
             outputs = task.forward(model, batch)
-        labelled = "labels" in batch
+        labelled = task.scored(batch)
         if labelled:
             loss_sum += float(task.loss_sum(outputs, batch))
             targets += float(task.count_targets(batch))

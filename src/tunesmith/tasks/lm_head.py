@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from tunesmith.tasks.losses import IGNORE
+
 #: Config attributes of architectures that transform the logits after the head.
 LOGIT_TRANSFORMS = (
     "final_logit_softcapping",
@@ -82,3 +84,28 @@ def forward_to_head(model: torch.nn.Module, inputs: dict[str, Any]) -> HiddenOut
     with head_deferred(head):
         outputs = model(**inputs)
     return HiddenOutputs(outputs.logits, head)
+
+
+def labelled_states(
+    hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The states of the positions whose next token is labelled, and those tokens.
+
+    Position t predicts label t + 1; extra leading positions (prompt tuning's
+    virtual tokens) are dropped as in ``text_logits``.
+    """
+    extra = hidden.shape[1] - labels.shape[1]
+    hidden = hidden[:, extra:] if extra > 0 else hidden
+    mask = labels[:, 1:] != IGNORE
+    return hidden[:, :-1][mask], labels[:, 1:][mask]
+
+
+def text_logits(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+    """The logits of the batch's own positions.
+
+    Prompt tuning puts its virtual tokens in front of the input, so the model
+    returns that many extra positions first; they predict nothing of the text.
+    """
+    logits = outputs.logits
+    extra = logits.shape[1] - labels.shape[1]
+    return logits[:, extra:] if extra > 0 else logits

@@ -149,6 +149,7 @@ class Trainer:
             and not cfg.data.packed_rows
             and not self.hooks
             and task.mixed_batches
+            and task.feature_cacheable
             and getattr(self.train_set, "fixed_inputs", True),
             batch_size=t.effective_eval_batch_size,
             folder=Path(t.output_dir) / ".cache",
@@ -351,7 +352,7 @@ class Trainer:
             not finite,
             norms,
             bad_where,
-            self.objective.take_parts(),
+            {**self.objective.take_parts(), **task.take_parts()},
         )
         if not account:
             return stats
@@ -388,6 +389,7 @@ class Trainer:
                 state.step, epochs, mean_loss, groups, grad_norm, group_norms, tok_s
             )
             record.update(self.objective.log_fields(record["loss"], w.parts, w.targets, w.steps))
+            record.update(self.task.log_fields(w.parts, w.targets))
             state.window = LogWindow()
             self.metrics_log.write(record)
             self._bar.set_postfix(
@@ -395,6 +397,7 @@ class Trainer:
                 loss=f"{record['loss']:.4f}",
                 lr=f"{record[f'lr/{self._first_group()}']:.2e}",
                 tok_s=f"{record['tokens_per_s']:.0f}",
+                **self.task.progress_fields(record),
             )
         elif group_norms:
             self.metrics_log.write(
