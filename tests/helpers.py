@@ -336,6 +336,16 @@ def _causal_lm_data(folder: Path) -> TaskData:
     return TaskData(cfg.model_dump(mode="json"), ["What is your name? 5", "Tell me a joke. 7"])
 
 
+def _preference_data(folder: Path) -> TaskData:
+    from chat_fixtures import build_tiny_llama, write_jsonl
+    from test_preference import pairs, pref_config
+
+    model = build_tiny_llama(folder / "model")
+    data = write_jsonl(folder / "pairs.jsonl", pairs(30))
+    cfg = pref_config(model, data, folder / "run", method={"name": "full"})
+    return TaskData(cfg, ["What is your name? 5", "Tell me a joke. 7"])
+
+
 def _seq2seq_data(folder: Path) -> TaskData:
     from test_seq2seq import build_tiny_t5, copy_rows, s2s_config, write_jsonl
 
@@ -364,6 +374,7 @@ TASK_DATA: dict[str, Callable[[Path], TaskData]] = {
     "sequence_classification": _classification_data,
     "token_classification": _token_classification_data,
     "causal_lm": _causal_lm_data,
+    "preference": _preference_data,
     "seq2seq": _seq2seq_data,
     "multitask": _multitask_data,
 }

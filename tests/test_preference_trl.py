@@ -171,7 +171,8 @@ def legacy_batch(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     for side, key in (("chosen", "input_ids"), ("rejected", "rejected_input_ids")):
         ids = [f[key] for f in features]
         labels = [
-            [-100] * f["prompt_length"] + s[f["prompt_length"] :] for f, s in zip(features, ids)
+            [-100] * f["prompt_length"] + s[f["prompt_length"] :]
+            for f, s in zip(features, ids, strict=True)
         ]
         batch[f"{side}_input_ids"] = padded(ids, pad_id)
         batch[f"{side}_attention_mask"] = padded([[1] * len(s) for s in ids], 0)

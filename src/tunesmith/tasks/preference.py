@@ -162,6 +162,19 @@ class Preference(PreferenceSpec, CausalLM):
         self.reference = reference_for(self.cfg, model)
         return model
 
+    def load_saved(self, path: str, labels: Sequence[str], tokenizer: Any, method: Any) -> Any:
+        """A saved run's model; its reference is the configured starting model again.
+
+        Adapter runs rebuild the starting model under the adapter (switched off,
+        it is the reference); fully trained folders get a frozen starting model.
+        """
+        model = super().load_saved(path, labels, tokenizer, method)
+        if self.reference is None or self.reference.kind == "pending":
+            self.reference = reference_for(
+                self.cfg, starting_model(self, tokenizer), training=False
+            )
+        return model
+
     def before_training(self, model: Any, datasets: Sequence[Any], batch_size: int) -> None:
         """``preference.precompute_reference``: score every row once, then drop the reference."""
         if self.reference is not None:

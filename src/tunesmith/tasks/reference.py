@@ -173,15 +173,16 @@ def _is_peft(model: torch.nn.Module) -> bool:
     return isinstance(plain_model(model), PeftModel)
 
 
-def reference_for(cfg: Any, model: torch.nn.Module) -> Reference | None:
+def reference_for(cfg: Any, model: torch.nn.Module, *, training: bool = True) -> Reference | None:
     """The run's reference, decided before the method adapts ``model`` (the starting model).
 
-    None for reference-free losses (ORPO, SimPO).
+    None for reference-free losses (ORPO, SimPO). ``training`` False (a saved
+    run evaluated later) never precomputes: the rows scored are new.
     """
     p = cfg.preference
     if not p.needs_reference:
         return None
-    if p.precompute_reference:
+    if p.precompute_reference and training:
         return Reference("pending")
     if METHOD_SPECS.get(cfg.method.name).peft_adapter:
         return Reference("adapter_off")
