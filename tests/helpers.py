@@ -346,6 +346,16 @@ def _preference_data(folder: Path) -> TaskData:
     return TaskData(cfg, ["What is your name? 5", "Tell me a joke. 7"])
 
 
+def _reward_model_data(folder: Path) -> TaskData:
+    from chat_fixtures import build_tiny_llama, write_jsonl
+    from test_preference import pairs
+    from test_reward_model import rm_config
+
+    model = build_tiny_llama(folder / "model")
+    data = write_jsonl(folder / "pairs.jsonl", pairs(30))
+    return TaskData(rm_config(model, data, folder / "run"), ["I am a tiny bot.", "hello world"])
+
+
 def _seq2seq_data(folder: Path) -> TaskData:
     from test_seq2seq import build_tiny_t5, copy_rows, s2s_config, write_jsonl
 
@@ -375,6 +385,7 @@ TASK_DATA: dict[str, Callable[[Path], TaskData]] = {
     "token_classification": _token_classification_data,
     "causal_lm": _causal_lm_data,
     "preference": _preference_data,
+    "reward_model": _reward_model_data,
     "seq2seq": _seq2seq_data,
     "multitask": _multitask_data,
 }

@@ -90,6 +90,16 @@ class PreferenceSpec(CausalLMSpec):
 
 
 @register_task_spec
+class RewardModelSpec(TaskSpec):
+    """A scalar reward head on an encoder or a decoder, trained on chosen/rejected pairs."""
+
+    name = "reward_model"
+    metric_names = ("pairwise_accuracy",)
+    chat_data = True  # pairs come in the preference layout (strings or messages)
+    feature_cacheable = False  # two sequences per pair
+
+
+@register_task_spec
 class Seq2SeqSpec(TaskSpec):
     """Text to text with an encoder-decoder LM: translation, summarisation, rewriting."""
 

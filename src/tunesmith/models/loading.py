@@ -25,6 +25,9 @@ from tunesmith.models.folders import MANIFEST, read_manifest
 
 log = logging.getLogger(__name__)
 
+#: What marks a folder holding a peft adapter rather than a whole model.
+ADAPTER_CONFIG = "adapter_config.json"
+
 _UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _UNSAFE_HINT = (
     "convert them to safetensors, or set model.allow_unsafe_weights=true if you trust them "
@@ -113,10 +116,30 @@ def check_model_source(name_or_path: str, *, allow_unsafe_weights: bool = False)
             "a model folder; give the folder with config.json and model.safetensors",
         )
         raise ModelError(f"model path is a file, not a model folder: {name_or_path}")
+    base = adapter_base(path)
+    if base is not None:  # a peft adapter (an SFT run's best/): merged into its base on loading
+        check_weights(path, allow_unsafe_weights=allow_unsafe_weights)
+        check_model_source(base, allow_unsafe_weights=allow_unsafe_weights)
+        return
     if not (path / "config.json").is_file():
         raise ModelError(f"{name_or_path}: not a model folder (no config.json)")
     if not check_weights(path, allow_unsafe_weights=allow_unsafe_weights):
         raise ModelError(f"{name_or_path}: no weights found (expected model.safetensors)")
+
+
+def adapter_base(folder: str | Path) -> str | None:
+    """The base model of the peft adapter in ``folder``, or None when it holds no adapter.
+
+    Raises:
+        ModelError: The adapter names no base model.
+    """
+    config = Path(folder) / ADAPTER_CONFIG
+    if not config.is_file():
+        return None
+    base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise ModelError(f"{folder}: {ADAPTER_CONFIG} names no base_model_name_or_path")
+    return str(base)
 
 
 def check_weights(

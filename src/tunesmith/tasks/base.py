@@ -28,8 +28,9 @@ from tunesmith.data.cleaning import EMPTY, normalize_record
 from tunesmith.data.labels import check_labels
 from tunesmith.data.pipeline import select_by_source
 from tunesmith.errors import DataError
+from tunesmith.models.adapter_start import load_merged
 from tunesmith.models.dropout import configured_dropout
-from tunesmith.models.loading import load_pretrained
+from tunesmith.models.loading import adapter_base, load_pretrained
 from tunesmith.tasks.encoding import effective_limit, full_lengths
 from tunesmith.tasks.grouping import choose_window
 
@@ -268,9 +269,12 @@ class Task(TaskSpec, ABC):
         """
 
         m = self.cfg.model
+        # A folder holding an adapter (an SFT run's best/) starts from base + adapter merged.
+        base = adapter_base(m.name_or_path)
         # regularize.*_dropout: model config keys, set before the modules are built.
-        config_changes = {**configured_dropout(self.cfg, m.name_or_path), **config_changes}
-        return load_pretrained(
+        config_changes = {**configured_dropout(self.cfg, base or m.name_or_path), **config_changes}
+        load = load_pretrained if base is None else load_merged
+        return load(
             self.auto_class(),
             m.name_or_path,
             trust_remote_code=m.trust_remote_code,
@@ -431,6 +435,7 @@ TASKS: Registry[type[Task]] = Registry(
         "tunesmith.tasks.token_classification",
         "tunesmith.tasks.causal_lm",
         "tunesmith.tasks.preference",
+        "tunesmith.tasks.reward_model",
         "tunesmith.tasks.seq2seq",
         "tunesmith.tasks.multitask",
     ],

@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.config.task_specs import CausalLMSpec
-from tunesmith.data.chat import prompt_record, read_chat_file, read_options
+from tunesmith.data.chat import prompt_record
 from tunesmith.data.packing import concat_blocks, pack_documents
-from tunesmith.data.pipeline import assemble_splits
 from tunesmith.errors import DataError
-from tunesmith.tasks.base import Batch, DataSplits, Feature, Task, register_task
+from tunesmith.tasks.base import Batch, Feature, Task, register_task
+from tunesmith.tasks.chat_rows import ChatRows
 from tunesmith.tasks.chat_template import (
     check_tools_kept,
     end_of_turn_id,
@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 
 @register_task
-class CausalLM(CausalLMSpec, Task):
+class CausalLM(CausalLMSpec, ChatRows, Task):
     """Instruction tuning of a decoder-only model on chats; loss on the replies only."""
 
     # -- data ---------------------------------------------------------------
@@ -84,18 +84,6 @@ class CausalLM(CausalLMSpec, Task):
             records = kept
         return records
 
-    def read_layout(
-        self, path: str, *, labelled: bool, dropped: list[str] | None, fmt: str | None = None
-    ) -> tuple[str, list[dict[str, Any]]]:
-        """The file's layout (``fmt``, else ``data.format`` or the one detected) and its records."""
-        return read_chat_file(
-            path,
-            read_options(self.cfg.data, labelled=labelled),
-            fmt=fmt or self.cfg.data.format,
-            system_prompt=self.cfg.task.system_prompt,
-            dropped=dropped,
-        )
-
     def text_records(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         """Each text is one user message (after ``task.system_prompt``); raw text to continue
         when the run trained on raw text (``data.format: text``)."""
@@ -106,30 +94,6 @@ class CausalLM(CausalLMSpec, Task):
         return [
             prompt_record(t, f"text {i}", self.cfg.task.system_prompt) for i, t in enumerate(texts)
         ]
-
-    def load_splits(self) -> DataSplits:
-        """Read and split; every chat starting with the same question stays on one side."""
-        notes: list[str] = []
-        parts, provenance, split_notes, quality = assemble_splits(
-            self.cfg.data,
-            self.cfg.train.seed,
-            lambda path, report: self.read_dropping_empty(
-                path, notes, "with an empty prompt or reply", report
-            ),
-        )
-        return DataSplits(
-            train=parts["train"],
-            validation=parts["validation"],
-            test=parts["test"],
-            provenance=provenance,
-            notes=notes + split_notes,
-            quality=quality,
-        )
-
-    def check_labels(
-        self, records: Sequence[Mapping[str, Any]], label2id: Mapping[str, int], split: str
-    ) -> None:
-        """Chats have no label vocabulary."""
 
     def token_lengths(
         self, records: Sequence[Mapping[str, Any]], tokenizer: Any

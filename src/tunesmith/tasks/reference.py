@@ -11,76 +11,38 @@ Three ways to have it, chosen from the method and ``preference``:
   the untrained model) and carried in the features; nothing is kept in memory.
 
 A run may start from an SFT checkpoint that is itself an adapter (the usual
-pipeline). That adapter is merged into its base first (``starting_model``),
+pipeline). That adapter is merged into its base on loading (``load_configured``),
 so "adapter off" gives the SFT model, never the pre-SFT base.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from tunesmith.config.specs import METHOD_SPECS
 from tunesmith.data.batching import Collator
-from tunesmith.errors import ModelError
-from tunesmith.models.loading import load_pretrained
 from tunesmith.tasks.lm_head import plain_model
 from tunesmith.tasks.preference_batch import kto_batch, mismatched_batch, stack_pairs
 from tunesmith.tasks.sequence_scores import TokenScores, score_tokens
 
 log = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
 #: Feature keys of precomputed reference log-probabilities.
 PAIR_KEYS = ("ref_chosen", "ref_rejected")
 KTO_KEYS = ("ref_logps", "ref_kl_logps")
 
 
 def starting_model(task: Any, tokenizer: Any) -> torch.nn.Module:
-    """The configured model; a folder holding a peft adapter is merged into its base.
-
-    Raises:
-        ModelError: The adapter's base model cannot be found.
-    """
-    folder = Path(task.cfg.model.name_or_path)
-    if not (folder / ADAPTER_CONFIG).is_file():
-        model = task.load_configured()
-    else:
-        model = _merged_adapter(task, folder)
+    """The configured model (an adapter folder comes merged into its base: ``load_configured``)."""
+    model = task.load_configured()
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
-
-
-def _merged_adapter(task: Any, folder: Path) -> torch.nn.Module:
-    from peft import PeftModel
-
-    base = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    if not base or not Path(base).exists():
-        raise ModelError(
-            f"{folder}: an adapter whose base model {base!r} is not found; merge it first "
-            "(tunesmith export --merge) or point model.name_or_path at a full model"
-        )
-    m = task.cfg.model
-    model = load_pretrained(
-        task.auto_class(),
-        base,
-        trust_remote_code=m.trust_remote_code,
-        allow_unsafe_weights=m.allow_unsafe_weights,
-    )
-    merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
-    log.info(
-        "starting from the adapter in %s merged into its base %s: that is the reference",
-        folder,
-        base,
-    )
-    return merged
 
 
 class Reference:

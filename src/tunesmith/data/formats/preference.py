@@ -24,6 +24,8 @@ from tunesmith.data.formats.base import (
 from tunesmith.errors import DataError
 
 ANSWERS = ("chosen", "rejected")
+#: Optional column: how much better chosen is (reward models' Bradley-Terry margin).
+MARGIN = "margin"
 
 
 def side(source: str, column: str, value: Any, role: str) -> list[Message] | None:
@@ -53,7 +55,25 @@ def convert(source: str, raw: Mapping[str, Any], opts: ReadOptions) -> Parts | N
     for name, answer in (("chosen", chosen), ("rejected", rejected)):
         if answer[0]["role"] != "assistant":
             raise DataError(f"{source}: {name} must start with the assistant's answer")
-    return {"messages": prompt + chosen, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+    record = {"messages": prompt + chosen, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if not blank(raw.get(MARGIN)):  # reward models: by how much chosen is better
+        record[MARGIN] = margin(source, raw[MARGIN])
+    return record
+
+
+def margin(source: str, value: Any) -> float:
+    """An optional ``margin`` cell: a finite number.
+
+    Raises:
+        DataError: Anything else, naming the row.
+    """
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if number != number or number in (float("inf"), float("-inf")):
+        raise DataError(f"{source}: column 'margin' must be a number, got {value!r}")
+    return number
 
 
 def implicit_prompt(
