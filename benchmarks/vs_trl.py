@@ -1,11 +1,14 @@
 """tunesmith vs TRL on causal-LM post-training (SmolLM2-135M + LoRA), one process per contender.
 
-Pairs live in ``tunesmith.studies.bench.llm.PAIRS`` (``sft`` today: the chat
-example ``examples/sft_smollm2.yaml``); the fairness rules are written there.
-Prints the machine, per contender real tokens/s, trained tokens (must be
-equal), peak RSS and validation loss, and tunesmith/TRL ratios.
+Pairs live in ``tunesmith.studies.bench.llm_pairs.PAIRS``: ``sft`` (the chat
+example ``examples/sft_smollm2.yaml``, TRL's ``SFTTrainer``) and ``dpo``
+(``examples/dpo_sentiment.yaml``, TRL's ``DPOTrainer``); the fairness rules
+are written next to each. Prints the machine, per contender the pair's rate
+(real tokens/s or pairs/s), what was trained (must be equal), peak RSS and
+the quality both are scored on, and tunesmith/TRL ratios.
 
     python benchmarks/vs_trl.py                         # sft, 160 chats, one epoch
+    python benchmarks/vs_trl.py --pair dpo --rows 160   # DPO on the sentiment pairs
     python benchmarks/vs_trl.py --rows 80 --gradient-checkpointing both
     python benchmarks/vs_trl.py --tunesmith-overrides data.padding_free=true
 """
@@ -22,7 +25,10 @@ from typing import Any
 from tunesmith.studies.bench.orchestrate import run_child
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = {"sft": ROOT / "examples" / "sft_smollm2.yaml"}
+CONFIGS = {
+    "sft": ROOT / "examples" / "sft_smollm2.yaml",
+    "dpo": ROOT / "examples" / "dpo_sentiment.yaml",
+}
 CONTENDERS = ("trl", "tunesmith")
 
 
@@ -33,18 +39,22 @@ def child(kind: str, spec: dict[str, Any], stem: Path) -> dict[str, Any]:
 
 def run_child_here(kind: str, spec_path: str, out_path: str) -> None:
     """The child's side of ``child``."""
-    from tunesmith.studies.bench.llm import LLMSpec, prepare, run_contender
+    from tunesmith.studies.bench.llm import LLMSpec
+    from tunesmith.studies.bench.llm_pairs import prepare, run_contender
 
     spec = LLMSpec(**json.loads(Path(spec_path).read_text()))
     result = prepare(spec) if kind == "prepare" else run_contender(spec)
     Path(out_path).write_text(json.dumps(result, indent=1))
 
 
-def table(results: dict[str, Any]) -> str:
+def table(results: dict[str, Any], pair: str) -> str:
     """Markdown: one row per arm and contender, ratios per arm."""
+    from tunesmith.studies.bench.llm_pairs import PAIRS
+
+    p = PAIRS[pair]
     lines = [
-        "| arm | contender | real tokens/s | trained tokens | train s | peak RSS MiB "
-        "| validation loss | tunesmith / TRL speed | RSS | loss |",
+        f"| arm | contender | {p.unit_label} | {p.unit.replace('_', ' ')} | train s "
+        f"| peak RSS MiB | {p.quality_label} | tunesmith / TRL speed | RSS | {p.quality_label} |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, entry in results["arms"].items():
@@ -58,16 +68,29 @@ def table(results: dict[str, Any]) -> str:
             ratio = ["", "", ""]
             if ok and who == "tunesmith":
                 ratio = [
-                    f"{ts['real_tokens_per_s'] / trl['real_tokens_per_s']:.2f}x",
+                    f"{ts['rate'] / trl['rate']:.2f}x",
                     f"{ts['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x",
-                    f"{100 * (ts['validation_loss'] / trl['validation_loss'] - 1):+.2f}%",
+                    f"{ts[p.quality] - trl[p.quality]:+.4f}",
                 ]
             lines.append(
-                f"| {arm} | {who} | {r['real_tokens_per_s']:,.0f} | {r['trained_tokens']:,} "
+                f"| {arm} | {who} | {r['rate']:,.2f} | {r[p.unit]:,} "
                 f"| {r['train_seconds']:,.0f} | {r['peak_rss_mb']:,.0f} "
-                f"| {r['validation_loss']:.4f} | {' | '.join(ratio)} |"
+                f"| {r[p.quality]:.4f} | {' | '.join(ratio)} |"
             )
     return "\n".join(lines)
+
+
+def counts_agree(results: dict[str, Any], prepared: dict[str, Any], pair: str) -> bool:
+    """Both sides trained exactly the prepared rows and tokens (what each side counted)."""
+    train = prepared["train"]
+    for entry in results["arms"].values():
+        for who in CONTENDERS:
+            r = entry[who]
+            if "trained_tokens" in r and r["trained_tokens"] != train["trained_tokens"]:
+                return False
+            if pair == "dpo" and r.get("pairs") != train["rows"]:
+                return False
+    return True
 
 
 def main() -> int:
@@ -109,13 +132,10 @@ def main() -> int:
             entry[who] = child("contender", spec, args.work / f"{who}-gc{int(gc)}")
             print(f"{arm} / {who}: {json.dumps(entry[who])}", flush=True)
         (args.work / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(table(results))
-    expected = prep["counts"]["train"]["trained_tokens"]
-    counts_ok = all(
-        e[w].get("trained_tokens") == expected for e in results["arms"].values() for w in CONTENDERS
-    )
+    print(table(results, args.pair))
+    counts_ok = counts_agree(results, prep["counts"], args.pair)
     if not counts_ok:
-        print(f"trained tokens differ from the prepared {expected:,}", file=sys.stderr)
+        print("the two sides did not train the prepared rows and tokens", file=sys.stderr)
     return 0 if counts_ok else 1
 
 

@@ -2,9 +2,9 @@
 
 Why: LLM users pick TRL; a speed or memory claim is worth saying only with
 TRL's trainer run next to ours, on the same machine in the same invocation.
-Each *pair* (``sft`` today; the preference and RL work add theirs to
-``PAIRS``) names a function per contender; the orchestration, the machine
-report, the per-process memory reading and the table are shared.
+Each *pair* (``sft`` here, ``dpo`` in ``llm_dpo``; the registry is
+``llm_pairs.PAIRS``) names a function per contender; the orchestration, the
+machine report, the per-process memory reading and the table are shared.
 
 Fairness (``sft``): one ``prepare`` child splits the chat data of a tunesmith
 config once, writes the chats (for tunesmith) and tunesmith's own tokenised
@@ -29,10 +29,7 @@ reply-token cross-entropy over the validation chats divided by their count.
 from __future__ import annotations
 
 import json
-import os
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +64,7 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
     return str(path)
 
 
-def prepare(spec: LLMSpec) -> dict[str, Any]:
+def prepare_chats(spec: LLMSpec) -> dict[str, Any]:
     """Split once; write chats for tunesmith and tokenised features for TRL (module docstring)."""
     from tunesmith.models.loading import load_tokenizer, quiet_transformers
     from tunesmith.studies.bench.measure import machine_info
@@ -95,10 +92,10 @@ def prepare(spec: LLMSpec) -> dict[str, Any]:
             "real_tokens": sum(len(r["input_ids"]) for r in rows),
             "trained_tokens": sum(sum(x != -100 for x in r["labels"][1:]) for r in rows),
         }
-    return {"files": files, "counts": counts, "machine": machine_info() | _extra_versions()}
+    return {"files": files, "counts": counts, "machine": machine_info() | extra_versions()}
 
 
-def _extra_versions() -> dict[str, str]:
+def extra_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     try:
@@ -253,33 +250,3 @@ def validation_loss(model: Any, rows: list[dict[str, Any]], batch_size: int = 8)
             total += float(F.cross_entropy(logits.transpose(1, 2), target, reduction="sum"))
             count += int((target != -100).sum())
     return total / max(count, 1)
-
-
-#: pair -> contender -> the function training it in its child process.
-PAIRS: dict[str, dict[str, Callable[[LLMSpec], dict[str, Any]]]] = {
-    "sft": {"trl": sft_trl, "tunesmith": sft_tunesmith},
-}
-NAMES = {"trl": "TRL SFTTrainer", "tunesmith": "tunesmith"}
-
-
-def run_contender(spec: LLMSpec) -> dict[str, Any]:
-    """One contender's run plus this process's peak memory, load and wall time."""
-    import torch
-
-    start = time.perf_counter()
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    result = PAIRS[spec.pair][spec.contender](spec)
-    return {
-        **result,
-        "real_tokens_per_s": result["real_tokens"] / result["train_seconds"],
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "process_seconds": round(time.perf_counter() - start, 2),
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-def spec_json(spec: LLMSpec) -> dict[str, Any]:
-    """The spec as the child reads it back."""
-    return asdict(spec)

@@ -1,0 +1,183 @@
+"""The ``dpo`` pair of the TRL benchmark: TRL's ``DPOTrainer`` against tunesmith's DPO.
+
+Fairness: one ``prepare`` child splits the pairs of a tunesmith preference
+config once and writes them as conversational rows (``prompt``, ``chosen``,
+``rejected`` message lists); both sides tokenise them through the same chat
+template, which gives the same tokens (``tests/test_preference_trl.py``
+checks it), and the pairs and reply tokens are counted on both sides from the
+batches actually built and must be equal. Same model, LoRA, batch size, one
+epoch, peak LR, schedule, warmup, no weight decay, clip norm 1.0, AdamW, seed,
+fp32, threads, loss (sigmoid) and beta; the reference is the base with the
+adapter off on both sides. TRL keeps its own recipe otherwise: padded batches
+in random order (its pairs have no length column to group by). After training,
+both score the same validation pairs: the reward accuracy (how often the chosen
+reply's implicit reward beats the rejected one's).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tunesmith.studies.bench.llm import LLMSpec, extra_versions, load_config, write_jsonl
+from tunesmith.training.monitor import peak_rss_mb
+
+
+def prepare_pairs(spec: LLMSpec) -> dict[str, Any]:
+    """Split once; write the pairs as conversational rows for both sides."""
+    from tunesmith.models.loading import load_tokenizer, quiet_transformers
+    from tunesmith.studies.bench.measure import machine_info
+    from tunesmith.tasks.base import get_task
+
+    quiet_transformers()
+    cfg = load_config(spec, [f"data.max_train_samples={spec.rows}"])
+    task = get_task(cfg)
+    splits = task.load_splits()
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    out = Path(spec.work) / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {"model": str(cfg.model.name_or_path)}
+    counts = {}
+    for name in ("train", "validation"):
+        features = task.encode(getattr(splits, name), tokenizer, {})
+        rows = [
+            {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+            for r in getattr(splits, name)
+        ]
+        files[name] = write_jsonl(out / f"{name}.jsonl", rows)
+        counts[name] = {
+            "rows": len(features),
+            "real_tokens": sum(
+                len(f["input_ids"]) + len(f["rejected_input_ids"]) for f in features
+            ),
+            "trained_tokens": sum(
+                len(f["input_ids"]) + len(f["rejected_input_ids"]) - 2 * f["prompt_length"]
+                for f in features
+            ),
+        }
+    return {"files": files, "counts": counts, "machine": machine_info() | extra_versions()}
+
+
+def dpo_tunesmith(spec: LLMSpec) -> dict[str, Any]:
+    """tunesmith's DPO on the prepared pairs: one epoch, validation once after training."""
+    from tunesmith.runs.train import train
+
+    extra = [
+        f"data.train={spec.files['train']}",
+        f"data.validation={spec.files['validation']}",
+        "data.format=preference",
+        "data.test=null",
+        "data.test_fraction=0",
+        "data.max_train_samples=null",
+        "train.epochs=1",
+        "train.max_steps=null",
+        "train.eval_at_start=false",
+        "train.eval_steps=1000000",
+        "train.save_minutes=null",
+        "train.precision=fp32",
+        f"train.gradient_checkpointing={str(spec.gradient_checkpointing).lower()}",
+        f"train.output_dir={Path(spec.work) / 'tunesmith'}",
+        "train.overwrite=true",
+    ]
+    if spec.threads:
+        extra.append(f"train.num_threads={spec.threads}")
+    result = train(load_config(spec, extra), progress=False, test=False)
+    loop = result.loop
+    return {
+        "train_seconds": loop.train_seconds,
+        "pairs": int(loop.targets),
+        "real_tokens": loop.real_tokens,
+        "steps": loop.steps,
+        "train_peak_rss_mb": loop.peak_rss_mb,
+        "reward_accuracy": loop.last_validation["reward_accuracy"],
+    }
+
+
+class _PairCounter:
+    """Wraps TRL's collator: counts pairs, real tokens and reply tokens of every batch."""
+
+    def __init__(self, collator: Any) -> None:
+        self.collator, self.pairs, self.real, self.trained = collator, 0, 0, 0
+
+    def __call__(self, examples: list[dict[str, Any]]) -> Any:
+        batch = self.collator(examples)
+        self.pairs += batch["input_ids"].shape[0] // 2
+        self.real += int(batch["attention_mask"].sum())
+        self.trained += int(batch["completion_mask"].sum())
+        return batch
+
+
+def dpo_trl(spec: LLMSpec) -> dict[str, Any]:
+    """TRL's ``DPOTrainer`` with peft LoRA on the prepared pairs (settings: module docstring)."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from tunesmith.studies.bench.measure import read_jsonl
+
+    cfg = load_config(spec)
+    m, o, t, p = cfg.method, cfg.optim, cfg.train, cfg.preference
+    model_path = spec.files["model"]
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if cfg.task.chat_template:
+        tokenizer.chat_template = cfg.task.chat_template
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    lora = LoraConfig(
+        r=m.r,
+        lora_alpha=m.alpha if m.alpha is not None else 2 * m.r,
+        lora_dropout=m.dropout,
+        use_rslora=m.rslora,
+        target_modules=list(m.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    args = DPOConfig(
+        output_dir=str(Path(spec.work) / "trl"),
+        num_train_epochs=1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        learning_rate=o.lr,
+        lr_scheduler_type=o.scheduler,
+        warmup_steps=o.warmup_ratio,
+        weight_decay=o.weight_decay,
+        max_grad_norm=o.max_grad_norm,
+        optim="adamw_torch",
+        seed=t.seed,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=spec.gradient_checkpointing,
+        loss_type=["sigmoid"],
+        beta=p.beta,
+        max_length=cfg.data.max_length,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(read_jsonl(spec.files["train"])),
+        eval_dataset=Dataset.from_list(read_jsonl(spec.files["validation"])),
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
+    counter = _PairCounter(trainer.data_collator)
+    trainer.data_collator = counter
+    out = trainer.train()
+    train_peak = peak_rss_mb()
+    counted = (counter.pairs, counter.real, counter.trained)
+    metrics = trainer.evaluate()
+    return {
+        "train_seconds": out.metrics["train_runtime"],
+        "pairs": counted[0],
+        "real_tokens": counted[1],
+        "trained_tokens": counted[2],
+        "steps": out.global_step,
+        "train_peak_rss_mb": train_peak,
+        "reward_accuracy": metrics["eval_rewards/accuracies"],
+    }
