@@ -21,6 +21,7 @@ from tunesmith.api import train
 from tunesmith.config.root import Config
 from tunesmith.data.batching import Collator
 from tunesmith.errors import ConfigError, DataError
+from tunesmith.evaluation.report.page import render_report
 from tunesmith.models.loading import load_tokenizer
 from tunesmith.tasks.base import get_task
 from tunesmith.tasks.preference_batch import stack_pairs
@@ -236,6 +237,9 @@ def test_dpo_learns_the_preference_and_logs_rewards(tiny_llama, tmp_path):
         assert key in trains[-1]
     assert trains[-1]["rewards/margin"] > trains[0]["rewards/margin"]
     assert result.best_dir is not None
+    page = render_report(tmp_path / "run")
+    assert (page.parent / "plots" / "rewards.png").is_file()
+    assert "Preference rewards" in page.read_text()
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ _TITLES = {
     "grad_norms": "Gradient norms per group",
     "throughput": "Throughput",
     "memory": "Memory",
+    "rewards": "Preference rewards (training, mean per pair)",
 }
 
 _STYLE = """

@@ -89,7 +89,7 @@ def draw_all(records: Sequence[Mapping[str, Any]], folder: Path) -> dict[str, Pa
     losses = {f"train {k}": v for k, v in train_loss.items()}
     losses |= {f"validation {k}": v for k, v in val_loss.items()}
     validation = [f"validation {k}" for k in val_loss]
-    return {
+    plots = {
         "loss": _plot(folder / "loss.png", "Loss", losses, "loss", markers=validation),
         "metrics": _plot(
             folder / "metrics.png",
@@ -124,6 +124,11 @@ def draw_all(records: Sequence[Mapping[str, Any]], folder: Path) -> dict[str, Pa
             "MiB",
         ),
     }
+    # Preference runs only: the implicit rewards of chosen and rejected replies, their margin.
+    rewards = _strip(series(records, "train", lambda k: k.startswith("rewards/")), "rewards/")
+    if rewards:
+        plots["rewards"] = _plot(folder / "rewards.png", "Preference rewards", rewards, "mean")
+    return plots
 
 
 def _strip(
