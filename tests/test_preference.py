@@ -246,14 +246,7 @@ def test_dpo_learns_the_preference_and_logs_rewards(tiny_llama, tmp_path):
     ("loss", "method"), [("kto", {"name": "full"}), ("simpo", LORA), ("dpo", {"name": "full"})]
 )
 def test_other_losses_and_methods_train(tiny_llama, tmp_path, loss, method):
-    if loss == "kto":
-        rows = [
-            {"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
-            for r in pairs(24)
-            for side in ("chosen", "rejected")
-        ]
-    else:
-        rows = pairs(48)
+    rows = kto_rows(24) if loss == "kto" else pairs(48)
     data = write_jsonl(tmp_path / "p.jsonl", rows)
     extra = {"precompute_reference": True} if loss == "dpo" else {}
     cfg = pref_config(
@@ -294,3 +287,61 @@ def test_resume_ends_bit_identical(tiny_llama, tmp_path):
     timing = ("time", "tokens_per_s", "rss_mb")
     kept = [[{k: v for k, v in r.items() if k not in timing} for r in log] for log in logs]
     assert kept[0] == kept[1] and any(r["split"] == "validation" for r in kept[0])
+
+
+def kto_rows(n: int) -> list[dict[str, Any]]:
+    return [
+        {"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+        for r in pairs(n)
+        for side in ("chosen", "rejected")
+    ]
+
+
+def test_precomputed_kto_reference_equals_the_live_one(tiny_llama, tmp_path):
+    """KTO stores two sums per row: its own completion's and the mismatched one's."""
+    from tunesmith.tasks.preference_batch import kto_batch, mismatched_batch
+
+    data = write_jsonl(tmp_path / "k.jsonl", kto_rows(3))
+    sections = {"method": {"name": "full"}, "preference": {"loss": "kto"}, "train": {}}
+    task, tokenizer, features = encoded(tiny_llama, data, **sections)
+    model = task.build_model([], tokenizer)
+    batch = Collator(tokenizer.pad_token_id, "right")(features)
+    pad = tokenizer.pad_token_id
+    live = [task.reference.scores(model, batch, *kto_batch(batch, pad)).sums()]
+    live.append(task.reference.scores(model, batch, *mismatched_batch(batch, pad)).sums())
+    task.tokenizer = tokenizer
+    dataset = type("Set", (), {"features": features})()
+    done = Reference("pending").precompute(model, [dataset], task, batch_size=4)
+    batch = Collator(tokenizer.pad_token_id, "right")(features)
+    own = done.scores(model, batch, *kto_batch(batch, pad))
+    other = done.scores(model, batch, *mismatched_batch(batch, pad), kl=True)
+    torch.testing.assert_close(own, live[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(other, live[1], rtol=0, atol=1e-5)
+    assert not torch.allclose(own, other)
+
+
+def test_accumulation_equals_one_large_batch(tiny_llama, tmp_path):
+    """The loss of a batch is the sum of its pairs' losses, gradients included.
+
+    The loop divides a window's summed losses by its pairs, so micro-batches of
+    4 + 2 pairs then give exactly the step one batch of 6 gives; a mean per
+    micro-batch would weigh the two micro-batches' pairs differently.
+    """
+    data = write_jsonl(tmp_path / "p.jsonl", pairs(6))
+    task, tokenizer, features = encoded(tiny_llama, data, method={"name": "full"})
+    model = task.build_model([], tokenizer)
+    collate = Collator(tokenizer.pad_token_id, "right")
+
+    def loss_and_grads(*chunks: list[dict]) -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        total = sum(task.loss_sum(task.forward(model, collate(c)), collate(c)) for c in chunks)
+        (total / len(features)).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return float(total), grads
+
+    whole, g_whole = loss_and_grads(features)
+    parts, g_parts = loss_and_grads(features[:4], features[4:])
+    assert parts == pytest.approx(whole, rel=1e-6)
+    assert g_whole.keys() == g_parts.keys() and g_whole
+    for name, grad in g_whole.items():
+        torch.testing.assert_close(g_parts[name], grad, atol=1e-7, rtol=1e-5, msg=name)
