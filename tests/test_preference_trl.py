@@ -98,6 +98,27 @@ def assert_same(ours: torch.Tensor, theirs: torch.Tensor, g_ours: dict, g_theirs
         torch.testing.assert_close(grad, g_theirs[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def trl_run(trainer_cls, args, rows: list[dict], models) -> tuple[Any, torch.Tensor, dict]:
+    """TRL's trainer on ``rows`` (one batch): its tokenised rows, its loss and its gradients."""
+    from datasets import Dataset
+
+    _, tokenizer, policy, reference = models
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trainer_cls(
+            model=copy.deepcopy(policy),
+            ref_model=copy.deepcopy(reference),
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
+    data = trainer.train_dataset
+    batch = trainer.data_collator([data[i] for i in range(len(rows))])
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    return data, loss, grads_after(trainer.model, loss)
+
+
 def pair_records() -> list[dict]:
     return [
         {"prompt": user(p), "chosen": reply(c), "rejected": reply(r), "source": f"row {i}"}
@@ -126,27 +147,13 @@ def trl_args(cls, **kwargs):
     ],
 )
 def test_dpo_family_equals_trl_dpo_trainer(models, tmp_path, loss, trl_loss, extra):
-    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     folder, tokenizer, policy, reference = models
     beta = 0.3
     rows = [{"prompt": user(p), "chosen": reply(c), "rejected": reply(r)} for p, c, r in PAIRS]
     args = trl_args(DPOConfig, loss_type=[trl_loss], beta=beta, max_length=None, **extra)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = DPOTrainer(
-            model=copy.deepcopy(policy),
-            ref_model=copy.deepcopy(reference),
-            args=args,
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tokenizer,
-        )
-    data = trainer.train_dataset
-    batch = trainer.data_collator([data[i] for i in range(len(PAIRS))])
-    trainer.model.train()
-    theirs = trainer.compute_loss(trainer.model, batch)
-    g_theirs = grads_after(trainer.model, theirs)
+    data, theirs, g_theirs = trl_run(DPOTrainer, args, rows, models)
 
     mine = copy.deepcopy(policy)
     ours, features = our_loss(
@@ -221,27 +228,13 @@ def test_reference_free_losses_equal_trl_experimental_trainers(models, loss):
 
 
 def test_kto_equals_trl_kto_trainer(models):
-    from datasets import Dataset
     from trl import KTOConfig, KTOTrainer
 
     folder, tokenizer, policy, reference = models
     beta, weights = 0.2, {"desirable_weight": 1.3, "undesirable_weight": 0.7}
     rows = [{"prompt": user(p), "completion": reply(c), "label": d} for p, c, d in KTO_ROWS]
     args = trl_args(KTOConfig, beta=beta, max_length=None, **weights)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = KTOTrainer(
-            model=copy.deepcopy(policy),
-            ref_model=copy.deepcopy(reference),
-            args=args,
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tokenizer,
-        )
-    data = trainer.train_dataset
-    batch = trainer.data_collator([data[i] for i in range(len(rows))])
-    trainer.model.train()
-    theirs = trainer.compute_loss(trainer.model, batch)
-    g_theirs = grads_after(trainer.model, theirs)
+    data, theirs, g_theirs = trl_run(KTOTrainer, args, rows, models)
     records = [
         {"prompt": user(p), "completion": reply(c), "desirable": d, "source": f"row {i}"}
         for i, (p, c, d) in enumerate(KTO_ROWS)

@@ -104,12 +104,10 @@ def extra_versions() -> dict[str, str]:
         return {"trl": "not installed"}
 
 
-# -- the sft pair ---------------------------------------------------------------------
-def sft_tunesmith(spec: LLMSpec) -> dict[str, Any]:
-    """tunesmith on the prepared chats: one epoch, validation once after training."""
-    from tunesmith.runs.train import train
-
-    extra = [
+def run_overrides(spec: LLMSpec, extra: list[str]) -> list[str]:
+    """tunesmith's side of every pair: the prepared files, one epoch, no evaluation until the
+    end, no checkpoints, fp32, the spec's threads and checkpointing; plus ``extra``."""
+    overrides = [
         f"data.train={spec.files['train']}",
         f"data.validation={spec.files['validation']}",
         "data.test=null",
@@ -124,11 +122,23 @@ def sft_tunesmith(spec: LLMSpec) -> dict[str, Any]:
         f"train.gradient_checkpointing={str(spec.gradient_checkpointing).lower()}",
         f"train.output_dir={Path(spec.work) / 'tunesmith'}",
         "train.overwrite=true",
-        "generate.in_eval=false",
+        *extra,
     ]
     if spec.threads:
-        extra.append(f"train.num_threads={spec.threads}")
-    result = train(load_config(spec, extra), progress=False, test=False)
+        overrides.append(f"train.num_threads={spec.threads}")
+    return overrides
+
+
+# -- the sft pair ---------------------------------------------------------------------
+def sft_tunesmith(spec: LLMSpec) -> dict[str, Any]:
+    """tunesmith on the prepared chats: one epoch, validation once after training."""
+    from tunesmith.runs.train import train
+
+    result = train(
+        load_config(spec, run_overrides(spec, ["generate.in_eval=false"])),
+        progress=False,
+        test=False,
+    )
     loop = result.loop
     return {
         "train_seconds": loop.train_seconds,

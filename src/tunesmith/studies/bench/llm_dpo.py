@@ -19,7 +19,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tunesmith.studies.bench.llm import LLMSpec, extra_versions, load_config, write_jsonl
+from tunesmith.studies.bench.llm import (
+    LLMSpec,
+    extra_versions,
+    load_config,
+    run_overrides,
+    write_jsonl,
+)
 from tunesmith.training.monitor import peak_rss_mb
 
 
@@ -62,26 +68,8 @@ def dpo_tunesmith(spec: LLMSpec) -> dict[str, Any]:
     """tunesmith's DPO on the prepared pairs: one epoch, validation once after training."""
     from tunesmith.runs.train import train
 
-    extra = [
-        f"data.train={spec.files['train']}",
-        f"data.validation={spec.files['validation']}",
-        "data.format=preference",
-        "data.test=null",
-        "data.test_fraction=0",
-        "data.max_train_samples=null",
-        "train.epochs=1",
-        "train.max_steps=null",
-        "train.eval_at_start=false",
-        "train.eval_steps=1000000",
-        "train.save_minutes=null",
-        "train.precision=fp32",
-        f"train.gradient_checkpointing={str(spec.gradient_checkpointing).lower()}",
-        f"train.output_dir={Path(spec.work) / 'tunesmith'}",
-        "train.overwrite=true",
-    ]
-    if spec.threads:
-        extra.append(f"train.num_threads={spec.threads}")
-    result = train(load_config(spec, extra), progress=False, test=False)
+    overrides = run_overrides(spec, ["data.format=preference"])
+    result = train(load_config(spec, overrides), progress=False, test=False)
     loop = result.loop
     return {
         "train_seconds": loop.train_seconds,
