@@ -29,6 +29,7 @@ reply-token cross-entropy over the validation chats divided by their count.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,13 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
     return str(path)
 
 
-def prepare_chats(spec: LLMSpec) -> dict[str, Any]:
-    """Split once; write chats for tunesmith and tokenised features for TRL (module docstring)."""
+#: Writes one split for both contenders: (split name, records, tunesmith's features,
+#: folder) -> (files written by key, counts of what will be trained).
+SplitWriter = Callable[[str, list[dict[str, Any]], list[dict[str, Any]], Path], tuple[dict, dict]]
+
+
+def prepare_split(spec: LLMSpec, write: SplitWriter) -> dict[str, Any]:
+    """Split the pair's data once, encode it as tunesmith would, ``write`` each split."""
     from tunesmith.models.loading import load_tokenizer, quiet_transformers
     from tunesmith.studies.bench.measure import machine_info
     from tunesmith.tasks.base import get_task
@@ -81,18 +87,31 @@ def prepare_chats(spec: LLMSpec) -> dict[str, Any]:
     counts = {}
     for name in ("train", "validation"):
         records = getattr(splits, name)
-        files[name] = write_jsonl(
-            out / f"{name}.jsonl", [{"messages": r["messages"]} for r in records]
-        )
-        features = task.encode(records, tokenizer, {})
-        rows = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
-        files[f"{name}_features"] = write_jsonl(out / f"{name}_features.jsonl", rows)
-        counts[name] = {
-            "rows": len(rows),
-            "real_tokens": sum(len(r["input_ids"]) for r in rows),
-            "trained_tokens": sum(sum(x != -100 for x in r["labels"][1:]) for r in rows),
-        }
+        written, counts[name] = write(name, records, task.encode(records, tokenizer, {}), out)
+        files |= written
     return {"files": files, "counts": counts, "machine": machine_info() | extra_versions()}
+
+
+def _chat_files(
+    name: str, records: list[dict[str, Any]], features: list[dict[str, Any]], out: Path
+) -> tuple[dict, dict]:
+    """Chats for tunesmith, tokenised features (ids, reply labels) for TRL."""
+    rows = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
+    files = {
+        name: write_jsonl(out / f"{name}.jsonl", [{"messages": r["messages"]} for r in records]),
+        f"{name}_features": write_jsonl(out / f"{name}_features.jsonl", rows),
+    }
+    counts = {
+        "rows": len(rows),
+        "real_tokens": sum(len(r["input_ids"]) for r in rows),
+        "trained_tokens": sum(sum(x != -100 for x in r["labels"][1:]) for r in rows),
+    }
+    return files, counts
+
+
+def prepare_chats(spec: LLMSpec) -> dict[str, Any]:
+    """Split once; write chats for tunesmith and tokenised features for TRL (module docstring)."""
+    return prepare_split(spec, _chat_files)
 
 
 def extra_versions() -> dict[str, str]:

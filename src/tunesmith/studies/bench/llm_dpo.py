@@ -21,47 +21,35 @@ from typing import Any
 
 from tunesmith.studies.bench.llm import (
     LLMSpec,
-    extra_versions,
     load_config,
+    prepare_split,
     run_overrides,
     write_jsonl,
 )
 from tunesmith.training.monitor import peak_rss_mb
 
 
+def _pair_files(
+    name: str, records: list[dict[str, Any]], features: list[dict[str, Any]], out: Path
+) -> tuple[dict, dict]:
+    """The pairs as conversational rows (both sides tokenise them); counts from the features."""
+    rows = [
+        {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in records
+    ]
+    lengths = [
+        (len(f["input_ids"]), len(f["rejected_input_ids"]), f["prompt_length"]) for f in features
+    ]
+    counts = {
+        "rows": len(features),
+        "real_tokens": sum(c + r for c, r, _ in lengths),
+        "trained_tokens": sum(c + r - 2 * p for c, r, p in lengths),
+    }
+    return {name: write_jsonl(out / f"{name}.jsonl", rows)}, counts
+
+
 def prepare_pairs(spec: LLMSpec) -> dict[str, Any]:
     """Split once; write the pairs as conversational rows for both sides."""
-    from tunesmith.models.loading import load_tokenizer, quiet_transformers
-    from tunesmith.studies.bench.measure import machine_info
-    from tunesmith.tasks.base import get_task
-
-    quiet_transformers()
-    cfg = load_config(spec, [f"data.max_train_samples={spec.rows}"])
-    task = get_task(cfg)
-    splits = task.load_splits()
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
-    out = Path(spec.work) / "data"
-    out.mkdir(parents=True, exist_ok=True)
-    files: dict[str, str] = {"model": str(cfg.model.name_or_path)}
-    counts = {}
-    for name in ("train", "validation"):
-        features = task.encode(getattr(splits, name), tokenizer, {})
-        rows = [
-            {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
-            for r in getattr(splits, name)
-        ]
-        files[name] = write_jsonl(out / f"{name}.jsonl", rows)
-        counts[name] = {
-            "rows": len(features),
-            "real_tokens": sum(
-                len(f["input_ids"]) + len(f["rejected_input_ids"]) for f in features
-            ),
-            "trained_tokens": sum(
-                len(f["input_ids"]) + len(f["rejected_input_ids"]) - 2 * f["prompt_length"]
-                for f in features
-            ),
-        }
-    return {"files": files, "counts": counts, "machine": machine_info() | extra_versions()}
+    return prepare_split(spec, _pair_files)
 
 
 def dpo_tunesmith(spec: LLMSpec) -> dict[str, Any]:
