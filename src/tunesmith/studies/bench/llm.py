@@ -148,6 +148,50 @@ def run_overrides(spec: LLMSpec, extra: list[str]) -> list[str]:
     return overrides
 
 
+def trl_lora(cfg: Any) -> Any:
+    """peft's LoRA config equal to the tunesmith config's ``method`` section."""
+    from peft import LoraConfig
+
+    m = cfg.method
+    return LoraConfig(
+        r=m.r,
+        lora_alpha=m.alpha if m.alpha is not None else 2 * m.r,  # tunesmith's default
+        lora_dropout=m.dropout,
+        use_rslora=m.rslora,
+        target_modules=list(m.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def trl_arguments(spec: LLMSpec, cfg: Any) -> dict[str, Any]:
+    """TRL's training arguments shared by every pair: tunesmith's optimisation, CPU, quiet."""
+    o, t = cfg.optim, cfg.train
+    return dict(
+        output_dir=str(Path(spec.work) / "trl"),
+        num_train_epochs=1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        learning_rate=o.lr,
+        lr_scheduler_type=o.scheduler,
+        warmup_steps=o.warmup_ratio,  # transformers 5: below 1 is a ratio
+        weight_decay=o.weight_decay,
+        max_grad_norm=o.max_grad_norm,
+        optim="adamw_torch",
+        seed=t.seed,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=spec.gradient_checkpointing,
+        max_length=cfg.data.max_length,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
 # -- the sft pair ---------------------------------------------------------------------
 def sft_tunesmith(spec: LLMSpec) -> dict[str, Any]:
     """tunesmith on the prepared chats: one epoch, validation once after training."""
@@ -186,7 +230,6 @@ def sft_trl(spec: LLMSpec) -> dict[str, Any]:
     """TRL's ``SFTTrainer`` with peft LoRA on the prepared features (settings: module docstring)."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -194,50 +237,18 @@ def sft_trl(spec: LLMSpec) -> dict[str, Any]:
     from tunesmith.studies.bench.measure import read_jsonl
 
     cfg = load_config(spec)
-    m, o, t = cfg.method, cfg.optim, cfg.train
     model_path = spec.files["model"]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     train_set = Dataset.from_list(read_jsonl(spec.files["train_features"]))
-    lora = LoraConfig(
-        r=m.r,
-        lora_alpha=m.alpha if m.alpha is not None else 2 * m.r,  # tunesmith's default
-        lora_dropout=m.dropout,
-        use_rslora=m.rslora,
-        target_modules=list(m.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    args = SFTConfig(
-        output_dir=str(Path(spec.work) / "trl"),
-        num_train_epochs=1,
-        per_device_train_batch_size=t.batch_size,
-        learning_rate=o.lr,
-        lr_scheduler_type=o.scheduler,
-        warmup_steps=o.warmup_ratio,  # transformers 5: below 1 is a ratio
-        weight_decay=o.weight_decay,
-        max_grad_norm=o.max_grad_norm,
-        optim="adamw_torch",
-        seed=t.seed,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=spec.gradient_checkpointing,
-        train_sampling_strategy="group_by_length",
-        max_length=cfg.data.max_length,
-        eval_strategy="no",
-        save_strategy="no",
-        logging_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
+    args = SFTConfig(**trl_arguments(spec, cfg), train_sampling_strategy="group_by_length")
     counter = _Counter(DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id))
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
         processing_class=tokenizer,
-        peft_config=lora,
+        peft_config=trl_lora(cfg),
         data_collator=counter,
     )
     out = trainer.train()

@@ -24,6 +24,8 @@ from tunesmith.studies.bench.llm import (
     load_config,
     prepare_split,
     run_overrides,
+    trl_arguments,
+    trl_lora,
     write_jsonl,
 )
 from tunesmith.training.monitor import peak_rss_mb
@@ -87,60 +89,25 @@ def dpo_trl(spec: LLMSpec) -> dict[str, Any]:
     """TRL's ``DPOTrainer`` with peft LoRA on the prepared pairs (settings: module docstring)."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     from tunesmith.studies.bench.measure import read_jsonl
 
     cfg = load_config(spec)
-    m, o, t, p = cfg.method, cfg.optim, cfg.train, cfg.preference
     model_path = spec.files["model"]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if cfg.task.chat_template:
         tokenizer.chat_template = cfg.task.chat_template
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    lora = LoraConfig(
-        r=m.r,
-        lora_alpha=m.alpha if m.alpha is not None else 2 * m.r,
-        lora_dropout=m.dropout,
-        use_rslora=m.rslora,
-        target_modules=list(m.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    args = DPOConfig(
-        output_dir=str(Path(spec.work) / "trl"),
-        num_train_epochs=1,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
-        learning_rate=o.lr,
-        lr_scheduler_type=o.scheduler,
-        warmup_steps=o.warmup_ratio,
-        weight_decay=o.weight_decay,
-        max_grad_norm=o.max_grad_norm,
-        optim="adamw_torch",
-        seed=t.seed,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=spec.gradient_checkpointing,
-        loss_type=["sigmoid"],
-        beta=p.beta,
-        max_length=cfg.data.max_length,
-        eval_strategy="no",
-        save_strategy="no",
-        logging_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
+    args = DPOConfig(**trl_arguments(spec, cfg), loss_type=["sigmoid"], beta=cfg.preference.beta)
     trainer = DPOTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(read_jsonl(spec.files["train"])),
         eval_dataset=Dataset.from_list(read_jsonl(spec.files["validation"])),
         processing_class=tokenizer,
-        peft_config=lora,
+        peft_config=trl_lora(cfg),
     )
     counter = _PairCounter(trainer.data_collator)
     trainer.data_collator = counter
