@@ -26,7 +26,7 @@ from tunesmith.core.registry import Registry
 from tunesmith.data.batching import EpochSampler
 from tunesmith.data.cleaning import EMPTY, normalize_record
 from tunesmith.data.labels import check_labels
-from tunesmith.data.pipeline import select_by_source
+from tunesmith.data.pipeline import assemble_splits, select_by_source
 from tunesmith.errors import DataError
 from tunesmith.models.adapter_start import load_merged
 from tunesmith.models.dropout import configured_dropout
@@ -127,6 +127,23 @@ class Task(TaskSpec, ABC):
                 "set data.empty_rows=error to fail instead)"
             )
         return records
+
+    def split_free_text(self, what: str) -> DataSplits:
+        """Read and split the configured files for a task without a label vocabulary.
+
+        Rows lacking what the task needs are dropped (``what`` says what they
+        lack, for the note); the splits are random (chat data: grouped by first
+        question, ``data/pipeline.py``).
+        """
+        notes: list[str] = []
+        parts, provenance, split_notes, quality = assemble_splits(
+            self.cfg.data,
+            self.cfg.train.seed,
+            lambda path, report: self.read_dropping_empty(path, notes, what, report),
+        )
+        return DataSplits(
+            **parts, provenance=provenance, notes=notes + split_notes, quality=quality
+        )
 
     def split_records(
         self, provenance: Mapping[str, Any], split: str, where: Any

@@ -11,15 +11,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tunesmith.data.chat import read_chat_file, read_options
-from tunesmith.data.pipeline import assemble_splits
 from tunesmith.tasks.base import DataSplits
 
 
 class ChatRows:
-    """Chat-row reading for a ``Task`` (uses its ``cfg`` and ``read_dropping_empty``)."""
+    """Chat-row reading for a ``Task`` (uses its ``cfg`` and ``split_free_text``)."""
 
     cfg: Any
-    read_dropping_empty: Any
+    split_free_text: Any
 
     def read_layout(
         self, path: str, *, labelled: bool, dropped: list[str] | None, fmt: str | None = None
@@ -35,22 +34,7 @@ class ChatRows:
 
     def load_splits(self) -> DataSplits:
         """Read and split; every chat starting with the same question stays on one side."""
-        notes: list[str] = []
-        parts, provenance, split_notes, quality = assemble_splits(
-            self.cfg.data,
-            self.cfg.train.seed,
-            lambda path, report: self.read_dropping_empty(
-                path, notes, "with an empty prompt or reply", report
-            ),
-        )
-        return DataSplits(
-            train=parts["train"],
-            validation=parts["validation"],
-            test=parts["test"],
-            provenance=provenance,
-            notes=notes + split_notes,
-            quality=quality,
-        )
+        return self.split_free_text("with an empty prompt or reply")
 
     def check_labels(
         self, records: Sequence[Mapping[str, Any]], label2id: Mapping[str, int], split: str

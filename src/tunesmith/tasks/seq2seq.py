@@ -34,7 +34,6 @@ import torch
 
 from tunesmith.config.task_specs import Seq2SeqSpec
 from tunesmith.data.loading import load_records
-from tunesmith.data.pipeline import assemble_splits
 from tunesmith.errors import ModelError
 from tunesmith.tasks.base import Batch, DataSplits, Feature, Task, register_task
 from tunesmith.tasks.encoding import chunks, effective_limit, full_lengths
@@ -76,17 +75,7 @@ class Seq2Seq(Seq2SeqSpec, Task):
 
     def load_splits(self) -> DataSplits:
         """Read and split at random (there is no label to stratify by)."""
-        notes: list[str] = []
-        parts, provenance, split_notes, quality = assemble_splits(
-            self.cfg.data,
-            self.cfg.train.seed,
-            lambda path, report: self.read_dropping_empty(
-                path, notes, "with an empty source or target", report
-            ),
-        )
-        return DataSplits(
-            **parts, provenance=provenance, notes=notes + split_notes, quality=quality
-        )
+        return self.split_free_text("with an empty source or target")
 
     def check_labels(
         self, records: Sequence[Mapping[str, Any]], label2id: Mapping[str, int], split: str
