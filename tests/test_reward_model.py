@@ -113,3 +113,24 @@ def test_the_loss_is_bradley_terry_with_the_margin(tmp_path):
     chosen, rejected = torch.tensor(single[:3]), torch.tensor(single[3:])
     expected = -F.logsigmoid(chosen - rejected - torch.tensor([0.0, 1.0, -2.0])).sum()
     assert float(task.loss_sum(rewards, batch)) == pytest.approx(float(expected), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_smollm2_reward_model_scores_like_plain_transformers(tmp_path):
+    """The real SmolLM2 (pad id = EOS id): two steps, then plain transformers scores the same."""
+    from tunesmith.assets.locate import SMOLLM2, locate
+
+    model = locate(SMOLLM2)
+    tokenizer = load_tokenizer(str(model))
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    data = write_jsonl(tmp_path / "p.jsonl", pairs(12))
+    cfg = rm_config(model, data, tmp_path / "rm", max_steps=2, batch_size=4)
+    cfg["method"] = {"name": "freeze", "train_layers": 1}
+    result = train(Config.from_dict(cfg), progress=False, test=False)
+    chats = [
+        [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": reply}]
+        for reply in (CHOSEN, REJECTED, "A bot.")
+    ]
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
+    ours = [row["score"] for row in predict(result.best_dir, texts)]
+    assert ours == pytest.approx(plain_scores(result.best_dir, texts), abs=1e-4)
