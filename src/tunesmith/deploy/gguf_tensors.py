@@ -17,7 +17,7 @@ are refused before anything is written.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,10 +113,8 @@ def permute_qk(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     )
 
 
-def llama_tensors(
-    state: Mapping[str, torch.Tensor], shape: LlamaShape
-) -> Iterator[tuple[str, np.ndarray]]:
-    """``(llama.cpp name, float32 array)`` for every learned tensor, Q/K permuted.
+def gguf_names(names: Iterable[str], shape: LlamaShape) -> Iterator[tuple[str, str]]:
+    """``(transformers name, llama.cpp name)`` of every learned tensor written.
 
     A tied ``lm_head`` is left out: llama.cpp reuses ``token_embd`` for the
     output when ``output.weight`` is missing, as it does for files of its own
@@ -127,17 +125,25 @@ def llama_tensors(
     """
     import gguf
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, shape.n_layers)
-    for hf_name, tensor in state.items():
+    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, shape.n_layers)
+    for hf_name in names:
         if hf_name.endswith(_COMPUTED) or (shape.tied and hf_name == "lm_head.weight"):
             continue
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        name = table.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ModelError(
                 f"export --format gguf: tensor '{hf_name}' has no llama.cpp name; "
                 "only plain Llama models are supported"
             )
-        data = tensor.detach().to(device="cpu", dtype=torch.float32)
+        yield hf_name, name
+
+
+def llama_tensors(
+    state: Mapping[str, torch.Tensor], shape: LlamaShape
+) -> Iterator[tuple[str, np.ndarray]]:
+    """``(llama.cpp name, float32 array)`` for every tensor written, Q/K permuted."""
+    for hf_name, name in gguf_names(state, shape):
+        data = state[hf_name].detach().to(device="cpu", dtype=torch.float32)
         if hf_name.endswith("q_proj.weight"):
             data = permute_qk(data, shape.n_head)
         elif hf_name.endswith("k_proj.weight"):

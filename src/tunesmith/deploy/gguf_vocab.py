@@ -27,7 +27,7 @@ from tunesmith.tasks.chat_template import end_of_turn_id
 
 _WHAT = "export --format gguf"
 #: A chat whose rendering shows which token ends the assistant's turn.
-_PROBE_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
+PROBE_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
 #: A pre-tokenizer JSON with the keys that do not change the split left out.
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
 _DIGITS = {"type": "Digits", "individual_digits": True}
@@ -84,7 +84,7 @@ def build_vocab(tokenizer: Any, template: str | None, vocab_size: int) -> GgufVo
         for key, value in {
             "bos": tokenizer.bos_token_id,
             "eos": tokenizer.eos_token_id,
-            "eot": end_of_turn_id(tokenizer, _PROBE_CHAT, template) if template else None,
+            "eot": end_of_turn(tokenizer, template),
             "unk": tokenizer.unk_token_id,
             "pad": tokenizer.pad_token_id,
         }.items()
@@ -101,6 +101,11 @@ def build_vocab(tokenizer: Any, template: str | None, vocab_size: int) -> GgufVo
         add_eos=add_eos,
         chat_template=template,
     )
+
+
+def end_of_turn(tokenizer: Any, template: str | None) -> int | None:
+    """The token the template ends an assistant reply with (None without a template)."""
+    return end_of_turn_id(tokenizer, PROBE_CHAT, template) if template else None
 
 
 def pre_tokenizer_name(spec: dict[str, Any]) -> str:
