@@ -256,3 +256,29 @@ def test_rounding_is_what_the_file_holds() -> None:
         assert np.array_equal(rounded("blk.0.attn_q.weight", array, quant(name)), back)
     norm, qtype = encode("blk.0.attn_norm.weight", array[0], quant("q8_0"))
     assert qtype == GGMLQuantizationType.F32 and np.array_equal(norm, array[0])
+
+
+@pytest.mark.slow
+def test_smollm2_lora_sft_exports_to_f16_proven_by_both_checks(tmp_path: Path) -> None:
+    """The offline SmolLM2 after a short LoRA SFT run, exported as users would, both checks on."""
+    from tunesmith.config.root import Config
+
+    example = Path(__file__).parent.parent / "examples" / "sft_smollm2.yaml"
+    overrides = [
+        "train.max_steps=2",
+        "train.eval_steps=2",
+        "train.eval_at_start=false",
+        f"train.output_dir={tmp_path / 'run'}",
+    ]
+    best = train(Config.load(example, overrides=overrides)).best_dir
+    assert best is not None
+    done = export_gguf(best, tmp_path / "gguf", quantize="f16")
+    first = done.report["check_1"]
+    assert first["passed"] and first["max_abs_diff"] <= 1e-4 and first["prompts"] == 20
+    assert done.info["tokenizer"]["pre"] == "gpt-2"  # the prepared tokenizer: docs/deploy.md
+    assert done.info["tokenizer"]["special_tokens"]["eot"] == "<|im_end|>"
+    assert 250e6 < done.info["size_bytes"] < 290e6
+    if runtime_available():
+        second = done.report["check_2"]
+        assert second["passed"] and second["prompt_tokens_identical"] == "20/20"
+        assert int(second["greedy_identical"].split("/")[0]) >= 18
