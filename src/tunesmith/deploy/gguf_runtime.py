@@ -34,6 +34,8 @@ class LlamaCpp:
         import llama_cpp
 
         self._api = llama_cpp
+        # A float32 key/value cache (llama.cpp's default is f16): the check is about the
+        # file, so the cache must not round what transformers keeps in float32.
         self._llm = llama_cpp.Llama(
             model_path=str(path),
             n_ctx=n_ctx,
@@ -43,6 +45,8 @@ class LlamaCpp:
             seed=0,
             n_threads=threads,
             n_gpu_layers=0,
+            type_k=llama_cpp.GGML_TYPE_F32,
+            type_v=llama_cpp.GGML_TYPE_F32,
         )
         # llama-cpp-python has no public handle on the vocabulary the C API asks for.
         self._vocab = self._llm._model.vocab
