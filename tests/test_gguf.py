@@ -272,13 +272,13 @@ def test_smollm2_lora_sft_exports_to_f16_proven_by_both_checks(tmp_path: Path) -
     ]
     best = train(Config.load(example, overrides=overrides)).best_dir
     assert best is not None
-    done = export_gguf(best, tmp_path / "gguf", quantize="f16")
+    done = export_gguf(best, tmp_path / "gguf", quantize="f16", check_prompts_n=8)
     first = done.report["check_1"]
-    assert first["passed"] and first["max_abs_diff"] <= 1e-4 and first["prompts"] == 20
+    assert first["passed"] and first["max_abs_diff"] <= 1e-4 and first["prompts"] == 12
     assert done.info["tokenizer"]["pre"] == "gpt-2"  # the prepared tokenizer: docs/deploy.md
     assert done.info["tokenizer"]["special_tokens"]["eot"] == "<|im_end|>"
     assert 250e6 < done.info["size_bytes"] < 290e6
     if runtime_available():
         second = done.report["check_2"]
-        assert second["passed"] and second["prompt_tokens_identical"] == "20/20"
-        assert int(second["greedy_identical"].split("/")[0]) >= 18
+        assert second["passed"] and second["prompt_tokens_identical"] == "12/12"
+        assert int(second["greedy_identical"].split("/")[0]) >= 11
