@@ -265,20 +265,21 @@ def test_smollm2_lora_sft_exports_to_f16_proven_by_both_checks(tmp_path: Path) -
 
     example = Path(__file__).parent.parent / "examples" / "sft_smollm2.yaml"
     overrides = [
-        "train.max_steps=2",
-        "train.eval_steps=2",
+        "train.max_steps=1",
+        "train.batch_size=4",
+        "train.eval_steps=1",
         "train.eval_at_start=false",
         f"train.output_dir={tmp_path / 'run'}",
     ]
     best = train(Config.load(example, overrides=overrides)).best_dir
     assert best is not None
-    done = export_gguf(best, tmp_path / "gguf", quantize="f16", check_prompts_n=8)
+    done = export_gguf(best, tmp_path / "gguf", quantize="f16", check_prompts_n=6)
     first = done.report["check_1"]
-    assert first["passed"] and first["max_abs_diff"] <= 1e-4 and first["prompts"] == 12
+    assert first["passed"] and first["max_abs_diff"] <= 1e-4 and first["prompts"] == 10
     assert done.info["tokenizer"]["pre"] == "gpt-2"  # the prepared tokenizer: docs/deploy.md
     assert done.info["tokenizer"]["special_tokens"]["eot"] == "<|im_end|>"
     assert 250e6 < done.info["size_bytes"] < 290e6
     if runtime_available():
         second = done.report["check_2"]
-        assert second["passed"] and second["prompt_tokens_identical"] == "12/12"
-        assert int(second["greedy_identical"].split("/")[0]) >= 11
+        assert second["passed"] and second["prompt_tokens_identical"] == "10/10"
+        assert int(second["greedy_identical"].split("/")[0]) >= 9
