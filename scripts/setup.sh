@@ -13,6 +13,15 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     echo "setup: installing torch 2.13.0 (CPU build)" >&2
     "${PIP[@]}" install "torch==2.13.0"
 fi
+# llama.cpp's Python binding (check 2 of `export --format gguf`) exists only as a source
+# package: build it first, portably. GGML_NATIVE=OFF: a build for this CPU (AVX-512, say)
+# would crash on an AVX2 machine, and pip's wheel cache, which is not keyed on CMAKE_ARGS,
+# would hand that wheel to every later install. Done before the dev install, which then
+# finds it installed; pip's cache keeps the wheel (first build: minutes; then seconds).
+if ! .venv/bin/python -c "import llama_cpp" >/dev/null 2>&1; then
+    echo "setup: building llama-cpp-python 0.3.36 (first time: 3-9 minutes on 2 cores)" >&2
+    CMAKE_ARGS="-DGGML_NATIVE=OFF" "${PIP[@]}" install "llama-cpp-python==0.3.36"
+fi
 echo "setup: installing tunesmith and its dependencies" >&2
 "${PIP[@]}" install -e ".[dev]"
 # WordNet for synonym augmentation (data.augment.synonyms: wordnet): Debian's database.

@@ -1,4 +1,4 @@
-"""The export and prune commands: copies, merged models, int8, ONNX and pruned deployments.
+"""The export and prune commands: copies, merged models, int8, ONNX, GGUF, pruned models.
 
 Kept apart from ``cli.py`` (which it registers on) so the command-line module
 stays one screenful per concern; the error handling is ``cli.main``'s.
@@ -33,11 +33,27 @@ def export_(
         bool, typer.Option("--merge", help="Fold LoRA/DoRA/IA3 into the base weights.")
     ] = False,
     quantize: Annotated[
-        str | None, typer.Option(help="int8: dynamic int8 Linear layers and int8 embeddings.")
+        str | None,
+        typer.Option(
+            help="int8: dynamic int8 Linear layers and int8 embeddings. With --format gguf: "
+            "f32, f16 (default) or q8_0."
+        ),
     ] = None,
     fmt: Annotated[
-        str | None, typer.Option("--format", help="onnx: an ONNX graph checked by onnxruntime.")
+        str | None,
+        typer.Option(
+            "--format",
+            help="onnx: an ONNX graph checked by onnxruntime. gguf: one GGUF file for "
+            "llama.cpp/Ollama (causal LMs), checked by transformers and llama.cpp.",
+        ),
     ] = None,
+    check: Annotated[
+        bool, typer.Option("--check/--no-check", help="GGUF: check the file before writing it.")
+    ] = True,
+    check_prompts: Annotated[
+        int,
+        typer.Option(min=0, help="GGUF: validation chats checked on (plus 4 fixed prompts)."),
+    ] = 16,
     data: MeasureData = None,
     split: MeasureSplit = None,
     batch_size: BatchSize = 32,
@@ -47,24 +63,26 @@ def export_(
 
     --quantize int8 and --format onnx merge adapters first, then print size,
     latency and quality against the checkpoint on the run's test split (or
-    --data / --split). Bottleneck adapters, prefix and prompt tuning cannot
-    be merged: they export unmerged, and neither int8 nor ONNX takes them.
+    --data / --split). --format gguf merges adapters and writes one GGUF file
+    with an Ollama Modelfile, after checking it with transformers' GGUF
+    reader and (when llama-cpp-python is installed) llama.cpp. Bottleneck
+    adapters, prefix and prompt tuning cannot be merged: they export
+    unmerged, and none of int8, ONNX or GGUF takes them.
     """
-    from tunesmith.errors import ConfigError
+    from tunesmith.deploy.formats import ExportRequest, export_format
+    from tunesmith.evaluation.evaluator import EvalOptions
 
-    if quantize is not None and quantize != "int8":
-        raise ConfigError(f"export: unknown --quantize '{quantize}'; use int8")
-    if fmt is not None and fmt != "onnx":
-        raise ConfigError(f"export: unknown --format '{fmt}'; use onnx")
-    if quantize and fmt:
-        raise ConfigError("export: give --quantize int8 or --format onnx, not both")
-    if quantize or fmt:
-        from tunesmith.deploy.reports import int8_export_report, onnx_export_report
-        from tunesmith.evaluation.evaluator import EvalOptions
-
-        report = int8_export_report if quantize else onnx_export_report
-        opts = EvalOptions(batch_size=batch_size, threads=threads)
-        typer.echo(report(checkpoint, output, data=data, split=split, options=opts))
+    chosen = export_format(fmt, quantize)
+    if chosen is not None:
+        request = ExportRequest(
+            quantize=quantize,
+            data=data,
+            split=split,
+            options=EvalOptions(batch_size=batch_size, threads=threads),
+            check=check,
+            check_prompts=check_prompts,
+        )
+        typer.echo(chosen.run(checkpoint, output, request))
         return
     from tunesmith.deploy.export import export
 

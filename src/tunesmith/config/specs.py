@@ -114,6 +114,9 @@ class TaskSpec:
     #: True when the model is one encoder pass with one ``logits`` output, which
     #: ``export --format onnx`` traces into a graph (generation loops are not).
     onnx_export: bool = False
+    #: True when the model is a decoder-only language model, which ``export --format
+    #: gguf`` writes for llama.cpp and Ollama (GGUF holds no classifier heads or encoders).
+    gguf_export: bool = False
 
     @classmethod
     def default_metric(cls, cfg: Any) -> str:

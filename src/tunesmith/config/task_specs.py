@@ -74,6 +74,7 @@ class CausalLMSpec(TaskSpec):
     new_head = False  # the pretrained LM head (often tied to the embeddings) stays as it is
     packable = True
     chat_data = True
+    gguf_export = True
 
 
 @register_task_spec

@@ -20,9 +20,8 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import shutil
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ from tunesmith.deploy.onnx_runtime import (
 from tunesmith.deploy.plain import plain_model
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods.base import METHODS
-from tunesmith.models.folders import atomic_dir_write
+from tunesmith.models.folders import write_new_folder
 from tunesmith.models.loading import checkpoint_manifest, max_positions
 from tunesmith.runs.load import load_checkpoint
 from tunesmith.tasks.encoding import effective_limit
@@ -137,7 +136,7 @@ def export_onnx(
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         written.update(parity=parity, info=info)
 
-    _write_new_folder(output, write)
+    write_new_folder(output, write)
     return OnnxExport(
         folder=output,
         model_file=output / ONNX_FILE,
@@ -290,15 +289,6 @@ def _worst_case(parity: Parity) -> str:
     if "error" in worst:
         return f"onnxruntime at {where}: {worst['error']}"
     return f"max |onnx - pytorch| {worst['max_abs_diff']:.3g} > atol {parity.atol:g} at {where}"
-
-
-def _write_new_folder(output: Path, write: Callable[[Path], None]) -> None:
-    """``atomic_dir_write``, and a failed write leaves no half-written ``<output>.tmp`` behind."""
-    try:
-        atomic_dir_write(output, write)
-    except BaseException:
-        shutil.rmtree(output.with_name(output.name + ".tmp"), ignore_errors=True)
-        raise
 
 
 # -- latency --------------------------------------------------------------------------------------

@@ -39,6 +39,20 @@ def atomic_dir_write(target: Path, write: Callable[[Path], None]) -> Path:
     return target
 
 
+def write_new_folder(output: Path, write: Callable[[Path], None]) -> Path:
+    """``atomic_dir_write`` for an export: a failed write leaves no ``<output>.tmp`` behind.
+
+    Exports check what they wrote before it appears (an ONNX graph's parity, a
+    GGUF file read back): when a check raises, nothing is left to mistake for
+    a result.
+    """
+    try:
+        return atomic_dir_write(output, write)
+    except BaseException:
+        shutil.rmtree(output.with_name(output.name + ".tmp"), ignore_errors=True)
+        raise
+
+
 def recover_dir(target: Path) -> Path:
     """Put ``<target>.old`` back when a crash left it without a ``target`` to replace it."""
     target = Path(target)
