@@ -54,6 +54,7 @@ from tunesmith.config.methods import MethodConfig
 from tunesmith.config.multitask import FILE_KEYS, MultitaskConfig, share_data_defaults
 from tunesmith.config.preference import PreferenceConfig, preference_problems
 from tunesmith.config.regularize import ForgettingConfig, RegularizeConfig
+from tunesmith.config.rl import RLConfig, rl_problems
 from tunesmith.config.specs import METHOD_SPECS, TASK_SPECS, Problem, Problems, TaskSpec
 from tunesmith.config.tasks import GenerateConfig, TaskConfig
 from tunesmith.config.train import TrainConfig
@@ -144,6 +145,10 @@ class Config(Section):
         default_factory=PreferenceConfig,
         description="Preference optimisation losses (task.type preference).",
     )
+    rl: RLConfig = Field(
+        default_factory=RLConfig,
+        description="Online reinforcement fine-tuning: GRPO, RLOO (task.type rl).",
+    )
     regularize: RegularizeConfig = Field(
         default_factory=RegularizeConfig, description="Dropout overrides and L2-SP."
     )
@@ -187,6 +192,7 @@ class Config(Section):
             *padding_free_problems(task, method, self.data, self.distill),
             *data_format_problems(task, self.data),
             *preference_problems(self.task.type, self.preference, self.task, self.data.format),
+            *rl_problems(self.task.type, self.rl, self),
             *objective_problems(
                 task, method, self.loss, self.regularize, self.forgetting, self.distill
             ),

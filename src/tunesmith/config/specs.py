@@ -117,6 +117,9 @@ class TaskSpec:
     #: True when the model is a decoder-only language model, which ``export --format
     #: gguf`` writes for llama.cpp and Ollama (GGUF holds no classifier heads or encoders).
     gguf_export: bool = False
+    #: True when training batches are made during training from the model's own
+    #: samples (RL rollouts, ``Task.rollout``), not read from the data set.
+    online: bool = False
 
     @classmethod
     def default_metric(cls, cfg: Any) -> str:

@@ -91,6 +91,22 @@ class PreferenceSpec(CausalLMSpec):
 
 
 @register_task_spec
+class RLSpec(CausalLMSpec):
+    """Online reinforcement fine-tuning of a causal LM (GRPO, RLOO) on sampled completions."""
+
+    name = "rl"
+    #: Validation: the mean reward of sampled completions, their KL to the reference
+    #: and their length.
+    metric_names = ("reward", "reward_std", "kl", "completion_length")
+    lower_better_metrics = frozenset({"kl"})
+    packable = False  # rows are made at rollout time
+    feature_cacheable = False
+    chat_data = False  # prompts and the columns rewards read (tasks/rl_data.py)
+    #: One batch of prompts becomes ``rl.iterations`` updates on its rollouts.
+    online = True
+
+
+@register_task_spec
 class RewardModelSpec(TaskSpec):
     """A scalar reward head on an encoder or a decoder, trained on chosen/rejected pairs."""
 

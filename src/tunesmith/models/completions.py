@@ -43,6 +43,8 @@ class GenerationRequest:
             the same completions whatever else is in the batch.
         generator: A random generator to draw from instead of ``seed`` (e.g. one per RL run).
         logprobs: Return each chosen token's log-probability.
+        ignore_eos: Do not end at the model's end-of-sequence tokens (RL rollouts of a
+            fixed length); stop strings and ``stop_token_ids`` still end it.
     """
 
     prompt: str | Sequence[int]
@@ -56,6 +58,7 @@ class GenerationRequest:
     seed: int | None = None
     generator: torch.Generator | None = field(default=None, compare=False, repr=False)
     logprobs: bool = False
+    ignore_eos: bool = False
 
     def problems(self) -> list[str]:
         """What is wrong with the settings, one phrase each (empty when the request is valid)."""
@@ -168,7 +171,8 @@ class CompletionState:
 
     def __init__(self, request: GenerationRequest, eos_ids: frozenset[int], tokenizer: Any) -> None:
         self.request = request
-        self.stop_ids = eos_ids | frozenset(request.stop_token_ids)
+        ends = frozenset() if request.ignore_eos else eos_ids
+        self.stop_ids = ends | frozenset(request.stop_token_ids)
         self.tokenizer = tokenizer
         self.token_ids: list[int] = []
         self.logprobs: list[float] | None = [] if request.logprobs else None

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from tunesmith.errors import ConfigError
 from tunesmith.models.loading import read_model_config
 
@@ -75,3 +77,21 @@ def configured_dropout(cfg: Any, name_or_path: str) -> dict[str, float]:
         return {}
 
     return dropout_changes(read_model_config(name_or_path), r.hidden_dropout, r.attention_dropout)
+
+
+def without_dropout(model: Any) -> Any:
+    """Switch every dropout of ``model`` off, in place; returns it.
+
+    ``torch.nn.Dropout`` modules get p = 0, and attention modules that keep
+    their probability as a number (Llama's ``attention_dropout``) get 0. RL
+    needs this: the log-probabilities stored when rollouts are sampled and
+    those of the update must come from the same function, or the first
+    update's probability ratio is not 1.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    return model

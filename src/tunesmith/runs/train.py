@@ -38,6 +38,7 @@ from tunesmith.models.loading import (
 from tunesmith.runs.extras import RunExtras, build_extras
 from tunesmith.runs.parts import build_run_parts
 from tunesmith.runs.predict import evaluate
+from tunesmith.runs.rewards import rl_rewards
 from tunesmith.tasks.base import DataSplits, Task, get_task
 from tunesmith.training.interrupt import GracefulInterrupt
 from tunesmith.training.loop import LoopResult, Trainer
@@ -164,6 +165,13 @@ def setup(
     accelerator = new_accelerator(
         resolve_precision(t.precision), find_unused_parameters=not task.mixed_batches
     )
+    if task.online:
+        if accelerator.num_processes > 1:
+            raise ConfigError(
+                f"task.type {task.name} runs in one process (its rollouts are not shared "
+                "between processes yet); launch it without accelerate's processes"
+            )
+        task.rewards = rl_rewards(cfg.rl)
     checkpoint = resolve_checkpoint(resume, t.output_dir) if resume is not None else None
     if checkpoint is not None:
         out = run_dir_of(checkpoint)

@@ -383,6 +383,30 @@ class Task(TaskSpec, ABC):
         """Called once with the adapted, untrained model and the train/validation sets."""
         return None
 
+    # -- online tasks (RL): batches made from the model's own samples ---------
+    def rollout(self, model: Any, window: Sequence[Batch]) -> list[Batch]:
+        """The batches one window of data becomes (RL: its prompts' scored completions).
+
+        Other tasks train on the window itself.
+        """
+        return list(window)
+
+    def updates_per_window(self) -> int:
+        """Optimizer steps taken on each window's batches (RL: ``rl.iterations``)."""
+        return 1
+
+    def window_state(self) -> dict[str, torch.Tensor]:
+        """Tensors a checkpoint keeps so a resumed run continues the window (RL: rollouts)."""
+        return {}
+
+    def restore_window_state(self, tensors: Mapping[str, torch.Tensor]) -> list[Batch] | None:
+        """Take back ``window_state``; the window's stored batches, if any."""
+        return None
+
+    def evaluation_samples(self) -> list[dict[str, Any]]:
+        """Examples the last evaluation kept to show (RL: prompts, completions, rewards)."""
+        return []
+
     # -- state fitted on validation (multi-label thresholds) -----------------
     def calibrate(self, predictions: Mapping[str, torch.Tensor], labels: Sequence[str]) -> None:
         """Fit what the task tunes on validation outputs before scoring them (nothing here).
@@ -453,6 +477,7 @@ TASKS: Registry[type[Task]] = Registry(
         "tunesmith.tasks.causal_lm",
         "tunesmith.tasks.preference",
         "tunesmith.tasks.reward_model",
+        "tunesmith.tasks.rl",
         "tunesmith.tasks.seq2seq",
         "tunesmith.tasks.multitask",
     ],

@@ -68,10 +68,12 @@ class Reference:
         *,
         keep_log_probs: bool = False,
         kl: bool = False,
+        temperature: float = 1.0,
     ) -> TokenScores | torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The reference's token scores of ``ids``; precomputed: the stored sums.
 
-        ``kl`` picks KTO's mismatched rows' stored sums.
+        ``kl`` picks KTO's mismatched rows' stored sums; ``temperature`` divides
+        the logits first (RL rollouts).
         """
         if self.kind == "precomputed":
             if "ref_chosen" in batch:
@@ -81,9 +83,23 @@ class Reference:
             if self.kind == "copy":
                 assert self.model is not None
                 self.model.to(ids.device)
-                return score_tokens(self.model, ids, mask, scored, keep_log_probs=keep_log_probs)
+                return score_tokens(
+                    self.model,
+                    ids,
+                    mask,
+                    scored,
+                    keep_log_probs=keep_log_probs,
+                    temperature=temperature,
+                )
             with plain_model(policy).disable_adapter():
-                return score_tokens(policy, ids, mask, scored, keep_log_probs=keep_log_probs)
+                return score_tokens(
+                    policy,
+                    ids,
+                    mask,
+                    scored,
+                    keep_log_probs=keep_log_probs,
+                    temperature=temperature,
+                )
 
     def precompute(
         self, policy: torch.nn.Module, datasets: Sequence[Any], task: Any, batch_size: int

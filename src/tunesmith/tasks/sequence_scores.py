@@ -54,6 +54,7 @@ def score_tokens(
     scored: torch.Tensor,
     *,
     keep_log_probs: bool = False,
+    temperature: float = 1.0,
 ) -> TokenScores:
     """Run ``model`` on the rows and score the tokens marked in ``scored``.
 
@@ -65,6 +66,8 @@ def score_tokens(
             (a token at position t is predicted from position t - 1; position 0
             is never scored).
         keep_log_probs: Also return the full log-softmax rows of the scored positions.
+        temperature: Divide the logits by it first: the distribution RL rollouts were
+            sampled from (as TRL scores them).
     """
     labels = input_ids.masked_fill(~scored.bool(), IGNORE)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
@@ -78,7 +81,10 @@ def score_tokens(
         mask = labels[:, 1:] != IGNORE
         logits = text_logits(raw, labels)[:, :-1][mask]
         targets = labels[:, 1:][mask]
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    log_probs = torch.log_softmax(logits, dim=-1)
     picked = log_probs.gather(1, targets[:, None]).squeeze(1)
     mask = labels[:, 1:] != IGNORE
     dense = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device)

@@ -21,6 +21,7 @@ which is exactly what a checkpoint stores of it.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -60,6 +61,9 @@ from tunesmith.training.step import (
 )
 
 log = logging.getLogger(__name__)
+
+#: The run's folder of evaluation examples (``samples/step-N.jsonl``).
+SAMPLES = "samples"
 
 #: What callers import from here besides the Trainer (defined next door).
 __all__ = ["LoopResult", "StepStats", "Trainer", "accumulation_windows"]
@@ -132,6 +136,7 @@ class Trainer:
         # The plain module: the feature cache swaps its submodules during a step.
         self.plain_model = accelerator.unwrap_model(self.model, keep_torch_compile=False)
         self.steps_per_epoch = max(1, math.ceil(len(self.loader) / t.grad_accum))
+        self.steps_per_epoch *= task.updates_per_window()
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.state = TrainState(
             EarlyStopping(cfg.higher_is_better(), patience=t.early_stopping_patience)
@@ -169,6 +174,7 @@ class Trainer:
         self._bar: Any = tqdm(disable=True)
         self._window_started = time.perf_counter()
         self._pending_rng: RngState | None = None
+        self._pending_window: list[Batch] | None = None
 
     @classmethod
     def for_method(
@@ -213,7 +219,9 @@ class Trainer:
 
     def resume_from(self, checkpoint: Path) -> None:
         """Continue where the run that wrote ``checkpoint`` stopped (call before ``run``)."""
-        self._pending_rng = restore_training_state(self._resume_parts(), checkpoint)
+        self._pending_rng, window = restore_training_state(self._resume_parts(), checkpoint)
+        if self.state.updates_done < self.task.updates_per_window():
+            self._pending_window = window
 
     # -- the loop -----------------------------------------------------------
     def run(self) -> LoopResult:
@@ -234,22 +242,11 @@ class Trainer:
         if t.eval_at_start and state.step == 0 and state.last_eval_step is None:
             self.evaluate()
         while state.step < self.total_steps and not state.stopped_early:
-            for window in self._epoch_windows():
-                state.batches_in_epoch += len(window)
-                self.train_step(window)
-                if t.eval_steps and state.step % t.eval_steps == 0:
-                    self.evaluate()
-                if state.stopped_early or state.step >= self.total_steps:
-                    break
-                if self.checkpointer is not None and self.checkpointer.due(state.step):
-                    self.checkpointer.save(self._resume_parts())
-                self._stop_if_interrupted()
-            else:  # the epoch ran out (not stopped): the next one starts
-                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-                if not t.eval_steps and not state.stopped_early:
-                    self.evaluate()
-                continue
-            break
+            if not self._run_epoch():
+                break
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            if not t.eval_steps and not state.stopped_early:
+                self.evaluate()
         if state.last_eval_step != state.step and not state.stopped_early:
             self.evaluate()  # the final weights are always a candidate for best/
         self._bar.close()
@@ -260,12 +257,49 @@ class Trainer:
             )
         return state.result(self.steps_per_epoch, round(peak_rss_mb(), 1))
 
-    def _epoch_windows(self) -> Iterator[list[Batch]]:
+    def _run_epoch(self) -> bool:
+        """Train through the rest of the current epoch; False when the run ends inside it."""
+        t, state = self.cfg.train, self.state
+        for window in self._epoch_windows():
+            for batches in self._updates(window):
+                self.train_step(batches)
+                if t.eval_steps and state.step % t.eval_steps == 0:
+                    self.evaluate()
+                if state.stopped_early or state.step >= self.total_steps:
+                    return False
+                if self.checkpointer is not None and self.checkpointer.due(state.step):
+                    self.checkpointer.save(self._resume_parts())
+                self._stop_if_interrupted()
+        return True
+
+    def _updates(self, window: list[Batch] | None) -> Iterator[list[Batch]]:
+        """The batches of each optimizer step a window gives.
+
+        One step on the window itself for most tasks; an online task (RL)
+        first turns the window into rollouts (``Task.rollout``) and takes
+        ``Task.updates_per_window`` steps on them. ``window`` None continues
+        the rollouts a resumed checkpoint stored, after the updates it had done.
+        """
+        state = self.state
+        if window is None:
+            batches, self._pending_window = self._pending_window or [], None
+        else:
+            state.batches_in_epoch += len(window)
+            state.updates_done = 0
+            batches = self.task.rollout(self.model, window)
+        while state.updates_done < self.task.updates_per_window():
+            state.updates_done += 1
+            yield batches
+            self._window_started = time.perf_counter()  # the next update's time starts now
+
+    def _epoch_windows(self) -> Iterator[list[Batch] | None]:
         """Accumulation windows of the current epoch, from the current position.
 
         A resumed run re-creates the epoch's iterator, skips the micro-batches
         already consumed and only then restores the RNG states, because
-        creating a DataLoader iterator draws from the global generator.
+        creating a DataLoader iterator draws from the global generator. When
+        the checkpoint was written between the updates of one window's
+        rollouts, None comes first: continue those.
         """
         epoch = self.state.epoch
         if hasattr(self.loader, "set_epoch"):  # accelerate re-seeds the sampler with this
@@ -279,6 +313,9 @@ class Trainer:
         if self._pending_rng is not None:
             restore_rng(*self._pending_rng)
             self._pending_rng = None
+        if self._pending_window is not None:
+            self._window_started = time.perf_counter()
+            yield None
         mark = time.perf_counter()  # training time counts batching, not evaluation
         for window in accumulation_windows(batches, self.cfg.train.grad_accum):
             self._window_started = mark
@@ -425,7 +462,7 @@ class Trainer:
     def _resume_parts(self) -> ResumeParts:
         """The state and live objects a checkpoint is written from and restored into."""
         return ResumeParts(
-            self.cfg, self.state, self.model, self.optimizer, self.scheduler, self.acc
+            self.cfg, self.state, self.model, self.optimizer, self.scheduler, self.acc, self.task
         )
 
     def release(self) -> None:
@@ -489,6 +526,15 @@ class Trainer:
         return group.get("group", group["name"])
 
     # -- evaluation -----------------------------------------------------------
+    def _write_samples(self, samples: list[dict[str, Any]]) -> None:
+        """Write an evaluation's examples (RL: completions, rewards) to ``samples/step-N.jsonl``."""
+        if not samples or not self.acc.is_main_process:
+            return
+        folder = Path(self.cfg.train.output_dir) / SAMPLES
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = "".join(json.dumps(s, ensure_ascii=False, default=str) + "\n" for s in samples)
+        (folder / f"step-{self.state.step:07d}.jsonl").write_text(lines, encoding="utf-8")
+
     def evaluate(self) -> dict[str, Any] | None:
         """Evaluate on validation, log, track the best, decide early stopping."""
         if not len(self.val_set):
@@ -509,6 +555,7 @@ class Trainer:
             calibrate=True,  # thresholds and the like are fitted on validation only
         )
         state.last_validation = metrics
+        self._write_samples(self.task.evaluation_samples())
         self.metrics_log.write(
             {"step": state.step, "epoch": round(epochs, 4), "split": "validation", **metrics}
         )

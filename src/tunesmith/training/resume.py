@@ -6,6 +6,8 @@ A checkpoint is a folder ``<run>/checkpoints/step-NNNNNNN/`` written atomically
     trainable.safetensors   every parameter the optimizer holds (the rest is the base model)
     optimizer.safetensors   the optimizer's tensors (moments, step counts), flattened
     rng-<rank>.safetensors  torch CPU and CUDA generator states of each process
+    window.safetensors      an online task's window (RL: its sampling generator and the
+                            rollouts of the current window with their old log-probs)
     state.json              the loop's ``TrainState.state_dict()`` (step, epoch, position
                             in the epoch's data order, early stopping, counters, the
                             sums since the last log line), scheduler, gradient scaler,
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
+WINDOW = "window.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 #: Config keys that may differ on resume without changing what is computed.
@@ -95,6 +98,8 @@ class ResumeParts:
         optimizer: The (prepared) optimizer.
         scheduler: The LR scheduler (its counters are stored, its lambdas rebuilt).
         accelerator: The ``accelerate.Accelerator`` of this process.
+        task: The task, whose ``window_state`` (RL: the sampling generator and the
+            current rollouts) is stored in ``window.safetensors``.
     """
 
     cfg: Config
@@ -103,6 +108,7 @@ class ResumeParts:
     optimizer: Any
     scheduler: Any
     accelerator: Any
+    task: Any = None
 
 
 # -- the policy: when to write, what to keep --------------------------------
@@ -281,6 +287,9 @@ def save_training_state(parts: ResumeParts, target: Path, fingerprint: str) -> P
     the main process writes the folder.
     """
     acc = parts.accelerator
+    window = parts.task.window_state() if parts.task is not None else {}
+    if window and acc.num_processes > 1:
+        raise CheckpointError("an online task's rollouts are checkpointed for one process only")
     rngs = [(acc.process_index, *capture_rng())]
     if acc.num_processes > 1:
         from accelerate.utils import gather_object
@@ -295,6 +304,8 @@ def save_training_state(parts: ResumeParts, target: Path, fingerprint: str) -> P
             save_file(_contiguous(opt_tensors), tmp / "optimizer.safetensors")
             for rank, _, tensors in rngs:
                 save_file(tensors, tmp / f"rng-{rank}.safetensors")
+            if window:
+                save_file(_contiguous(window), tmp / WINDOW)
             parts.cfg.save(tmp / "config.yaml")
             state = {
                 **parts.state.state_dict(),
@@ -325,14 +336,17 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable tunesmith checkpoint ({exc})") from None
 
 
-def restore_training_state(parts: ResumeParts, checkpoint: Path) -> RngState:
+def restore_training_state(
+    parts: ResumeParts, checkpoint: Path
+) -> tuple[RngState, list[dict[str, torch.Tensor]] | None]:
     """Load a checkpoint into freshly built ``parts`` (same config, same data).
 
     Returns:
         This process's RNG states, to be set by the caller rather than here:
         the data loader draws from the global generator when an epoch's
         iterator is created, so the loop sets them after re-creating the
-        interrupted epoch's iterator.
+        interrupted epoch's iterator. And the batches an online task stored
+        for the rest of its window (None: none).
     """
     checkpoint = Path(checkpoint)
     state = read_state(checkpoint)
@@ -360,7 +374,10 @@ def restore_training_state(parts: ResumeParts, checkpoint: Path) -> RngState:
         parts.state.epoch,
         parts.state.batches_in_epoch,
     )
-    return state["rng"][rank], load_file(checkpoint / f"rng-{rank}.safetensors")
+    window = None
+    if parts.task is not None and (checkpoint / WINDOW).is_file():
+        window = parts.task.restore_window_state(load_file(checkpoint / WINDOW))
+    return (state["rng"][rank], load_file(checkpoint / f"rng-{rank}.safetensors")), window
 
 
 def trainable_state(

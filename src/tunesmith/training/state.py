@@ -83,6 +83,8 @@ class TrainState:
         step: Optimizer steps taken (skipped non-finite steps not counted).
         epoch: The current epoch (0-based).
         batches_in_epoch: Micro-batches of the current epoch already consumed.
+        updates_done: Optimizer steps taken on the current window's batches (RL takes
+            ``rl.iterations`` on each window's rollouts; other tasks one).
         bad_steps: Consecutive skipped (non-finite) steps.
         window: Sums since the last train log line.
         last_eval_step: Step of the last evaluation (None: none yet).
@@ -98,6 +100,7 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
+    updates_done: int = 0
     bad_steps: int = 0
     window: LogWindow = field(default_factory=LogWindow)
     last_eval_step: int | None = None
