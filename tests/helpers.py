@@ -356,6 +356,16 @@ def _reward_model_data(folder: Path) -> TaskData:
     return TaskData(rm_config(model, data, folder / "run"), ["I am a tiny bot.", "hello world"])
 
 
+def _rl_data(folder: Path) -> TaskData:
+    from chat_fixtures import build_tiny_llama, write_jsonl
+    from test_rl import rl_config, sums
+
+    model = build_tiny_llama(folder / "model")
+    data = write_jsonl(folder / "sums.jsonl", sums(30))
+    cfg = rl_config(model, data, folder / "run", method={"name": "full"})
+    return TaskData(cfg, ["What is 2 plus 3?", "What is 4 plus 4?"])
+
+
 def _seq2seq_data(folder: Path) -> TaskData:
     from test_seq2seq import build_tiny_t5, copy_rows, s2s_config, write_jsonl
 
@@ -386,6 +396,7 @@ TASK_DATA: dict[str, Callable[[Path], TaskData]] = {
     "causal_lm": _causal_lm_data,
     "preference": _preference_data,
     "reward_model": _reward_model_data,
+    "rl": _rl_data,
     "seq2seq": _seq2seq_data,
     "multitask": _multitask_data,
 }

@@ -63,7 +63,7 @@ def test_trains_and_logs_its_metric(task, task_run):
     metric = cfg.eval.metric
     assert metric == TASKS.get(task).default_metric(cfg)
     for line in validation:
-        assert finite(line["loss"]), line
+        assert finite(line.get("loss")) or not TASKS.get(task).validation_loss, line
         assert metric in line and finite(line[metric]), (metric, line)
 
 

@@ -120,6 +120,9 @@ class TaskSpec:
     #: True when training batches are made during training from the model's own
     #: samples (RL rollouts, ``Task.rollout``), not read from the data set.
     online: bool = False
+    #: False when validation has no loss to report (RL: the model writes its own
+    #: answers; validation reports their rewards instead).
+    validation_loss: bool = True
 
     @classmethod
     def default_metric(cls, cfg: Any) -> str:

@@ -104,6 +104,7 @@ class RLSpec(CausalLMSpec):
     chat_data = False  # prompts and the columns rewards read (tasks/rl_data.py)
     #: One batch of prompts becomes ``rl.iterations`` updates on its rollouts.
     online = True
+    validation_loss = False
 
 
 @register_task_spec

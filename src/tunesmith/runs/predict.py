@@ -14,6 +14,7 @@ from tunesmith.config.tasks import GenerateConfig
 from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.runs.load import load_checkpoint, records_for
+from tunesmith.runs.rewards import rl_rewards
 from tunesmith.tasks.base import Task
 from tunesmith.tasks.inference import evaluate_dataset, predict_dataset
 from tunesmith.training.precision import eval_autocast
@@ -44,6 +45,8 @@ def evaluate(
     cfg, task, model, tokenizer, labels = load_checkpoint(
         checkpoint, trust_remote_code=trust_remote_code, allow_unsafe_weights=allow_unsafe_weights
     )
+    if task.online:  # validation scores the completions it samples
+        task.rewards = rl_rewards(cfg.rl)
     if records is None:
         records = records_for(task, cfg, checkpoint, data, split)
     task.check_labels(records, {lab: i for i, lab in enumerate(labels)}, split or "evaluation")

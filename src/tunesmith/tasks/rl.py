@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -169,6 +171,10 @@ class RL(RLSpec, CausalLM):
             start = without_dropout(starting_model(self, tokenizer))
             self.reference = reference_for(self.cfg, start, training=False)
         return model
+
+    def before_training(self, model: Any, datasets: Sequence[Any], batch_size: int) -> None:
+        """The adapted model without dropout too (LoRA's own dropout comes with the adapter)."""
+        without_dropout(model)
 
     # -- rollouts (called by the loop for every window of prompt batches) -----
     def rollout(self, model: torch.nn.Module, window: Sequence[Batch]) -> list[Batch]:
@@ -356,13 +362,19 @@ class RL(RLSpec, CausalLM):
 
     # -- validation -----------------------------------------------------------
     def _validation_samples(self, model: torch.nn.Module, batch: Batch) -> RLSamples:
-        """One completion per prompt (seeded by the prompt's row), rewards, KL and length."""
+        """One completion per prompt, its rewards, KL and length.
+
+        Each prompt is completed alone with a generator seeded by its tokens, so
+        an evaluation samples the same whatever the batch, the split's order or
+        the process (a reloaded checkpoint reproduces the run's numbers).
+        """
         policy = plain_model(model)
         rows = [int(r) for r in batch["row"].tolist()]
         one = replace(self.settings, group_size=1)
         completions = []
-        for row in rows:  # a fixed generator per prompt: every evaluation draws alike
-            rng = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + row)
+        for row in rows:  # a generator per prompt, seeded by its tokens: evaluations draw alike
+            key = zlib.crc32(struct.pack(f"{len(self._prompts[row])}q", *self._prompts[row]))
+            rng = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + key)
             completions += sample_groups(
                 self._generator_for(policy), [self._prompts[row]], one, rng
             )[0]

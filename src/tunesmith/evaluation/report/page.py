@@ -19,6 +19,7 @@ from typing import Any
 from tunesmith.core.tables import html_table
 from tunesmith.errors import DataError
 from tunesmith.evaluation.report.plots import draw_all
+from tunesmith.training.loop import SAMPLES
 from tunesmith.training.monitor import read_metrics
 
 REPORT_FILE = "report.html"
@@ -31,7 +32,10 @@ _TITLES = {
     "throughput": "Throughput",
     "memory": "Memory",
     "rewards": "Preference rewards (training, mean per pair)",
+    "rl": "RL rollouts: mean reward and KL to the reference (training)",
 }
+#: Columns of the samples table shown first (RL: what the last evaluation generated).
+_SAMPLE_COLUMNS = ("prompt", "completion", "reward")
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; }
@@ -59,6 +63,7 @@ def render_report(run_dir: str | Path, output: str | Path | None = None) -> Path
         _section("Summary", _summary_table(summary)),
         _section("Training curves", _plot_html(plots, page.parent)),
         _section("Final evaluation", _evaluation_html(summary, _json(run / "evaluation.json"))),
+        *_samples_html(run / SAMPLES),
         _section("Trainable parameters", _parameter_html(_json(run / "parameters.json"))),
         _section("Resolved config", _text_file(run / "config.yaml")),
     ]
@@ -70,6 +75,21 @@ def render_report(run_dir: str | Path, output: str | Path | None = None) -> Path
         encoding="utf-8",
     )
     return page
+
+
+def _samples_html(folder: Path) -> list[str]:
+    """The last evaluation's examples (``samples/step-N.jsonl``) as a table; none: nothing."""
+    files = sorted(folder.glob("step-*.jsonl")) if folder.is_dir() else []
+    if not files:
+        return []
+    rows = [json.loads(line) for line in files[-1].read_text(encoding="utf-8").splitlines() if line]
+    if not rows:
+        return []
+    columns = [c for c in _SAMPLE_COLUMNS if c in rows[0]]
+    columns += [c for c in rows[0] if c not in columns]
+    table = html_table(columns, [[fmt(row.get(c)) for c in columns] for row in rows])
+    step = files[-1].stem.removeprefix("step-").lstrip("0") or "0"
+    return [_section(f"Samples of the last evaluation (step {step})", table)]
 
 
 def _json(path: Path) -> Any:

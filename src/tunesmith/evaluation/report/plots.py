@@ -128,6 +128,10 @@ def draw_all(records: Sequence[Mapping[str, Any]], folder: Path) -> dict[str, Pa
     rewards = _strip(series(records, "train", lambda k: k.startswith("rewards/")), "rewards/")
     if rewards:
         plots["rewards"] = _plot(folder / "rewards.png", "Preference rewards", rewards, "mean")
+    # RL runs only: the rollouts' mean reward and KL to the reference.
+    online = series(records, "train", lambda k: k in ("reward", "kl"))
+    if online:
+        plots["rl"] = _plot(folder / "rl.png", "Rollout reward and KL", online, "mean")
     return plots
 
 
