@@ -12,7 +12,11 @@ classifier that ``tunesmith demo`` trains (MiniLM-L6). Stages, each kept in
    model with the batched generator, scored by the classifier; the best and
    the worst make a pair when their rewards differ by at least 0.1;
 4. arms: DPO, IPO and SimPO at two betas each, LoRA on the SFT model (merged
-   in as the starting model and so the reference), the same steps each;
+   in as the starting model and so the reference), the same steps each; and
+   GRPO (online RL, ``task.type: rl``) from the same SFT model on the same
+   training prompts, ``--group`` sampled continuations per prompt, the
+   classifier's P(fresh) of prompt + continuation as the reward, at two KL
+   weights;
 5. evaluation: ``--eval-samples`` continuations per held-out prompt from SFT
    and from every arm; mean reward, and the KL to the SFT model estimated on
    the policy's own samples (mean of log pi(y|x) - log pi_sft(y|x)).
@@ -53,6 +57,8 @@ TEMPLATE = (
 )
 #: (loss, beta) of every arm.
 ARMS = [("dpo", 0.1), ("dpo", 0.5), ("ipo", 0.1), ("ipo", 0.5), ("simpo", 1.0), ("simpo", 2.5)]
+#: KL weights (beta) of the GRPO arms.
+RL_ARMS = [0.0, 0.1]
 LORA = {
     "name": "lora",
     "r": 16,
@@ -182,6 +188,59 @@ def arm(work: Path, sft_dir: Path, data: Path, loss: str, beta: float, args) -> 
     return best
 
 
+def rl_arm(work: Path, sft_dir: Path, clf: Path, prompts: list[str], beta: float, args) -> Path:
+    """GRPO from the SFT model with the classifier's reward; resumes an interrupted run."""
+    name = f"grpo-{beta:g}"
+    out = work / name
+    if (out / "best").is_dir() and (out / "final").is_dir():
+        return out / "best"
+    data = write_jsonl(work / "rl_prompts.jsonl", [{"prompt": p} for p in prompts])
+    reward = {"type": "classifier", "path": str(clf), "label": "fresh"}
+    cfg = {
+        "model": {"name_or_path": str(sft_dir)},
+        "task": {"type": "rl", "chat_template": TEMPLATE},
+        "rl": {
+            "rewards": [{**reward, "text": "prompt_and_completion"}],
+            "group_size": args.group,
+            "max_new_tokens": args.tokens,
+            "temperature": 1.0,
+            "beta": beta,
+        },
+        "data": {"train": str(data), "max_length": 64, "validation_fraction": 0.1},
+        "method": LORA,
+        "optim": {"lr": args.rl_lr, "warmup_ratio": 0.1},
+        "train": {
+            "epochs": args.rl_epochs,
+            "batch_size": 8,
+            "precision": "fp32",
+            "output_dir": str(out),
+            "overwrite": not (out / "checkpoints").is_dir(),
+            "save_steps": 10,
+            "early_stopping_patience": None,
+            "num_threads": args.threads,
+        },
+    }
+    resume = "latest" if (out / "checkpoints").is_dir() else None
+    train(Config.from_dict(cfg), progress=args.progress, test=False, resume=resume)
+    return out / "best"
+
+
+def costs(folder: Path) -> dict[str, Any]:
+    """A run's training time and trained tokens; for GRPO also its generation."""
+    summary = json.loads((folder / "summary.json").read_text())
+    out = {
+        "train_seconds": summary["train_seconds"],
+        "trained_tokens": round(summary["real_tokens_per_s"] * summary["train_seconds"]),
+    }
+    lines = [
+        json.loads(line) for line in (folder / "metrics.jsonl").open() if '"split": "train"' in line
+    ]
+    if any("generated_tokens" in r for r in lines):
+        out["generated_tokens"] = int(sum(r.get("generated_tokens", 0) for r in lines))
+        out["generation_seconds"] = round(sum(r.get("generation_s", 0.0) for r in lines), 1)
+    return out
+
+
 def sequence_logps(
     model: Any, prompt_ids: list[list[int]], completions: list[list[int]]
 ) -> torch.Tensor:
@@ -232,6 +291,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=24, help="most tokens per continuation")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--group", type=int, default=4, help="GRPO: continuations per prompt")
+    p.add_argument("--rl-lr", type=float, default=5e-4)
+    p.add_argument("--rl-epochs", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true")
@@ -270,6 +332,12 @@ def main() -> None:
         )
         for loss, beta in ARMS
     }
+    arms |= {
+        f"grpo-{beta:g}": timed(
+            f"arm grpo-{beta:g}", rl_arm, work, sft_dir, clf, train_prompts, beta, args
+        )
+        for beta in RL_ARMS
+    }
     results_path = work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     _, _, sft_model, _, _ = load_checkpoint(sft_dir)
@@ -277,15 +345,24 @@ def main() -> None:
     for name, folder in {"sft": sft_dir, **arms}.items():
         if name not in results:
             results[name] = timed(f"eval {name}", evaluate, folder, sft_model, clf, held_out, args)
-            results_path.write_text(json.dumps(results, indent=1) + "\n")
+        if name != "sft" and "costs" not in results[name]:
+            results[name]["costs"] = costs(folder.parent)
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
     print(
         f"\n{len(train_prompts)} training prompts, {n_pairs} pairs, "
         f"{len(held_out)} held-out prompts x {args.eval_samples} samples, "
         f"{args.tokens} tokens at most, {args.epochs} epochs"
     )
-    print("| policy | mean reward P(fresh) | KL to SFT (nats) |\n|---|---|---|")
+    print(
+        "| policy | mean reward P(fresh) | KL to SFT (nats) | training s | trained tokens "
+        "| generated tokens |\n|---|---|---|---|---|---|"
+    )
     for name, r in results.items():
-        print(f"| {name} | {r['mean_reward']:.3f} | {r['kl']:.2f} |")
+        c = r.get("costs", {})
+        print(
+            f"| {name} | {r['mean_reward']:.3f} | {r['kl']:.2f} | {c.get('train_seconds', '-')} "
+            f"| {c.get('trained_tokens', '-')} | {c.get('generated_tokens', '-')} |"
+        )
     plot(results, work / "frontier.png")
     (work / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
 

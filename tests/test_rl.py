@@ -245,6 +245,15 @@ def test_classifier_reward_reads_a_saved_classifier(tmp_path):
 
     probs = [row["probabilities"][labels[0]] for row in predict(clf, texts=texts)]
     torch.testing.assert_close(total, torch.tensor(probs), atol=1e-5, rtol=0)
+    both = {"type": "classifier", "path": str(clf), "label": labels[0]}
+    both["text"] = "prompt_and_completion"
+    cfg = Config.from_dict(rl_config(tmp_path, Path("x"), tmp_path, rl={"rewards": [both]}))
+    total, _ = rl_rewards(cfg.rl)(Scored(["the film"] * 2, texts[:2], [1] * 2, [{}] * 2))
+    probs = [
+        r["probabilities"][labels[0]]
+        for r in predict(clf, texts=[f"the film {t}" for t in texts[:2]])
+    ]
+    torch.testing.assert_close(total, torch.tensor(probs), atol=1e-5, rtol=0)
     bad = {"rewards": [{"type": "classifier", "path": str(clf), "label": "nope"}]}
     with pytest.raises(ConfigError, match="no label 'nope'"):
         rl_rewards(Config.from_dict(rl_config(tmp_path, Path("x"), tmp_path, rl=bad)).rl)

@@ -177,7 +177,7 @@ def run_both(models, rl: dict[str, Any]) -> tuple[float, float, dict, dict, floa
     batch = completion_rows(prompts, completions, tokenizer.pad_token_id)
     where = batch["completion"][:, 1:]
     with torch.no_grad():
-        batch["old_logps"] = task._score_rows(mine, batch)
+        batch["old_logps"] = task._score_rows(mine, batch).dense
         batch["ref_logps"] = task._reference_rows(mine, batch)
     batch["advantages"] = task._advantages(torch.tensor(REWARDS), [batch])
     torch.testing.assert_close(batch["advantages"], theirs_in["advantages"], atol=1e-6, rtol=1e-5)

@@ -4,7 +4,7 @@ Each loss reads ``beta`` and a few keys of its own. A key the chosen loss does
 not read is an error rather than a silent no-op (``preference_problems``), and
 so is ``task.label_smoothing`` for every loss but ``robust``, the one that
 models flipped labels. The losses follow TRL 1.16 (the oracle the tests compare
-with); where TRL and a paper differ, ``docs/preference.md`` says which was
+with); where TRL and a paper differ, ``docs/tasks.md`` says which was
 followed.
 """
 

@@ -3,8 +3,7 @@
 Rollouts are always sampled: a group of greedy completions of one prompt is
 identical, every reward in it equal and every advantage zero, so a temperature
 of 0 is refused rather than silently training nothing. The losses and the
-meaning of every key follow TRL 1.16 (the oracle the tests compare with);
-``docs/rl.md`` says where and why we differ.
+meaning of every key follow TRL 1.16 (the oracle the tests compare with; ``docs/tasks.md``).
 
 Rewards are a list, each with a weight: a saved tunesmith classifier
 (reward = probability of one of its labels), an answer check against a column
@@ -38,6 +37,11 @@ class ClassifierReward(Section):
     type: Literal["classifier"]
     path: str = Field(..., description="A saved classifier run's best/ or final/ folder.")
     label: str = Field(..., description="The label whose probability is the reward.")
+    text: Literal["completion", "prompt_and_completion"] = Field(
+        "completion",
+        description="What the classifier reads: the completion, or the prompt's text, a "
+        "space and the completion (a continued review).",
+    )
     weight: float = Field(1.0, description="Weight of this reward in the sum.")
     name: str | None = Field(None, description="Name in the metrics (default: classifier).")
 
@@ -105,7 +109,7 @@ class RLConfig(Section):
     rewards: list[RewardConfig] = Field(
         default_factory=list,
         description="The rewards, summed with their weights: each {type: classifier | answer | "
-        "length | custom, weight, ...} (see docs/rl.md).",
+        "length | custom, weight, ...} (see docs/tasks.md).",
     )
     group_size: int = Field(
         4, ge=2, description="Completions sampled per prompt (G); advantages compare within it."

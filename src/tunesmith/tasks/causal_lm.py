@@ -129,11 +129,7 @@ class CausalLM(CausalLMSpec, ChatRows, Task):
                 ``data.max_length`` (nothing would be trained); a row's tool use
                 is dropped by the chat template.
         """
-        require_fast_tokenizer(tokenizer, self.name, "character offsets to locate the replies")
-        self.tokenizer = tokenizer  # decodes what generate_predictions produces
-        if tokenizer.pad_token_id is None:  # decoders often have none; EOS pads (masked out)
-            tokenizer.pad_token = tokenizer.eos_token
-        limit = effective_limit(tokenizer, self.cfg.data.max_length)
+        limit = self.take_tokenizer(tokenizer, "character offsets to locate the replies")
         if records and "messages" not in records[0]:
             return document_features(records, tokenizer, limit)
         template = resolve_template(tokenizer, self.cfg.task.chat_template)
@@ -166,6 +162,18 @@ class CausalLM(CausalLMSpec, ChatRows, Task):
                 limit,
             )
         return features
+
+    def take_tokenizer(self, tokenizer: Any, why_fast: str) -> int:
+        """Keep ``tokenizer`` (it decodes what the model generates); the length limit.
+
+        A fast tokenizer is required (``why_fast`` says what needs it); one
+        without a padding token pads with EOS (padding is masked out).
+        """
+        require_fast_tokenizer(tokenizer, self.name, why_fast)
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:  # decoders often have none
+            tokenizer.pad_token = tokenizer.eos_token
+        return effective_limit(tokenizer, self.cfg.data.max_length)
 
     def pack_training(self, features: list[Feature], tokenizer: Any) -> list[Feature]:
         """Training documents packed as ``data.packing`` says (chats are left as they are)."""

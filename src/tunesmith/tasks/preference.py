@@ -30,7 +30,6 @@ from tunesmith.errors import DataError
 from tunesmith.tasks.base import Batch, Feature, register_task
 from tunesmith.tasks.causal_lm import CausalLM
 from tunesmith.tasks.chat_template import resolve_template
-from tunesmith.tasks.encoding import effective_limit, require_fast_tokenizer
 from tunesmith.tasks.losses.preference import (
     PAIR_LOSSES,
     LossParams,
@@ -116,12 +115,8 @@ class Preference(PreferenceSpec, CausalLM):
         Raises:
             DataError: Rows to train on exist but none survives (each reason counted).
         """
-        require_fast_tokenizer(tokenizer, self.name, "the chat template's reply tokens")
-        self.tokenizer = tokenizer
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        limit = self.take_tokenizer(tokenizer, "the chat template's reply tokens")
         template = resolve_template(tokenizer, self.cfg.task.chat_template)
-        limit = effective_limit(tokenizer, self.cfg.data.max_length)
         dropped = Dropped()
         features: list[Feature] = []
         labelled = 0

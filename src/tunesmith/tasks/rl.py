@@ -42,7 +42,6 @@ from tunesmith.models.generator import Generator
 from tunesmith.tasks.base import Batch, Feature, register_task
 from tunesmith.tasks.causal_lm import CausalLM
 from tunesmith.tasks.chat_template import resolve_template
-from tunesmith.tasks.encoding import effective_limit, require_fast_tokenizer
 from tunesmith.tasks.lm_head import plain_model
 from tunesmith.tasks.losses.rl import (
     Clip,
@@ -63,7 +62,7 @@ from tunesmith.tasks.rl_rollout import (
     completion_rows,
     sample_groups,
 )
-from tunesmith.tasks.sequence_scores import score_tokens
+from tunesmith.tasks.sequence_scores import TokenScores, score_tokens
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +134,8 @@ class RL(RLSpec, CausalLM):
         label2id: Mapping[str, int] | None,
     ) -> list[Feature]:
         """Each prompt through the chat template, ready to be completed; its row noted."""
-        require_fast_tokenizer(tokenizer, self.name, "the chat template's prompts")
-        self.tokenizer = tokenizer
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        limit = self.take_tokenizer(tokenizer, "the chat template's prompts")
         template = resolve_template(tokenizer, self.cfg.task.chat_template)
-        limit = effective_limit(tokenizer, self.cfg.data.max_length)
         features = []
         for record in records:
             feature = prompt_feature(tokenizer, template, record, limit)
@@ -205,7 +200,7 @@ class RL(RLSpec, CausalLM):
         with torch.no_grad():
             for batch in batches:
                 if old:
-                    batch["old_logps"] = self._score_rows(policy, batch)
+                    batch["old_logps"] = self._score_rows(policy, batch).dense
                 if self.reference is not None:
                     batch["ref_logps"] = self._reference_rows(policy, batch)
         advantages = self._advantages(total, batches)
@@ -250,16 +245,15 @@ class RL(RLSpec, CausalLM):
         )
         return self.rewards(scored)
 
-    def _score_rows(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    def _score_rows(self, model: torch.nn.Module, batch: Batch) -> TokenScores:
         """Token log-probabilities (rows, width - 1) of the completions, at the temperature."""
-        scores = score_tokens(
+        return score_tokens(
             model,
             batch["input_ids"],
             batch["attention_mask"],
             batch["completion"],
             temperature=self.settings.temperature,
         )
-        return scores.dense
 
     def _reference_rows(self, policy: torch.nn.Module, batch: Batch) -> torch.Tensor:
         assert self.reference is not None
@@ -302,13 +296,7 @@ class RL(RLSpec, CausalLM):
     def forward(self, model: torch.nn.Module, batch: Batch) -> Any:
         """Rollout rows: the policy's token log-probabilities; prompts: validation samples."""
         if self.scored(batch):
-            scores = score_tokens(
-                model,
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["completion"],
-                temperature=self.settings.temperature,
-            )
+            scores = self._score_rows(model, batch)
             return RLOutputs(scores.dense, scores.mask)
         if self.rewards is not None and "row" in batch:
             return self._validation_samples(model, batch)
@@ -356,8 +344,9 @@ class RL(RLSpec, CausalLM):
         if problems:
             raise TrainingDiverged(
                 "rl: " + "; ".join(problems) + ": stopped before this update; best/ and the "
-                f"checkpoints in {self.cfg.train.output_dir}/checkpoints hold the last good "
-                "weights (lower optim.lr, raise rl.beta, or lift the limit and --resume latest)"
+                f"resumable checkpoints in {self.cfg.train.output_dir}/checkpoints hold the last "
+                "good weights (lower optim.lr, raise rl.beta, or lift the limit and "
+                "--resume latest)"
             )
 
     # -- validation -----------------------------------------------------------
@@ -388,7 +377,7 @@ class RL(RLSpec, CausalLM):
                 self.tokenizer.pad_token_id,
             )
             mask = laid["completion"][:, 1:]
-            mine = self._score_rows(policy, laid)
+            mine = self._score_rows(policy, laid).dense
             ref = self._reference_rows(policy, laid)
             kl = ((mine - ref) * mask).sum(1).double()
         for row, c, value in zip(rows, completions, total.tolist(), strict=True):
@@ -473,6 +462,7 @@ class RL(RLSpec, CausalLM):
                 "reward_std": math.sqrt(var),
                 "completion_length": parts["length"] / n,
                 "generation_s": parts["generation_s"],
+                "generated_tokens": parts["generated"],
                 "generated_tokens_per_s": parts["generated"] / max(parts["generation_s"], 1e-9),
             }
         if parts.get("update_rows"):

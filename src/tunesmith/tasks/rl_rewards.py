@@ -94,9 +94,8 @@ def build_rewards(
         elif isinstance(cfg, ClassifierReward):
             if load_scorer is None:
                 raise ConfigError("a classifier reward needs the saved classifier loaded")
-            scorer = load_scorer(cfg)
             rewards.append(
-                Reward(cfg.name or "classifier", cfg.weight, lambda s, f=scorer: f(s.completions))
+                Reward(cfg.name or "classifier", cfg.weight, classified(load_scorer(cfg), cfg.text))
             )
         elif isinstance(cfg, CustomReward):
             rewards.append(
@@ -105,6 +104,15 @@ def build_rewards(
         else:  # pragma: no cover - the config admits these four only
             raise ConfigError(f"unknown reward {cfg!r}")
     return RewardSet(rewards)
+
+
+def classified(scorer: Scorer, text: str) -> Callable[[Scored], list[float]]:
+    """The scorer on each completion, or on ``prompt + " " + completion``."""
+    if text == "completion":
+        return lambda scored: scorer(scored.completions)
+    return lambda scored: scorer(
+        [f"{p} {c}".strip() for p, c in zip(scored.prompts, scored.completions, strict=True)]
+    )
 
 
 def answer_check(cfg: AnswerReward) -> Callable[[Scored], list[float]]:

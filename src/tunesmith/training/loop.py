@@ -404,7 +404,7 @@ class Trainer:
                 raise TrainingDiverged(
                     f"training diverged: non-finite loss or gradients in {state.bad_steps} "
                     f"consecutive steps (last at step {state.step}, "
-                    f"{stats.bad_where}); lower optim.lr or check the data"
+                    f"{stats.bad_where}); lower optim.lr or check the data" + self._last_good()
                 )
             return stats
         state.bad_steps = 0
@@ -443,6 +443,13 @@ class Trainer:
             )
         self._bar.update(1)
         return stats
+
+    def _last_good(self) -> str:
+        """Where the last good weights are, for a message that stops the run."""
+        saved = self.checkpointer.last_saved if self.checkpointer is not None else None
+        if saved is None:
+            return " (no resumable checkpoint was written yet)"
+        return f" (last resumable checkpoint: {saved}, steps before the problem)"
 
     def _stop_if_interrupted(self) -> None:
         """After SIGINT/SIGTERM: write a resumable checkpoint (if any step ran) and stop."""
