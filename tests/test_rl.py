@@ -323,3 +323,11 @@ def test_resume_ends_bit_identical(tiny_llama, tmp_path, stop_at):
     timing = ("time", "tokens_per_s", "rss_mb", "generation_s", "generated_tokens_per_s")
     kept = [[{k: v for k, v in r.items() if k not in timing} for r in log] for log in logs]
     assert kept[0] == kept[1] and any(r["split"] == "validation" for r in kept[0])
+
+
+def test_estimate_refuses_rl_and_says_what_to_do(tiny_llama, tmp_path):
+    from tunesmith.inspect.estimate import estimate
+
+    cfg = Config.from_dict(rl_config(tiny_llama, Path("x.jsonl"), tmp_path))
+    with pytest.raises(ConfigError, match=r"train\.max_steps"):
+        estimate(cfg)

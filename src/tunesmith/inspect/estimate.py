@@ -37,6 +37,7 @@ import torch
 
 from tunesmith.config.root import Config
 from tunesmith.data.batching import FeatureDataset, padded_tokens
+from tunesmith.errors import ConfigError
 from tunesmith.methods.quantized_base import storage_bytes
 from tunesmith.models.loading import check_model_source, quiet_transformers
 from tunesmith.runs.parts import build_run_parts
@@ -116,6 +117,12 @@ def estimate(cfg: Config, *, timed_steps: int = 3, progress: bool = False) -> Es
         torch.set_num_threads(t.num_threads)
     check_model_source(cfg.model.name_or_path, allow_unsafe_weights=cfg.model.allow_unsafe_weights)
     task = get_task(cfg)
+    if task.online:
+        raise ConfigError(
+            f"estimate: task.type {task.name} trains on completions it samples during "
+            "training, so a step's cost is mostly its rollouts; run a few steps "
+            "(train.max_steps=3) and read generation_s and tokens_per_s in metrics.jsonl"
+        )
     precision = resolve_precision(t.precision)
     accelerator = new_accelerator(precision)
     runtime = rss_mb() * MIB  # everything but the model is loaded before it
