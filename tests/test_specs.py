@@ -49,7 +49,8 @@ def test_capabilities_are_read_from_the_registered_classes() -> None:
     ]
     assert [n for n, s in flags.items() if s.packable] == ["causal_lm"]
     assert [n for n, s in flags.items() if s.sub_tasks] == ["multitask"]
-    assert [n for n, s in flags.items() if s.gguf_export] == ["causal_lm", "preference"]
+    assert [n for n, s in flags.items() if s.gguf_export] == ["causal_lm", "preference", "rl"]
+    assert [n for n, s in flags.items() if s.online] == ["rl"]
     assert TASKS.get("causal_lm").packable and not TASKS.get("seq2seq").packable
     unpackable = [n for n in METHOD_SPECS.names() if not METHOD_SPECS.get(n).packable]
     assert unpackable == ["prefix", "prompt"]
