@@ -66,10 +66,6 @@ from tunesmith.tasks.sequence_scores import TokenScores, score_tokens
 
 log = logging.getLogger(__name__)
 
-#: Sums noted per rollout batch / per update, turned into the train log's means.
-ROLLOUT_PARTS = ("rollouts", "reward", "reward_sq", "kl", "length", "generation_s", "generated")
-UPDATE_PARTS = ("clipped", "scored_tokens")
-
 
 @dataclass
 class RLOutputs:
@@ -213,7 +209,6 @@ class RL(RLSpec, CausalLM):
                 "rollouts": float(len(completions)),
                 "reward": float(total.sum()),
                 "reward_sq": float((total**2).sum()),
-                "length": float(sum(len(c.token_ids) for c in completions)),
                 "generation_s": seconds,
                 "generated": float(sum(len(c.token_ids) for c in completions)),
             }
@@ -460,7 +455,7 @@ class RL(RLSpec, CausalLM):
             out |= {
                 "reward": mean,
                 "reward_std": math.sqrt(var),
-                "completion_length": parts["length"] / n,
+                "completion_length": parts["generated"] / n,
                 "generation_s": parts["generation_s"],
                 "generated_tokens": parts["generated"],
                 "generated_tokens_per_s": parts["generated"] / max(parts["generation_s"], 1e-9),
