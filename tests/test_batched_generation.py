@@ -344,3 +344,60 @@ def test_generation_leaves_a_training_model_training(lm):
         assert model.training
     finally:
         model.eval()
+
+
+def test_streamed_deltas_join_to_each_completions_text(lm):
+    """Deltas per row, never text a stop string later cuts, and all of it by the end."""
+    model, tokenizer = lm
+    prompt = prompt_ids(tokenizer)[1]
+    gen = Generator(model, tokenizer)
+    [free] = gen.generate([GenerationRequest(prompt, max_new_tokens=24)])
+    text = free.completions[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]  # cuts the text in the middle
+    for stops in ((), (stop,)):
+        deltas: dict[int, list[str]] = {0: [], 1: []}
+        request = GenerationRequest(
+            prompt,
+            max_new_tokens=24,
+            stop=stops,
+            n=2,
+            temperature=0.9,
+            seed=3,
+            on_text=lambda row, delta, got=deltas: got[row].append(delta),
+        )
+        [result] = gen.generate([request])
+        for row, completion in enumerate(result.completions):
+            assert "".join(deltas[row]) == completion.text
+            assert len(deltas[row]) > 2  # streamed as it went, not at the end only
+            assert all(stops[0] not in d for d in deltas[row]) if stops else True
+
+
+def test_one_batch_serves_several_lora_adapters_each_as_alone(lm):
+    """peft's ``adapter_names``: rows of different adapters (and the bare base) in one batch."""
+    model, tokenizer = lm
+    wrapped = get_peft_model(
+        copy.deepcopy(model),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        adapter_name="a",
+    )
+    torch.manual_seed(1)
+    wrapped.add_adapter("b", LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    wrapped.eval()
+    gen = Generator(wrapped, tokenizer)
+    prompts = prompt_ids(tokenizer)
+    names = ["a", "b", "__base__", None]  # None: the active adapter, "a"
+    mixed = gen.generate(
+        [
+            GenerationRequest(p, max_new_tokens=8, adapter=n)
+            for p, n in zip(prompts, names, strict=True)
+        ]
+    )
+    for prompt, name, result in zip(prompts, names, mixed, strict=True):
+        [alone] = gen.generate([GenerationRequest(prompt, max_new_tokens=8, adapter=name)])
+        assert result.completions[0].token_ids == alone.completions[0].token_ids, name
+    with wrapped.disable_adapter():
+        base = hf_greedy(wrapped, tokenizer, [prompts[2]], 8)
+    assert mixed[2].completions[0].token_ids == base[0]  # the bare base
+    [as_a] = gen.generate([GenerationRequest(prompts[3], max_new_tokens=8, adapter="a")])
+    assert mixed[3].completions[0].token_ids == as_a.completions[0].token_ids
+    assert len({tuple(r.completions[0].token_ids) for r in mixed[:3]}) == 3

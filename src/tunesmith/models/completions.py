@@ -14,7 +14,7 @@ budget.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,6 +45,14 @@ class GenerationRequest:
         logprobs: Return each chosen token's log-probability.
         ignore_eos: Do not end at the model's end-of-sequence tokens (RL rollouts of a
             fixed length); stop strings and ``stop_token_ids`` still end it.
+        adapter: The peft LoRA adapter that completes this request (a model holding
+            several adapters serves a batch of requests for different adapters in
+            one forward: peft's ``adapter_names``); None: the model as it is.
+        on_text: Streaming: called as ``on_text(row, delta)`` whenever completion
+            ``row`` (0..n-1) has new final text. Text that might still become a stop
+            string or an incomplete character is held back, so the deltas joined
+            are exactly the completion's ``text``; the last call has ``delta`` ""
+            when there is nothing left to say and the completion is finished.
     """
 
     prompt: str | Sequence[int]
@@ -59,6 +67,8 @@ class GenerationRequest:
     generator: torch.Generator | None = field(default=None, compare=False, repr=False)
     logprobs: bool = False
     ignore_eos: bool = False
+    adapter: str | None = None
+    on_text: Callable[[int, str], None] | None = field(default=None, compare=False, repr=False)
 
     def problems(self) -> list[str]:
         """What is wrong with the settings, one phrase each (empty when the request is valid)."""
@@ -160,6 +170,14 @@ def check_request(
         raise GenerationError("generation request refused: " + "; ".join(problems))
 
 
+def _stop_prefix_at_end(text: str, stop: str) -> int:
+    """Length of the longest proper start of ``stop`` that ``text`` ends with (0: none)."""
+    for k in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:k]):
+            return k
+    return 0
+
+
 class CompletionState:
     """One completion being decoded: its tokens so far and whether it is finished.
 
@@ -167,10 +185,15 @@ class CompletionState:
         request: The request it completes (budget, stop strings, stop tokens).
         eos_ids: The model's end-of-sequence ids.
         tokenizer: Decodes the tokens to look for stop strings and for the final text.
+        row: Which of the request's ``n`` completions this is (for streaming).
     """
 
-    def __init__(self, request: GenerationRequest, eos_ids: frozenset[int], tokenizer: Any) -> None:
+    def __init__(
+        self, request: GenerationRequest, eos_ids: frozenset[int], tokenizer: Any, row: int = 0
+    ) -> None:
         self.request = request
+        self.row = row
+        self._streamed = 0  # characters of the text already handed to ``on_text``
         ends = frozenset() if request.ignore_eos else eos_ids
         self.stop_ids = ends | frozenset(request.stop_token_ids)
         self.tokenizer = tokenizer
@@ -196,7 +219,31 @@ class CompletionState:
             self.finish_reason = "stop"
         elif len(self.token_ids) >= self.request.max_new_tokens:
             self.finish_reason = "length"
+        if self.request.on_text is not None:
+            self._stream()
         return self.finished
+
+    def _stream(self) -> None:
+        """Hand the new final text to ``on_text``; all that is left once finished.
+
+        Until the completion finishes, a trailing replacement character (a
+        character whose bytes are still arriving) and the longest end of the
+        text that begins a stop string are held back: they may still change.
+        """
+        if self.finished:
+            text = self.result().text
+            delta = text[self._streamed :]
+            self._streamed = len(text)
+            self.request.on_text(self.row, delta)  # type: ignore[misc]
+            return
+        text = self._decode()
+        settled = text.rstrip("\ufffd")
+        held = max((_stop_prefix_at_end(settled, stop) for stop in self.request.stop), default=0)
+        end = len(settled) - held
+        if end > self._streamed:
+            delta = text[self._streamed : end]
+            self._streamed = end
+            self.request.on_text(self.row, delta)  # type: ignore[misc]
 
     def _find_stop(self) -> bool:
         """Look for the stop strings in the whole text so far (a token may end one mid-token)."""

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from tunesmith.errors import GenerationError
 from tunesmith.models.kv_cache import CacheKind, new_cache
 
 #: The static cache's length is a multiple of this (one compiled step serves many prompt lengths).
@@ -149,10 +150,20 @@ class ModelRunner:
         return self._static_caches[key]
 
     def forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Any,
+        adapters: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """Float32 logits of the last position of ``ids`` (eager model call)."""
+        """Float32 logits of the last position of ``ids`` (eager model call).
+
+        ``adapters`` names each row's peft adapter (a mixed-adapter batch).
+        """
         kwargs: dict[str, Any] = {}
+        if adapters is not None:
+            kwargs["adapter_names"] = list(adapters)
         if self._keeps_logits:
             kwargs["logits_to_keep"] = 1 if self.options.last_logits_only else 0
         return _last_logits(self.model, ids, mask, positions, cache, **kwargs)
@@ -213,10 +224,20 @@ class BatchDecoder:
         runner: Calls the model.
         prompts: The batch's prompts, left-padded.
         capacity: Positions per row: the padded prompt plus the largest token budget.
+        adapters: Each row's peft adapter name, or None (the model as it is).
     """
 
-    def __init__(self, runner: ModelRunner, prompts: PaddedPrompts, capacity: int) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        prompts: PaddedPrompts,
+        capacity: int,
+        adapters: Sequence[str] | None = None,
+    ) -> None:
         self.runner = runner
+        self.adapters = list(adapters) if adapters is not None else None
+        if self.adapters is not None and runner.options.compile:
+            raise GenerationError("a mixed-adapter batch cannot use the compiled decoding step")
         self.static = runner.options.kv_cache == "static"
         self.cache = runner.cache_for(prompts.ids.shape[0], capacity)
         self.mask = torch.ones((prompts.ids.shape[0], capacity), dtype=torch.long)
@@ -238,7 +259,11 @@ class BatchDecoder:
         for start in range(0, width, chunk):
             end = min(start + chunk, width)
             logits = self.runner.forward(
-                prompts.ids[:, start:end], self._mask(end), positions[:, start:end], self.cache
+                prompts.ids[:, start:end],
+                self._mask(end),
+                positions[:, start:end],
+                self.cache,
+                self.adapters,
             )
         self.filled = width
         self.runner.stats.prefill_seconds += time.perf_counter() - started
@@ -254,7 +279,7 @@ class BatchDecoder:
             logits = self.runner.compiled_step(tokens[:, None], self.mask, positions, self.cache)
         else:
             logits = self.runner.forward(
-                tokens[:, None], self._mask(self.filled), positions, self.cache
+                tokens[:, None], self._mask(self.filled), positions, self.cache, self.adapters
             )
         stats = self.runner.stats
         stats.decode_seconds += time.perf_counter() - started
@@ -267,6 +292,8 @@ class BatchDecoder:
         self.cache.batch_select_indices(rows)
         self.mask = self.mask[rows]
         self.next_positions = self.next_positions[rows]
+        if self.adapters is not None:
+            self.adapters = [self.adapters[r] for r in rows.tolist()]
 
 
 def accepts_logits_to_keep(model: Any) -> bool:

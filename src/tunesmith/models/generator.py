@@ -176,7 +176,10 @@ class Generator:
         capacity = padded.ids.shape[1] + max(r.max_new_tokens for r in requests)
         if not shared:  # rounded up, so that batches of other lengths reuse the compiled step
             capacity = static_capacity(capacity)
-        decoder = BatchDecoder(self.runner, padded, capacity)
+        adapters = _row_adapters(
+            requests if shared else [requests[i] for i in owner.tolist()], self.model
+        )
+        decoder = BatchDecoder(self.runner, padded, capacity, adapters)
         logits = decoder.prefill(padded)
         if shared and len(owner) > len(requests):
             decoder.keep(owner)
@@ -189,7 +192,11 @@ class Generator:
         """One completion state per row, and the sampler with every row's settings."""
         generators = [r.random_generator() if r.temperature > 0 else None for r in requests]
         rows = [requests[i] for i in owner.tolist()]
-        states = [CompletionState(r, self.eos_ids, self.tokenizer) for r in rows]
+        seen = [0] * len(requests)  # the row's index among its request's n rows
+        states = []
+        for request, index in zip(rows, owner.tolist(), strict=True):
+            states.append(CompletionState(request, self.eos_ids, self.tokenizer, seen[index]))
+            seen[index] += 1
         sampler = Sampler(
             [r.temperature for r in rows],
             [r.top_k for r in rows],
@@ -227,6 +234,19 @@ class Generator:
         for state, index in zip(states, owner.tolist(), strict=True):
             completions[index].append(state.result())
         return [GenerationResult(list(p), c) for p, c in zip(prompts, completions, strict=True)]
+
+
+def _row_adapters(requests: Sequence[GenerationRequest], model: Any) -> list[str] | None:
+    """Each request's adapter for peft's ``adapter_names``; None when no request names one.
+
+    A request without an adapter runs on the model as it is, also in a batch
+    with others: on its active adapter (peft's ``__base__`` names the bare base).
+    """
+    if all(r.adapter is None for r in requests):
+        return None
+    active = getattr(model, "active_adapter", None)
+    default = active if isinstance(active, str) else "__base__"
+    return [r.adapter if r.adapter is not None else default for r in requests]
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:

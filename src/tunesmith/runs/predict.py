@@ -127,6 +127,19 @@ def predict_records(
 ) -> list[dict[str, Any]]:
     """One prediction row per record (``text`` plus the task's outputs), in order."""
     dataset = FeatureDataset(task.encode(records, tokenizer, None))
+    return predict_features(model, task, tokenizer, labels, records, dataset, batch_size)
+
+
+def predict_features(
+    model: torch.nn.Module,
+    task: Task,
+    tokenizer: Any,
+    labels: list[str],
+    records: list[dict[str, Any]],
+    dataset: FeatureDataset,
+    batch_size: int = 64,
+) -> list[dict[str, Any]]:
+    """``predict_records`` for records already encoded (``dataset``: their features, in order)."""
     collator = Collator(tokenizer.pad_token_id, tokenizer.padding_side)
     preds, _ = predict_dataset(task, model, dataset, collator, batch_size, generate=True)
     rows = task.format_predictions(preds, labels, records)

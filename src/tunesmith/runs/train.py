@@ -26,6 +26,7 @@ from tunesmith._version import __version__
 from tunesmith.config.root import Config
 from tunesmith.core import paths
 from tunesmith.data.batching import Collator, FeatureDataset
+from tunesmith.data.profile import data_profile
 from tunesmith.errors import ConfigError
 from tunesmith.methods.base import METHODS, Method
 from tunesmith.methods.param_table import format_parameter_table, parameter_table
@@ -195,6 +196,8 @@ def setup(
     manifest = {**_manifest(cfg, splits.labels), "padding_side": tokenizer.padding_side}
     if task.class_weights is not None:
         manifest["class_weights"] = task.class_weights
+    # What served inputs are compared with (drift, ``tunesmith serve``'s /metrics).
+    manifest["data_profile"] = data_profile(parts.train_set.features, splits.labels)
     if checkpoint is None:  # only now, with data, tokenizer and model known to be good
         _prepare_output_dir(out, t.overwrite, accelerator.is_main_process)
         accelerator.wait_for_everyone()
