@@ -401,3 +401,14 @@ def test_one_batch_serves_several_lora_adapters_each_as_alone(lm):
     [as_a] = gen.generate([GenerationRequest(prompts[3], max_new_tokens=8, adapter="a")])
     assert mixed[3].completions[0].token_ids == as_a.completions[0].token_ids
     assert len({tuple(r.completions[0].token_ids) for r in mixed[:3]}) == 3
+
+
+def test_prompt_learning_models_are_refused(lm):
+    from peft import PrefixTuningConfig
+
+    model, tokenizer = lm
+    prefixed = get_peft_model(
+        copy.deepcopy(model), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    )
+    with pytest.raises(GenerationError, match="prefix or prompt tuning"):
+        Generator(prefixed, tokenizer)

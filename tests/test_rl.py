@@ -216,6 +216,13 @@ def test_bad_rl_settings_are_refused(tiny_llama, tmp_path, rl, match):
         Config.from_dict(rl_config(tiny_llama, Path("x.jsonl"), tmp_path, rl=rl))
 
 
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_prompt_learning_cannot_roll_out(tiny_llama, tmp_path, method):
+    cfg = rl_config(tiny_llama, Path("x.jsonl"), tmp_path, method={"name": method})
+    with pytest.raises(ConfigError, match="virtual tokens"):
+        Config.from_dict(cfg)
+
+
 def test_rl_keys_on_another_task_are_errors(tiny_llama, tmp_path):
     cfg = rl_config(tiny_llama, Path("x.jsonl"), tmp_path, task={"type": "causal_lm"})
     with pytest.raises(ConfigError, match=r"only read with task\.type rl"):

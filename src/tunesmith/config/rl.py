@@ -225,6 +225,16 @@ def rl_problems(task_type: str, rl: RLConfig, cfg: Any) -> list[Problem]:
                 missing=True,
             )
         )
+    method = getattr(getattr(cfg, "method", None), "name", None)
+    if method in ("prefix", "prompt"):
+        problems.append(
+            Problem(
+                "method.name",
+                f"method.name: {method} with task.type rl; rollouts come from the batched "
+                "generator, which cannot feed peft's virtual tokens: use lora, dora, ia3, "
+                "bottleneck or full",
+            )
+        )
     for i, reward in enumerate(rl.rewards):
         if isinstance(reward, CustomReward) and not rl.allow_custom_reward:
             problems.append(

@@ -79,6 +79,11 @@ class Generator:
             raise GenerationError("generator options refused: " + "; ".join(problems))
         if getattr(model.config, "is_encoder_decoder", False):
             raise GenerationError("the batched generator serves decoder-only models only")
+        if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+            raise GenerationError(
+                "the batched generator cannot run prefix or prompt tuning: peft feeds those "
+                "their virtual tokens through the cache the generator keeps"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = eos_token_ids(model, tokenizer)

@@ -49,6 +49,7 @@ from tunesmith.serve.schemas import (
     LoadBody,
     SamplingBody,
 )
+from tunesmith.tasks.chat_template import render, resolve_template
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +117,13 @@ class Server:
                 code="model_not_found",
             ) from None
         if generative and not served.generative:
-            raise ApiError(
-                400,
-                f"model '{name}' is a {served.cfg.task.type} model: use /v1/classify",
-                param="model",
+            task = served.cfg.task.type
+            where = (
+                "use /v1/classify"
+                if task in _CLASSIFIERS
+                else "completions are served for decoder-only language models"
             )
+            raise ApiError(400, f"model '{name}' is a {task} model: {where}", param="model")
         if not generative and served.cfg.task.type not in _CLASSIFIERS:
             raise ApiError(
                 400,
@@ -163,7 +166,11 @@ async def parse(request: Request, schema: type[BaseModel], limit: int) -> Any:
 
 
 def chat_prompt(served: Served, body: ChatBody) -> list[int]:
-    """The chat's token ids as the run rendered prompts (its template and system prompt)."""
+    """The chat's token ids as the run rendered prompts (its template and system prompt).
+
+    Never shortened: a prompt that leaves no room for ``max_tokens`` within the
+    model's positions is refused (400), not cut.
+    """
     turns = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         for m in body.messages
@@ -174,10 +181,11 @@ def chat_prompt(served: Served, body: ChatBody) -> list[int]:
         record = chat_record(
             turns, "request", labelled=False, system_prompt=served.cfg.task.system_prompt
         )
-        feature = served.task.encode([record], served.tokenizer, None)[0]
+        template = resolve_template(served.tokenizer, served.cfg.task.chat_template)
+        text = render(served.tokenizer, record["messages"], template, prompt=True)
     except TunesmithError as err:
         raise ApiError(400, f"messages: {err}", param="messages") from None
-    return list(feature["input_ids"])
+    return encode_prompt(served.tokenizer, text)
 
 
 def generation_request(

@@ -25,6 +25,7 @@ them), so no forward pass ever sees a tree change under it.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -61,6 +62,23 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 _MIXED = {"lora"}
 #: Prompt-learning adapters feed the model its own cache; the batched generator holds one.
 _PROMPT_LEARNING = {"prefix", "prompt"}
+#: The files a tokenizer is read from (whichever a folder has).
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+#: Decoder-only tasks whose checkpoints answer completions.
+_GENERATIVE = {"causal_lm", "preference", "rl"}
 _SAFETENSORS_ONLY = "the server loads safetensors weights only; convert the checkpoint"
 
 
@@ -139,6 +157,7 @@ class Catalog:
         self.trust_remote_code = trust_remote_code
         self.served: dict[str, Served] = {}
         self._bases: dict[str, _Base] = {}
+        self._tokenizers: dict[str, Any] = {}
 
     # -- queries -------------------------------------------------------------------
     def get(self, name: str) -> Served:
@@ -182,8 +201,14 @@ class Catalog:
         check_weights(folder, hint=_SAFETENSORS_ONLY)
         method = METHODS.get(manifest["method"])
         shares = method.saves_adapter and read_marker(folder) is None
-        if shares and manifest["method"] in _PROMPT_LEARNING:
-            shares = False  # served as a model of its own: peft feeds it its own prefix
+        if manifest["method"] in _PROMPT_LEARNING:
+            if manifest["task"] in _GENERATIVE:
+                raise ConfigError(
+                    f"{folder}: a {manifest['method']}-tuned {manifest['task']} model cannot be "
+                    "served: the batched generator keeps its own cache, where peft puts the "
+                    "virtual tokens; use tunesmith predict, or train with lora"
+                )
+            shares = False  # a classifier of its own: peft feeds it its virtual tokens
         if shares:
             served = self._add_adapter(name, folder, manifest)
         else:
@@ -214,6 +239,8 @@ class Catalog:
     def remove(self, name: str) -> None:
         """Stop serving ``name`` and free its weights (the base stays while others use it)."""
         served = self.served.pop(name)
+        used = {id(s.tokenizer) for s in self.served.values()}
+        self._tokenizers = {k: t for k, t in self._tokenizers.items() if id(t) in used}
         tree = served.tree
         tree.names.discard(name)
         if tree.mixed and tree.names:
@@ -246,8 +273,7 @@ class Catalog:
         )
         task = get_task(cfg)
         labels = list(manifest.get("labels", []))
-        tokenizer = load_tokenizer(str(folder))
-        tokenizer.padding_side = manifest.get("padding_side", tokenizer.padding_side)
+        tokenizer = self._tokenizer(folder, manifest.get("padding_side"))
         task.restore_state(manifest.get("task_state") or {})
         key = _base_key(manifest, task)
         if key not in self._bases:
@@ -263,6 +289,23 @@ class Catalog:
             raise ConfigError(f"{folder}: method {cfg.method.name} cannot be served")
         task.loaded(tree.model, tokenizer, str(folder))
         return self._served(name, folder, cfg, task, labels, tokenizer, tree, manifest)
+
+    def _tokenizer(self, folder: Path, padding_side: str | None) -> Any:
+        """The checkpoint's tokenizer, shared with every adapter whose tokenizer files match.
+
+        A 49k-token tokenizer takes more memory than a LoRA adapter of rank 8:
+        loaded once per adapter, it would cost four times the adapter.
+        """
+        digest = hashlib.sha256(str(padding_side).encode())
+        for name in _TOKENIZER_FILES:
+            if (folder / name).is_file():
+                digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+        key = digest.hexdigest()
+        if key not in self._tokenizers:
+            tokenizer = load_tokenizer(str(folder))
+            tokenizer.padding_side = padding_side or tokenizer.padding_side
+            self._tokenizers[key] = tokenizer
+        return self._tokenizers[key]
 
     def _into_lora_tree(self, base: _Base, key: str, name: str, folder: Path) -> Tree:
         """Load LoRA adapter ``name`` into the base's LoRA tree (made on the first)."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import psutil
 
 from tunesmith.data.profile import decile_shares, population_stability
 
@@ -149,6 +150,7 @@ class Metrics:
             mean_rows = sum(k * v for k, v in self.batch_rows.items()) / max(rounds, 1)
             return {
                 "uptime_s": round(time.time() - self.started, 1),
+                "resident_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
                 "in_flight": in_flight,
                 "queued": queued,
                 "responses": {str(k): v for k, v in sorted(self.status.items())},
@@ -169,6 +171,7 @@ def prometheus(snapshot: dict[str, Any]) -> str:
     """The snapshot as Prometheus text exposition (gauges and counters, one line each)."""
     lines = [
         f"tunesmith_in_flight {snapshot['in_flight']}",
+        f"tunesmith_resident_bytes {int(snapshot['resident_mb'] * 2**20)}",
         f"tunesmith_queued {snapshot['queued']}",
         f"tunesmith_batch_rounds_total {snapshot['batches']['rounds']}",
         f"tunesmith_batch_mean_rows {snapshot['batches']['mean_rows']}",

@@ -163,9 +163,6 @@ class Scheduler:
 
     def _round(self, jobs: Sequence[Job]) -> None:
         started = time.perf_counter()
-        for job in jobs:
-            if isinstance(job, CallJob):
-                _answer(job, job.call)
         generated = 0
         trees: dict[int, list[GenerateJob]] = {}
         for job in jobs:
@@ -179,6 +176,9 @@ class Scheduler:
                 models.setdefault(job.served.name, []).append(job)
         for group in models.values():
             self._classify(group)
+        for job in jobs:  # after the requests queued before it: they saw the old catalog
+            if isinstance(job, CallJob):
+                _answer(job, job.call)
         rows = sum(job.rows for job in jobs)
         if rows:
             self.metrics.round(rows, time.perf_counter() - started, generated)
