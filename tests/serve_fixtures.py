@@ -1,7 +1,7 @@
 """Checkpoints and a live server for the serving tests.
 
-Three LoRA adapters and one bottleneck adapter on one tiny Llama, each taught
-its own reply, and two LoRA classifiers (different label sets) on the tiny
+Three LoRA adapters, a bottleneck and a DoRA adapter on one tiny Llama, each
+taught its own reply, and two LoRA classifiers (different label sets) on the tiny
 BERT; ``live_server`` runs an application on a free loopback port in a thread.
 """
 
@@ -27,12 +27,14 @@ REPLIES = {
     "home": "I live in a test.",
     "joke": "Knock knock.",
     "neck": "I was built today.",
+    "dora": "Knock knock. Who is there?",
 }
 METHODS = {
     "bot": {"name": "lora", "r": 4},
     "home": {"name": "lora", "r": 4},
     "joke": {"name": "lora", "r": 2},
     "neck": {"name": "bottleneck", "reduction_factor": 4},
+    "dora": {"name": "dora", "r": 4},
 }
 
 

@@ -1,7 +1,7 @@
 """``tunesmith serve``: the official openai client against a live server on loopback.
 
-Three LoRA adapters and a bottleneck adapter on one tiny Llama (each taught its
-own reply), two LoRA classifiers on the tiny BERT and a fully fine-tuned NER
+Three LoRA adapters, a bottleneck and a DoRA adapter on one tiny Llama (each
+taught its own reply), two LoRA classifiers on the tiny BERT and a fully fine-tuned NER
 model, all served by one process.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 KEY = "test-key"
 QUESTION = "What is your name? 3"
-CHAT = ["bot", "home", "joke", "neck"]
+CHAT = ["bot", "home", "joke", "neck", "dora"]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def ask(client: openai.OpenAI, model: str, text: str = QUESTION, **kw: Any) -> A
 
 
 # -- the openai client ----------------------------------------------------------------------
-def test_greedy_chat_equals_predict_and_adapters_answer_differently(client, greedy):
+def test_greedy_chat_equals_predict_and_adapters_answer_differently(client, greedy, catalog):
     answers = {}
     for name in CHAT:
         reply = ask(client, name)
@@ -99,7 +100,10 @@ def test_greedy_chat_equals_predict_and_adapters_answer_differently(client, gree
         assert reply.choices[0].finish_reason in ("stop", "length")
         assert reply.usage.completion_tokens >= 1
         assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
-    assert len(set(answers.values())) >= 3, answers  # the adapters are really applied
+    assert len(set(answers.values())) >= 4, answers  # the adapters are really applied
+    trees = {name: catalog.get(name).tree for name in CHAT}
+    assert trees["bot"] is trees["home"] is trees["joke"] and trees["bot"].mixed
+    assert len({id(t) for t in trees.values()}) == 3  # LoRA's, the bottleneck's, DoRA's
 
 
 def test_streamed_chat_joins_to_the_whole_answer(client):
@@ -173,7 +177,7 @@ def test_32_concurrent_clients_get_their_adapters_answers(url, greedy):
 
 
 def test_a_mixed_batch_gives_each_request_its_alone_output(catalog, greedy):
-    """Three LoRA adapters in one forward and the bottleneck in its sub-batch, one round."""
+    """Three LoRA adapters in one forward, bottleneck and DoRA in their sub-batches, one round."""
     from tunesmith.models.completions import GenerationRequest
     from tunesmith.serve.metrics import Metrics
     from tunesmith.serve.scheduler import GenerateJob, Scheduler
@@ -187,7 +191,7 @@ def test_a_mixed_batch_gives_each_request_its_alone_output(catalog, greedy):
         return forward(*args, **kwargs)
 
     metrics = Metrics()
-    scheduler = Scheduler(metrics, max_batch=4, max_wait_s=5.0)
+    scheduler = Scheduler(metrics, max_batch=len(CHAT), max_wait_s=5.0)
     prompt = catalog.get("bot").task.encode(
         [{"messages": [{"role": "user", "content": QUESTION}]}], catalog.get("bot").tokenizer, None
     )[0]["input_ids"]
@@ -205,7 +209,7 @@ def test_a_mixed_batch_gives_each_request_its_alone_output(catalog, greedy):
     finally:
         scheduler.stop()
         lora.model.forward = forward
-    assert metrics.rounds == 1 and metrics.batch_rows == {4: 1}
+    assert metrics.rounds == 1 and metrics.batch_rows == {len(CHAT): 1}
     for name, result in zip(CHAT, results, strict=True):
         assert result.completions[0].text == greedy[name], name
     assert seen and seen[0] == ["bot", "home", "joke"]  # one forward, three adapters
@@ -233,6 +237,33 @@ def test_a_failing_request_fails_alone(catalog, greedy):
             bad.future.result(timeout=60)
     finally:
         scheduler.stop()
+
+
+def test_a_round_waits_only_for_announced_requests(catalog):
+    from tunesmith.models.completions import GenerationRequest
+    from tunesmith.serve.metrics import Metrics
+    from tunesmith.serve.scheduler import GenerateJob, Scheduler
+
+    served = catalog.get("bot")
+
+    def job() -> GenerateJob:
+        return GenerateJob(served, GenerationRequest([5, 6, 7], max_new_tokens=2, adapter="bot"))
+
+    metrics = Metrics()
+    scheduler = Scheduler(metrics, max_batch=8, max_wait_s=60.0)
+    scheduler.start()
+    try:
+        lone = scheduler.submit(job())
+        lone.result(timeout=20)  # nobody else was coming: no 60 s wait
+        scheduler.arrive()  # a request is being received
+        first = scheduler.submit(job())
+        time.sleep(0.3)
+        scheduler.arrive(-1)
+        second = scheduler.submit(job())
+        first.result(timeout=20), second.result(timeout=20)
+    finally:
+        scheduler.stop()
+    assert metrics.batch_rows == {1: 1, 2: 1}  # the announced one joined the round
 
 
 # -- classifiers -----------------------------------------------------------------------------
@@ -344,6 +375,18 @@ def test_refusals_through_the_official_client(url, client):
     assert httpx.get(f"{url}/nowhere", headers=_auth()).json()["error"]["type"] == "not_found_error"
 
 
+def test_a_chunked_body_over_the_limit_is_refused_while_read(url, client):
+    def body():
+        yield b'{"model": "bot", "messages": [{"role": "user", "content": "'
+        for _ in range(40):
+            yield b"x" * 1000
+        yield b'"}]}'
+
+    got = httpx.post(f"{url}/v1/chat/completions", content=body(), headers=_auth())
+    assert got.status_code == 413 and "limit" in got.json()["error"]["message"]
+    assert ask(client, "bot").choices[0].message.content
+
+
 def test_too_many_requests_in_flight_are_refused_with_429(catalog):
     settings = ServeSettings(api_key=None, max_concurrent=0)
     with live_server(create_app(catalog, settings)) as base:
@@ -353,15 +396,22 @@ def test_too_many_requests_in_flight_are_refused_with_429(catalog):
 
 
 # -- admin -----------------------------------------------------------------------------------
-def test_admin_loads_and_unloads_models_from_the_library_only(url, client, greedy, catalog):
+def test_admin_loads_and_unloads_models_from_the_library_only(
+    url, client, greedy, catalog, library
+):
     load = _post(url, "/admin/models", {"model": "joke2", "path": "joke"})
     assert load.status_code == 200, load.text
     assert ask(client, "joke2").choices[0].message.content == greedy["joke"]
     assert catalog.get("joke2").tree is catalog.get("bot").tree  # joined the LoRA batch
     assert _post(url, "/admin/models", {"model": "joke2", "path": "joke"}).status_code == 409
-    for path in ("../", "/etc", "nothing-here"):
+    for path, why in (("../", "inside"), ("/etc", "inside"), ("nothing-here", "checkpoint")):
         bad = _post(url, "/admin/models", {"model": "x", "path": path})
-        assert bad.status_code == 400, bad.text
+        assert bad.status_code == 400 and why in bad.json()["error"]["message"], bad.text
+    pickled = library / "pickled"
+    shutil.copytree(library / "bot", pickled)
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    bad = _post(url, "/admin/models", {"model": "x", "path": "pickled"})
+    assert bad.status_code == 400 and "safetensors" in bad.json()["error"]["message"], bad.text
     assert (
         _post(url, "/admin/models", {"model": "y", "path": "bot"}, key="wrong").status_code == 401
     )
@@ -392,7 +442,6 @@ def test_the_serve_command_answers_the_openai_client(checkpoints, greedy):
     import os
     import subprocess
     import sys
-    import time
 
     from serve_fixtures import free_port
 

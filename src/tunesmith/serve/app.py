@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 #: Paths answered without the API key.
 _OPEN = {"/health"}
+#: Paths whose requests become scheduler jobs.
+_MODEL_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/classify"}
 
 
 @dataclass(frozen=True)
@@ -133,10 +135,17 @@ class Server:
             )
         return served
 
-    async def run(self, job: Any) -> Any:
+    def submit(self, job: Any, request: Request) -> Any:
+        """Queue ``job``; the request stops counting as arriving (see ``_guard``)."""
+        if getattr(request.state, "arriving", False):  # first: a woken round sees it gone
+            request.state.arriving = False
+            self.scheduler.arrive(-1)
+        return self.scheduler.submit(job)
+
+    async def run(self, job: Any, request: Request) -> Any:
         """Queue ``job`` and wait for it; model errors become 400 (bad input) or 500."""
         try:
-            return await asyncio.wrap_future(self.scheduler.submit(job))
+            return await asyncio.wrap_future(self.submit(job, request))
         except (GenerationError, TunesmithError) as err:
             raise ApiError(400, str(err)) from None
 
@@ -147,9 +156,13 @@ _CLASSIFIERS = {"sequence_classification", "token_classification", "reward_model
 # -- request parsing ---------------------------------------------------------------------
 async def parse(request: Request, schema: type[BaseModel], limit: int) -> Any:
     """The body as ``schema``; 413 beyond ``limit`` bytes, 400 for bad JSON or parameters."""
-    raw = await request.body()
-    if len(raw) > limit:
-        raise ApiError(413, f"request body of {len(raw)} bytes exceeds the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # never more than the limit in memory
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         data = json.loads(raw)
     except ValueError as err:
@@ -261,10 +274,18 @@ def create_app(catalog: Catalog, settings: ServeSettings | None = None) -> FastA
         error = _refusal(request, server.settings)
         response = JSONResponse(error.body(), status_code=error.status) if error else None
         if response is None:
+            # A model request is announced while its body is read and checked, so
+            # that a round about to start waits for it (and only then waits).
+            request.state.arriving = request.url.path in _MODEL_ROUTES
+            if request.state.arriving:
+                server.scheduler.arrive()
             try:
                 response = await call_next(request)
             except Exception as err:  # pragma: no cover - handlers above answer first
                 response = await _unexpected(request, err)
+            finally:
+                if request.state.arriving:  # refused before it was submitted
+                    server.scheduler.arrive(-1)
         server.metrics.response(response.status_code)
         return response
 
@@ -286,7 +307,9 @@ def create_app(catalog: Catalog, settings: ServeSettings | None = None) -> FastA
         body: ChatBody = await parse(request, ChatBody, server.settings.max_body_bytes)
         served = server.model(body.model, generative=True)
         prompt = chat_prompt(served, body)
-        return await _complete(server, served, body, body.token_budget, [prompt], chat=True)
+        return await _complete(
+            server, request, served, body, body.token_budget, [prompt], chat=True
+        )
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -299,7 +322,9 @@ def create_app(catalog: Catalog, settings: ServeSettings | None = None) -> FastA
         if body.stream and len(body.prompts) > 1:
             raise ApiError(400, "prompt: stream one prompt at a time", param="prompt")
         prompts = [encode_prompt(served.tokenizer, p) for p in body.prompts]
-        return await _complete(server, served, body, body.token_budget, prompts, chat=False)
+        return await _complete(
+            server, request, served, body, body.token_budget, prompts, chat=False
+        )
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> Any:
@@ -315,7 +340,7 @@ def create_app(catalog: Catalog, settings: ServeSettings | None = None) -> FastA
         try:
             records = served.task.text_records(texts)
             features = served.task.encode(records, served.tokenizer, None)
-            rows = await server.run(ClassifyJob(served, records, features))
+            rows = await server.run(ClassifyJob(served, records, features), request)
         except ApiError:
             server.metrics.request(served.name, time.perf_counter() - started, ok=False)
             raise
@@ -347,18 +372,19 @@ def create_app(catalog: Catalog, settings: ServeSettings | None = None) -> FastA
         body: LoadBody = await parse(request, LoadBody, server.settings.max_body_bytes)
         if body.model in catalog.served:
             raise ApiError(409, f"model '{body.model}' is already served", param="model")
-        served = await server.run(CallJob(lambda: catalog.add_from_library(body.model, body.path)))
+        job = CallJob(lambda: catalog.add_from_library(body.model, body.path))
+        served = await server.run(job, request)
         server.metrics.track(served.name, served.manifest.get("data_profile"))
         return _model_card(served)
 
     @app.delete("/admin/models/{name}")
-    async def unload(name: str) -> Any:
+    async def unload(name: str, request: Request) -> Any:
         _admin_allowed(server)
         if name not in catalog.served:
             raise ApiError(
                 404, f"model '{name}' is not served", param="model", code="model_not_found"
             )
-        await server.run(CallJob(lambda: catalog.remove(name)))
+        await server.run(CallJob(lambda: catalog.remove(name)), request)
         return {"id": name, "object": "model", "deleted": True}
 
     return app
@@ -378,9 +404,7 @@ def _refusal(request: Request, settings: ServeSettings) -> ApiError | None:
             )
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
-        return ApiError(
-            413, f"request body of {declared} bytes exceeds the limit of {settings.max_body_bytes}"
-        )
+        return ApiError(413, f"request body exceeds the limit of {settings.max_body_bytes} bytes")
     return None
 
 
@@ -408,6 +432,7 @@ def _model_card(served: Served) -> dict[str, Any]:
 
 async def _complete(
     server: Server,
+    http: Request,
     served: Served,
     body: SamplingBody,
     budget: int | None,
@@ -417,13 +442,13 @@ async def _complete(
 ) -> Any:
     """Answer a chat or text completion, whole or streamed."""
     if body.stream:
-        return await _stream(server, served, body, budget, prompts[0], chat=chat)
+        return await _stream(server, http, served, body, budget, prompts[0], chat=chat)
     requests = [generation_request(server, served, body, budget, p) for p in prompts]
     release = server.admit()
     started = time.perf_counter()
     try:
         results: list[GenerationResult] = list(
-            await asyncio.gather(*(server.run(GenerateJob(served, r)) for r in requests))
+            await asyncio.gather(*(server.run(GenerateJob(served, r), http) for r in requests))
         )
     except ApiError:
         server.metrics.request(served.name, time.perf_counter() - started, ok=False)
@@ -452,6 +477,7 @@ def _record(
 
 async def _stream(
     server: Server,
+    http: Request,
     served: Served,
     body: SamplingBody,
     budget: int | None,
@@ -470,7 +496,7 @@ async def _stream(
     release = server.admit()
     started = time.perf_counter()
     job = GenerateJob(served, request)
-    server.scheduler.submit(job)
+    server.submit(job, http)
     job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(deltas.put_nowait, None))
     rid = shapes.new_id("chatcmpl" if chat else "cmpl")
 

@@ -3,7 +3,9 @@
 Request handlers put jobs on a queue and await their futures; the scheduler
 thread takes the first job, waits up to ``max_wait_s`` for more (up to
 ``max_batch`` rows: a request's ``n`` completions are rows), and runs them as
-one *round*:
+one *round*. It waits only while another request is queued or being received
+(the HTTP side says when one arrives), so a lone client pays no wait. In a
+round:
 
 - generation jobs are grouped by module tree: all LoRA adapters of a base
   share one batched generation (each row names its adapter), every other
@@ -103,6 +105,8 @@ class Scheduler:
         self.max_wait_s = max(0.0, max_wait_s)
         self.classify_batch = classify_batch
         self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._arriving = 0  # requests received and not yet submitted (being parsed)
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="tunesmith-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -121,6 +125,11 @@ class Scheduler:
         """Queue ``job``; its future gets the result or the exception."""
         self._queue.put(job)
         return job.future
+
+    def arrive(self, count: int = 1) -> None:
+        """Say that a request was received and will be submitted soon (or ``count=-1``: not)."""
+        with self._lock:
+            self._arriving += count
 
     # -- the thread ------------------------------------------------------------------
     def _loop(self) -> None:
@@ -146,6 +155,8 @@ class Scheduler:
             return jobs, False
         deadline = time.monotonic() + self.max_wait_s
         while rows < self.max_batch:
+            if self._queue.empty() and self._arriving <= 0:
+                break  # nobody else is coming: a lone request does not wait
             remaining = deadline - time.monotonic()
             try:
                 job = (
