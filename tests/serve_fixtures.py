@@ -68,20 +68,32 @@ def train_chat_adapters(folder: Path) -> dict[str, Path]:
     return out
 
 
-def train_classifiers(model: Path, folder: Path) -> dict[str, Path]:
-    """Two LoRA classifiers on the tiny BERT: two labels and three labels."""
+#: Classifier adapters on the tiny BERT: name -> (label set, method).
+CLASSIFIERS = {
+    "sentiment": ("two", {"name": "lora", "r": 4}),
+    "three": ("three", {"name": "lora", "r": 2}),
+}
+
+
+def train_classifiers(
+    model: Path,
+    folder: Path,
+    rows: int = 120,
+    runs: dict[str, tuple[str, dict[str, Any]]] | None = None,
+) -> dict[str, Path]:
+    """``best/`` of classifier runs on the tiny BERT (default: two and three labels, LoRA)."""
     folder.mkdir(parents=True, exist_ok=True)
-    two = write_csv(folder / "two.csv", toy_rows(120))
     three_rows = [
         {"text": r["text"], "label": ("meh" if i % 3 == 0 else r["label"] + "!")}
-        for i, r in enumerate(toy_rows(120, seed=9))
+        for i, r in enumerate(toy_rows(rows, seed=9))
     ]
-    three = write_csv(folder / "three.csv", three_rows)
+    data = {
+        "two": write_csv(folder / "two.csv", toy_rows(rows)),
+        "three": write_csv(folder / "three.csv", three_rows),
+    }
     out = {}
-    for name, data in (("sentiment", two), ("three", three)):
-        cfg = tiny_config(
-            model, data, folder / name, method={"name": "lora", "r": 4}, optim={"lr": 1e-2}
-        )
+    for name, (labels, method) in (runs or CLASSIFIERS).items():
+        cfg = tiny_config(model, data[labels], folder / name, method=method, optim={"lr": 1e-2})
         cfg["train"]["epochs"] = 2
         result = train(Config.from_dict(cfg), progress=False)
         out[name] = result.best_dir or result.final_dir

@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_config, toy_rows, write_csv
-from tunesmith.api import predict, train
+from tunesmith.api import predict
 from tunesmith.cli import main
-from tunesmith.config.root import Config
 from tunesmith.errors import ConfigError
 from tunesmith.runs.library import AdapterLibrary
 
@@ -20,23 +18,11 @@ TEXTS = ["the movie was great", "a dull plot", "it was fun", "boring and weak"]
 @pytest.fixture(scope="module")
 def runs(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two LoRA adapters on the tiny BERT with different label sets, and a full run."""
+    from serve_fixtures import CLASSIFIERS, train_classifiers
+
     tmp = tmp_path_factory.mktemp("adapters")
-    two = write_csv(tmp / "two.csv", toy_rows(160))
-    three_rows = [
-        {"text": r["text"], "label": ("meh" if i % 3 == 0 else r["label"] + "!")}
-        for i, r in enumerate(toy_rows(160, seed=9))
-    ]
-    three = write_csv(tmp / "three.csv", three_rows)
-    out = {}
-    for name, data, method in (
-        ("sentiment", two, {"name": "lora", "r": 4}),
-        ("three", three, {"name": "lora", "r": 2}),
-        ("full", two, {"name": "full"}),
-    ):
-        cfg = tiny_config(tiny_bert, data, tmp / name, method=method, optim={"lr": 1e-2})
-        cfg["train"]["epochs"] = 2
-        out[name] = train(Config.from_dict(cfg), progress=False).best_dir
-    return out
+    methods = {**CLASSIFIERS, "full": ("two", {"name": "full"})}
+    return train_classifiers(tiny_bert, tmp, rows=160, runs=methods)
 
 
 def test_switching_adapters_gives_each_adapters_own_predictions(runs, tmp_path):

@@ -110,7 +110,9 @@ def test_smoke_run_of_the_orchestration(tmp_path: Path, capsys):
         assert entry[who]["real_tokens"] == entry["expected_real_tokens"]
         assert entry[who]["samples"] == 48 and entry[who]["steps"] == 3
         assert entry[who]["peak_rss_mb"] > 50 and 0 <= entry[who]["test_accuracy"] <= 1
-        assert entry[who]["peak_rss_mb"] >= entry[who]["train_peak_rss_mb"] > 50
+        # VmHWM includes the current RSS, which Linux counts per thread and settles
+        # later: a later reading of the peak may come out a fraction of a MB lower.
+        assert entry[who]["peak_rss_mb"] >= entry[who]["train_peak_rss_mb"] - 1 > 50
     assert entry["same_trainable_names"]
     assert entry["hf"]["trainable_parameters"] == entry["tunesmith"]["trainable_parameters"]
     keys = {"tokens_per_s", "train_seconds", "train_peak_rss_mb", "peak_rss_mb", "accuracy_points"}

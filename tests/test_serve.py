@@ -30,13 +30,17 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 KEY = "test-key"
 QUESTION = "What is your name? 3"
 CHAT = ["bot", "home", "joke", "neck", "dora"]
+PREFIX = {"name": "prefix", "num_virtual_tokens": 4}
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("serve")
     out = train_chat_adapters(tmp / "chat")
-    out.update(train_classifiers(tiny_bert, tmp / "cls"))
+    from serve_fixtures import CLASSIFIERS
+
+    kinds = {**CLASSIFIERS, "ia3": ("two", {"name": "ia3"}), "prefix": ("three", PREFIX)}
+    out.update(train_classifiers(tiny_bert, tmp / "cls", runs=kinds))
     ner = task_data("token_classification", tmp / "ner")
     cfg = contract_config(ner, tmp / "ner-run", train={**CONTRACT_TRAIN, "max_steps": 6})
     result = train(Config.from_dict(cfg), progress=False)
@@ -152,7 +156,7 @@ def test_text_completions_take_several_prompts(client, catalog):
 
 def test_models_lists_every_id(client):
     listed = {m.id: m for m in client.models.list()}
-    assert set(listed) == {*CHAT, "sentiment", "three", "ner"}
+    assert set(listed) == {*CHAT, "sentiment", "three", "ia3", "prefix", "ner"}
     assert listed["three"].model_extra["labels"] == ["meh", "neg!", "pos!"]
     assert listed["neck"].model_extra["method"] == "bottleneck"
 
@@ -269,7 +273,7 @@ def test_a_round_waits_only_for_announced_requests(catalog):
 # -- classifiers -----------------------------------------------------------------------------
 def test_classify_returns_what_predict_returns(url, checkpoints):
     texts = ["the movie was great", "a dull plot", "it was fun"]
-    for name in ("sentiment", "three"):
+    for name in ("sentiment", "three", "ia3", "prefix"):  # shared LoRA tree, own trees
         got = _post(url, "/v1/classify", {"model": name, "input": texts})
         assert got.status_code == 200, got.text
         want = predict(checkpoints[name], texts)

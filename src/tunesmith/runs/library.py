@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from tunesmith.config.multitask import MULTITASK
 from tunesmith.config.root import Config
-from tunesmith.errors import ConfigError
+from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods.base import METHODS
 from tunesmith.methods.peft_methods import PeftMethod, adapter_load_errors
 from tunesmith.methods.quantized_base import read_marker
@@ -182,7 +182,7 @@ class MultiAdapterPredictor:
             )
         for name in rest:
             with adapter_load_errors(self.folders[name]):
-                _shape_heads_for(self.model, self.folders[name], name)
+                shape_heads_for(self.model, self.folders[name], name)
                 self.model.load_adapter(str(self.folders[name]), adapter_name=name)
         self.model.eval()
 
@@ -213,7 +213,16 @@ class MultiAdapterPredictor:
         return [{"adapter": adapter, **row} for row in rows]
 
 
-def _shape_heads_for(model: Any, folder: Path, name: str) -> None:
+def saved_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of the adapter checkpoint in ``folder`` (none read)."""
+    path = folder / "adapter_model.safetensors"
+    if not path.is_file():
+        raise ModelError(f"{folder}: adapter_model.safetensors missing")
+    with safe_open(str(path), framework="pt") as fh:
+        return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118
+
+
+def shape_heads_for(model: Any, folder: Path, name: str) -> None:
     """Give adapter ``name`` head modules shaped like its saved head (its own label count).
 
     peft copies the base's head for every new adapter and then refuses weights
@@ -221,8 +230,7 @@ def _shape_heads_for(model: Any, folder: Path, name: str) -> None:
     """
     from peft.utils.other import ModulesToSaveWrapper
 
-    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as fh:
-        shapes = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118
+    shapes = saved_shapes(folder)
     for path, module in model.named_modules():
         if not isinstance(module, ModulesToSaveWrapper):
             continue

@@ -13,8 +13,9 @@ The trees:
   of requests for different LoRA adapters runs as one forward (peft's
   ``adapter_names``: the base computes once, each adapter adds its low-rank
   update to its own rows);
-- every other adapter (DoRA, IA3, bottleneck; peft supports mixed batches
-  for LoRA only) gets a tree of its own and runs in its own sub-batch;
+- every other adapter (DoRA, IA3, prefix and prompt classifiers, bottleneck;
+  peft supports mixed batches for LoRA only) gets a tree of its own and runs
+  in its own sub-batch;
 - a checkpoint that is not an adapter (full or partial fine-tuning, int8 or
   pruned exports, QLoRA) is loaded as it is, a model of its own.
 
@@ -33,10 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from tunesmith.config.root import Config
-from tunesmith.errors import ConfigError, ModelError
+from tunesmith.errors import ConfigError
 from tunesmith.methods.base import METHODS
 from tunesmith.methods.bottleneck import Bottleneck
 from tunesmith.methods.peft_methods import PeftMethod, adapter_load_errors
@@ -51,6 +51,7 @@ from tunesmith.models.loading import (
     load_tokenizer,
     quiet_transformers,
 )
+from tunesmith.runs.library import saved_shapes, shape_heads_for
 from tunesmith.runs.load import load_checkpoint
 from tunesmith.tasks.base import Task, get_task
 from tunesmith.training.allocator import release_free_memory
@@ -201,14 +202,12 @@ class Catalog:
         check_weights(folder, hint=_SAFETENSORS_ONLY)
         method = METHODS.get(manifest["method"])
         shares = method.saves_adapter and read_marker(folder) is None
-        if manifest["method"] in _PROMPT_LEARNING:
-            if manifest["task"] in _GENERATIVE:
-                raise ConfigError(
-                    f"{folder}: a {manifest['method']}-tuned {manifest['task']} model cannot be "
-                    "served: the batched generator keeps its own cache, where peft puts the "
-                    "virtual tokens; use tunesmith predict, or train with lora"
-                )
-            shares = False  # a classifier of its own: peft feeds it its virtual tokens
+        if manifest["method"] in _PROMPT_LEARNING and manifest["task"] in _GENERATIVE:
+            raise ConfigError(
+                f"{folder}: a {manifest['method']}-tuned {manifest['task']} model cannot be "
+                "served: the batched generator keeps its own cache, where peft puts the "
+                "virtual tokens; use tunesmith predict, or train with lora"
+            )
         if shares:
             served = self._add_adapter(name, folder, manifest)
         else:
@@ -317,7 +316,7 @@ class Catalog:
                 model = PeftModel.from_pretrained(clone, str(folder), adapter_name=name)
                 base.lora = Tree(f"{key}#lora", model.eval(), set(), mixed=True)
             else:
-                _shape_peft_heads(base.lora.model, folder, name)
+                shape_heads_for(base.lora.model, folder, name)
                 base.lora.model.load_adapter(str(folder), adapter_name=name)
                 base.lora.model.eval()
         base.lora.names.add(name)
@@ -366,11 +365,10 @@ def shared_clone(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
     the adapter does not train (a causal LM's, often tied to the embeddings)
     stays shared.
     """
-    saved = _saved_shapes(folder)
+    saved = saved_shapes(folder)
     private = set()
     for head in head_module_names(model):
-        prefixes = (f"{head}.", f"base_model.model.{head}.")
-        if any(key.startswith(prefixes) for key in saved):
+        if any(_unwrapped(key).startswith(f"{head}.") for key in saved):
             private |= {id(t) for t in model.get_submodule(head).parameters()}
     private -= {id(t) for t in _body_of(model).parameters()}  # tied to the body: shared
     memo: dict[int, Any] = {}
@@ -382,6 +380,14 @@ def shared_clone(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
     return clone
 
 
+def _unwrapped(key: str) -> str:
+    """A saved tensor's name in the model peft wrapped (ours are saved unwrapped)."""
+    for prefix in ("base_model.model.", "base_model."):  # weight adapters, prompt learning
+        if key.startswith(prefix):
+            return key.removeprefix(prefix)
+    return key
+
+
 def _body_of(model: torch.nn.Module) -> torch.nn.Module:
     prefix = getattr(model, "base_model_prefix", "")
     return getattr(model, prefix, model) if prefix else model
@@ -389,39 +395,12 @@ def _body_of(model: torch.nn.Module) -> torch.nn.Module:
 
 def _resize_heads(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
     """Shape the head parameters of ``model`` like the checkpoint's (its own label count)."""
+    unwrapped = {_unwrapped(key): shape for key, shape in shapes.items()}
     heads = tuple(f"{h}." for h in head_module_names(model))
     for pname, param in model.named_parameters():
-        saved = shapes.get(pname, shapes.get(f"base_model.model.{pname}"))  # ours, peft's
+        saved = unwrapped.get(pname)
         if pname.startswith(heads) and saved is not None and tuple(param.shape) != saved:
             param.data = torch.empty(saved, dtype=param.dtype)
-
-
-def _shape_peft_heads(model: Any, folder: Path, name: str) -> None:
-    """Give adapter ``name`` head modules shaped like its saved head (its own label count).
-
-    peft copies the base's head for every new adapter and then refuses weights
-    of another shape; a copy with the saved shapes, created first, is kept.
-    """
-    from peft.utils.other import ModulesToSaveWrapper
-
-    shapes = _saved_shapes(folder)
-    for path, module in model.named_modules():
-        if not isinstance(module, ModulesToSaveWrapper):
-            continue
-        head = copy.deepcopy(module.original_module)
-        for pname, param in head.named_parameters():
-            saved = shapes.get(f"{path}.{pname}")
-            if saved is not None and tuple(param.shape) != saved:
-                param.data = torch.empty(saved, dtype=param.dtype)
-        module.modules_to_save[name] = head
-
-
-def _saved_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    path = folder / "adapter_model.safetensors"
-    if not path.is_file():
-        raise ModelError(f"{folder}: adapter_model.safetensors missing")
-    with safe_open(str(path), framework="pt") as fh:
-        return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118
 
 
 def _storage_bytes(models: list[Any]) -> int:
