@@ -185,18 +185,25 @@ def test_report_without_a_run_folder_is_an_error(tmp_path: Path) -> None:
         render_report(tmp_path)
 
 
-def test_tensorboard_without_the_package_fails_before_training(
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_tracker_without_its_package_fails_before_training(
+    monkeypatch: pytest.MonkeyPatch, tiny_bert: Path, tmp_path: Path
 ) -> None:
     import importlib.util
 
-    from tunesmith.training import tensorboard
+    from tunesmith.config.root import Config
+    from tunesmith.training import trackers
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        tensorboard.importlib.util,
+        trackers.importlib.util,
         "find_spec",
-        lambda name, *a: None if name == "tensorboard" else real(name, *a),
+        lambda name, *a: None if name in ("tensorboard", "mlflow") else real(name, *a),
     )
-    with pytest.raises(ConfigError, match="tensorboard package is not installed"):
-        tensorboard.check_available()
+    data = write_csv(tmp_path / "train.csv", toy_rows(8))
+    for section, message in (
+        ({"tensorboard": True}, r"train\.tensorboard: tensorboard needs the tensorboard package"),
+        ({"trackers": ["mlflow"]}, r"train\.trackers: mlflow needs the mlflow package"),
+    ):
+        cfg = Config.from_dict(tiny_config(tiny_bert, data, tmp_path / "run", train=section))
+        with pytest.raises(ConfigError, match=message):
+            trackers.check_packages(cfg)

@@ -203,3 +203,22 @@ def data_format_problems(task: type[TaskSpec], data: DataConfig) -> list[Problem
         )
         if set_
     ]
+
+
+def tracker_problems(train: TrainConfig) -> list[Problem]:
+    """``train.tensorboard`` (deprecated) beside ``train.trackers``; a tracker named twice."""
+    problems = []
+    if train.tensorboard and train.trackers:
+        problems.append(
+            Problem(
+                "train.trackers",
+                "train.trackers: set together with the deprecated train.tensorboard; list "
+                "tensorboard in train.trackers and drop train.tensorboard",
+            )
+        )
+    twice = sorted({t for t in train.trackers if train.trackers.count(t) > 1})
+    if twice:
+        problems.append(
+            Problem("train.trackers", f"train.trackers: {', '.join(twice)} listed twice")
+        )
+    return problems

@@ -37,6 +37,7 @@ from tunesmith.config.checks import (
     data_format_problems,
     objective_problems,
     padding_free_problems,
+    tracker_problems,
 )
 from tunesmith.config.data import DataConfig
 from tunesmith.config.distill import DistillConfig
@@ -189,6 +190,7 @@ class Config(Section):
             *(p for p in map(search_key_problem, self.search) if p is not None),
             *task.check_config(self),
             *augment_problems(task, self.data, self.train),
+            *tracker_problems(self.train),
             *padding_free_problems(task, method, self.data, self.distill),
             *data_format_problems(task, self.data),
             *preference_problems(self.task.type, self.preference, self.task, self.data.format),

@@ -74,10 +74,21 @@ class TrainConfig(Section):
         "runs/my-run", min_length=1, description="Run folder; relative to the working directory."
     )
     overwrite: bool = Field(False, description="Replace an existing run folder.")
+    trackers: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="Where every metrics record goes besides metrics.jsonl: tensorboard "
+        "(event files in output_dir/tensorboard), mlflow (the server or store named by "
+        "MLFLOW_TRACKING_URI; MLflow's default is sqlite:///mlflow.db here). Each needs its "
+        "package.",
+    )
+    experiment: str = Field(
+        "tunesmith", min_length=1, description="The MLflow experiment runs are logged under."
+    )
+    log_best_checkpoint: bool = Field(
+        False, description="MLflow: upload best/ as artifacts of the run (a copy of the model)."
+    )
     tensorboard: bool = Field(
-        False,
-        description="Also write the metrics as TensorBoard scalars in output_dir/tensorboard "
-        "(needs the tensorboard package).",
+        False, description="Deprecated: use train.trackers: [tensorboard] (the same)."
     )
 
     @field_validator("feature_cache", mode="before")
@@ -87,6 +98,11 @@ class TrainConfig(Section):
         if isinstance(value, bool):
             return "auto" if value else "off"
         return value
+
+    @property
+    def active_trackers(self) -> list[str]:
+        """``trackers``, or TensorBoard alone where the deprecated ``tensorboard`` is set."""
+        return list(self.trackers) or (["tensorboard"] if self.tensorboard else [])
 
     @property
     def effective_eval_batch_size(self) -> int:

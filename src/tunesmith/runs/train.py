@@ -27,7 +27,7 @@ from tunesmith.config.root import Config
 from tunesmith.core import paths
 from tunesmith.data.batching import Collator, FeatureDataset
 from tunesmith.data.profile import data_profile
-from tunesmith.errors import ConfigError
+from tunesmith.errors import ConfigError, TrainingInterrupted
 from tunesmith.methods.base import METHODS, Method
 from tunesmith.methods.param_table import format_parameter_table, parameter_table
 from tunesmith.models.folders import read_manifest, save_model_folder
@@ -56,8 +56,8 @@ from tunesmith.training.resume import (
     resolve_checkpoint,
     run_dir_of,
 )
-from tunesmith.training.tensorboard import TensorBoardSink
-from tunesmith.training.tensorboard import check_available as check_tensorboard
+from tunesmith.training.trackers import check_packages as check_tracker_packages
+from tunesmith.training.trackers import start_trackers
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,15 @@ def train(
 
     quiet_transformers()
     run = setup(cfg, resume=resume, force=force, sinks=sinks)
-    loop = fit(run, progress=progress)
-    return finish(run, loop, test=test)
+    try:
+        loop = fit(run, progress=progress)
+        return finish(run, loop, test=test)
+    except TrainingInterrupted:
+        run.metrics_log.close("KILLED")  # trackers: a resumable run, not a failed one
+        raise
+    except BaseException:
+        run.metrics_log.close("FAILED")
+        raise
 
 
 @dataclass
@@ -154,8 +161,7 @@ def setup(
     A bad input fails here, before the folder of a previous run is replaced.
     """
     t = cfg.train
-    if t.tensorboard:
-        check_tensorboard()
+    check_tracker_packages(cfg)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     task = get_task(cfg)
@@ -204,9 +210,10 @@ def setup(
     fingerprint = data_fingerprint(extras.train_set.features)
     if checkpoint is not None:
         check_resumable(checkpoint, cfg, fingerprint, force=force)
-    # Sinks (and TensorBoard's event file) on the main process only, like metrics.jsonl.
+    # Sinks and trackers on the main process only, like metrics.jsonl.
     main = accelerator.is_main_process
-    sinks = ([*sinks, TensorBoardSink(out)] if t.tensorboard else list(sinks)) if main else []
+    trackers = start_trackers(cfg, out, resuming=checkpoint is not None) if main else []
+    sinks = [*sinks, *trackers] if main else []
     metrics_log = MetricsLog(out / "metrics.jsonl", enabled=main, sinks=sinks)
     if main:
         if checkpoint is not None:  # records written after the checkpoint are redone

@@ -74,12 +74,14 @@ class MetricsLog:
             for sink in self.sinks:
                 sink(clean)
 
-    def close(self) -> None:
-        """Close the sinks that need it (flushes TensorBoard's event file)."""
+    def close(self, status: str = "FINISHED") -> None:
+        """Close the sinks that need it (trackers end their runs with ``status``:
+        FINISHED, KILLED or FAILED); closing again does nothing."""
         for sink in self.sinks:
             close = getattr(sink, "close", None)
             if close is not None:
-                close()
+                close(status)
+        self.sinks = []
 
     def truncate_after(self, step: int) -> None:
         """Drop records after optimizer step ``step`` (and test results): a resumed run

@@ -1,6 +1,6 @@
 """Optional TensorBoard logging: the same scalars as ``metrics.jsonl``, as event files.
 
-``train.tensorboard: true`` adds this sink to the metrics log; every numeric
+``train.trackers: [tensorboard]`` adds this sink to the metrics log; every numeric
 key of a record becomes the scalar ``<split>/<key>`` at the record's step, in
 ``RUN_DIR/tensorboard/``. ``metrics.jsonl`` stays the record of truth (reports
 and ``compare`` read it); TensorBoard is for watching a run live. It needs the
@@ -9,29 +9,19 @@ and ``compare`` read it); TensorBoard is for watching a run live. It needs the
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-from tunesmith.errors import ConfigError
 
 #: Keys of a metrics record that are not scalars to plot.
 _NOT_SCALARS = {"step", "epoch", "split", "time", "checkpoint"}
 TENSORBOARD_DIR = "tensorboard"
 
 
-def check_available() -> None:
-    """Fail before training starts when ``train.tensorboard`` is set without the package."""
-    if importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError(
-            "train.tensorboard: the tensorboard package is not installed "
-            "(pip install 'tunesmith[tensorboard]'), or set train.tensorboard=false"
-        )
-
-
 class TensorBoardSink:
     """Writes each metrics record as TensorBoard scalars (flushed per record)."""
+
+    run_id = None  # nothing to continue: a resumed run appends to the same folder
 
     def __init__(self, run_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -48,6 +38,6 @@ class TensorBoardSink:
                 self.writer.add_scalar(f"{split}/{key}", value, global_step=step)
         self.writer.flush()
 
-    def close(self) -> None:
-        """Flush and close the event file."""
+    def close(self, status: str = "FINISHED") -> None:
+        """Flush and close the event file (``status`` is for trackers that record it)."""
         self.writer.close()
