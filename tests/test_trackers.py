@@ -164,3 +164,28 @@ def test_deprecated_tensorboard_key_beside_trackers_is_an_error(tiny_bert, tmp_p
         run_config(tiny_bert, tmp_path, "both", tensorboard=True)
     with pytest.raises(ConfigError, match="listed twice"):
         run_config(tiny_bert, tmp_path, "twice", trackers=["mlflow", "mlflow"])
+
+
+def test_a_comparisons_runs_nest_under_one_mlflow_run(mlflow_url, tiny_bert, tmp_path, monkeypatch):
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from tunesmith.evaluation.evaluator import EvalOptions
+    from tunesmith.studies.compare.runner import run_compare
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
+    cfg = run_config(tiny_bert, tmp_path, "compare-base").model_dump(mode="json")
+    cfg["train"]["epochs"] = 1
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    options = EvalOptions(latency_batches=1, warmup=0, kinds=(), batch_size=8)
+    out = tmp_path / "cmp"
+    results = run_compare(path, ["full", "lora"], out, options=options)
+    assert [r["status"] for r in results] == ["ok", "ok"]
+    parent = json.loads((out / "trackers.json").read_text())["mlflow"]
+    client = MlflowClient(mlflow_url)
+    assert client.get_run(parent).info.status == "FINISHED"
+    experiment = client.get_experiment_by_name(cfg["train"]["experiment"]).experiment_id
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(r.data.tags["tunesmith.method"] for r in children) == ["full", "lora"]
+    assert all(r.data.metrics.get("train/loss") is not None for r in children)

@@ -84,6 +84,11 @@ class TrainConfig(Section):
     experiment: str = Field(
         "tunesmith", min_length=1, description="The MLflow experiment runs are logged under."
     )
+    tracker_parent: str | None = Field(
+        None,
+        description="The MLflow run this run is logged under as a nested run (compare and "
+        "tune set it for their runs).",
+    )
     log_best_checkpoint: bool = Field(
         False, description="MLflow: upload best/ as artifacts of the run (a copy of the model)."
     )

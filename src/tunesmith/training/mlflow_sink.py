@@ -51,6 +51,29 @@ def flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def experiment_of(client: Any, name: str) -> str:
+    """The id of experiment ``name``, created when it does not exist yet."""
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment is not None else client.create_experiment(name)
+
+
+def open_parent_run(cfg: Config, name: str, kind: str) -> str:
+    """A new MLflow run for a comparison or a study, to hold its runs as nested runs."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment_id = experiment_of(client, cfg.train.experiment)
+    run = client.create_run(experiment_id, run_name=name, tags={"tunesmith.study": kind})
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    """End MLflow run ``run_id`` (a parent run once its runs are done)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().set_terminated(run_id, status=status)
+
+
 class MLflowSink:
     """Logs each metrics record to one MLflow run; ``run_id`` continues an earlier one.
 
@@ -74,17 +97,14 @@ class MLflowSink:
             self.done = self._logged_steps()
             self.client.update_run(run_id, status="RUNNING")
             return
-        experiment = self.client.get_experiment_by_name(cfg.train.experiment)
-        experiment_id = (
-            experiment.experiment_id
-            if experiment is not None
-            else self.client.create_experiment(cfg.train.experiment)
-        )
+        experiment_id = experiment_of(self.client, cfg.train.experiment)
         tags = {
             "tunesmith.task": cfg.task.type,
             "tunesmith.method": cfg.method.name,
             "tunesmith.model": cfg.model.name_or_path,
         }
+        if cfg.train.tracker_parent:  # a run of a comparison or a study
+            tags["mlflow.parentRunId"] = cfg.train.tracker_parent
         run = self.client.create_run(experiment_id, run_name=self.run_dir.name, tags=tags)
         self.run_id = run.info.run_id
         params = [Param(k, v) for k, v in flat_params(cfg.model_dump(mode="json")).items()]

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from tunesmith.config.root import Config
 from tunesmith.errors import ConfigError
-from tunesmith.training.mlflow_sink import MLflowSink
+from tunesmith.training.mlflow_sink import MLflowSink, end_run, open_parent_run
 from tunesmith.training.tensorboard import TensorBoardSink
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,44 @@ def start_trackers(cfg: Config, run_dir: Path, *, resuming: bool) -> list[Guarde
     if ids:
         path.write_text(json.dumps(ids, indent=1) + "\n")
     return sinks
+
+
+def parent_run(cfg: Config, folder: Path, kind: str) -> str | None:
+    """The MLflow run a comparison or study in ``folder`` logs its runs under, if any.
+
+    Kept in ``folder/trackers.json``, so a comparison or study that goes on
+    later keeps its runs under the same parent. None when ``mlflow`` is not
+    among ``cfg``'s trackers.
+
+    Raises:
+        ConfigError: MLflow cannot be reached (before any run trains).
+    """
+    if "mlflow" not in cfg.train.active_trackers:
+        return None
+    check_packages(cfg)
+    path = Path(folder) / TRACKERS_FILE
+    ids = json.loads(path.read_text()) if path.is_file() else {}
+    if "mlflow" not in ids:
+        try:
+            ids["mlflow"] = open_parent_run(cfg, Path(folder).name, kind)
+        except Exception as err:
+            raise ConfigError(
+                f"train.trackers: mlflow could not start ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); fix it or remove mlflow"
+            ) from None
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(ids, indent=1) + "\n")
+    return ids["mlflow"]
+
+
+def end_parent_run(run_id: str | None, status: str = "FINISHED") -> None:
+    """End a comparison's or study's parent run (None: nothing to end); never raises."""
+    if run_id is None:
+        return
+    try:
+        end_run(run_id, status)
+    except Exception as err:
+        log.warning("train.trackers: the mlflow parent run did not close cleanly (%s)", err)
 
 
 class GuardedSink:

@@ -22,9 +22,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from tunesmith.config.root import Config
 from tunesmith.evaluation.evaluator import EvalOptions
 from tunesmith.studies.compare.presets import method_overrides
 from tunesmith.studies.compare.worker import RESULT_FILE
+from tunesmith.training.trackers import end_parent_run, parent_run
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,7 @@ def run_compare(
     eval_options = asdict(options or EvalOptions())
     eval_options["kinds"] = list(eval_options["kinds"])
     eval_options["strengths"] = list(eval_options["strengths"])
+    parent = parent_run(Config.load(config, list(overrides)), out, "compare")
     results = []
     for i, method in enumerate(methods, 1):
         folder = out / method
@@ -84,6 +87,7 @@ def run_compare(
             *overrides,
             *method_overrides(method),
             *((sets or {}).get(method, ())),
+            *([f"train.tracker_parent={parent}"] if parent else []),
         ]
         key = result_key(config_text, all_overrides, eval_options)
         cached = None if fresh else cached_result(folder, key)
@@ -108,6 +112,7 @@ def run_compare(
         state = "done" if result["status"] == "ok" else f"FAILED ({result['error']})"
         on_event(f"[{i}/{len(methods)}] {method}: {state} in {result['wall_seconds']:.0f} s")
         results.append(result)
+    end_parent_run(parent)
     return results
 
 

@@ -36,6 +36,7 @@ from tunesmith.config.tune import TuneConfig
 from tunesmith.errors import ConfigError, TrainingInterrupted, TunesmithError
 from tunesmith.runs.train import train
 from tunesmith.studies.tune.space import as_overrides, suggest
+from tunesmith.training.trackers import end_parent_run, parent_run
 
 log = logging.getLogger(__name__)
 
@@ -298,8 +299,15 @@ def run_study(
         )
     folder = tune_folder(base)
     study = open_study(base, folder)
+    parent = parent_run(base, folder, "tune")  # the trials nest under it in MLflow
+    nested = [f"train.tracker_parent={parent}"] if parent else []
     objective = Objective(
-        config, overrides, folder, keep_best=keep_best, on_event=on_event, verbose=verbose
+        config,
+        [*overrides, *nested],
+        folder,
+        keep_best=keep_best,
+        on_event=on_event,
+        verbose=verbose,
     )
     done = finished(study)
     if done >= trials:
@@ -308,18 +316,26 @@ def run_study(
     on_event(f"study '{base.tune.study_name}': {done} finished trials, running to {trials}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.optimize(
-            objective,
-            timeout=timeout_minutes * 60 if timeout_minutes else None,
-            callbacks=[
-                optuna.study.MaxTrialsCallback(
-                    trials,
-                    states=(
-                        optuna.trial.TrialState.COMPLETE,
-                        optuna.trial.TrialState.PRUNED,
-                    ),
-                )
-            ],
-            gc_after_trial=True,
-        )
+        _optimize(study, objective, trials, timeout_minutes)
+    end_parent_run(parent)
     return study, folder
+
+
+def _optimize(study: Any, objective: Objective, trials: int, timeout_minutes: float | None) -> None:
+    """Trials until ``trials`` are finished (completed or pruned) or the time is up."""
+    import optuna
+
+    study.optimize(
+        objective,
+        timeout=timeout_minutes * 60 if timeout_minutes else None,
+        callbacks=[
+            optuna.study.MaxTrialsCallback(
+                trials,
+                states=(
+                    optuna.trial.TrialState.COMPLETE,
+                    optuna.trial.TrialState.PRUNED,
+                ),
+            )
+        ],
+        gc_after_trial=True,
+    )
