@@ -74,15 +74,17 @@ class TrainConfig(Section):
         "runs/my-run", min_length=1, description="Run folder; relative to the working directory."
     )
     overwrite: bool = Field(False, description="Replace an existing run folder.")
-    trackers: list[Literal["tensorboard", "mlflow"]] = Field(
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list,
         description="Where every metrics record goes besides metrics.jsonl: tensorboard "
         "(event files in output_dir/tensorboard), mlflow (the server or store named by "
-        "MLFLOW_TRACKING_URI; MLflow's default is sqlite:///mlflow.db here). Each needs its "
-        "package.",
+        "MLFLOW_TRACKING_URI; MLflow's default is sqlite:///mlflow.db here), wandb (offline "
+        "in output_dir/wandb unless WANDB_MODE=online). Each needs its package.",
     )
     experiment: str = Field(
-        "tunesmith", min_length=1, description="The MLflow experiment runs are logged under."
+        "tunesmith",
+        min_length=1,
+        description="The MLflow experiment (W&B project) runs are logged under.",
     )
     tracker_parent: str | None = Field(
         None,

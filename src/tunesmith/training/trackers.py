@@ -2,12 +2,12 @@
 
 ``metrics.jsonl`` stays the record of truth (reports and studies read it);
 each tracker also receives every record as it is written: TensorBoard event
-files, an MLflow run. A tracker that cannot start (its package missing, its
+files, an MLflow run, a Weights & Biases run. A tracker that cannot start (its package missing, its
 server unreachable) stops the run before training, in one line; one that fails
 while the run goes on is logged once and dropped, and never costs the run.
 
 The trackers' run ids are kept in ``RUN_DIR/trackers.json``: ``--resume``
-continues the same MLflow run, without the steps logged after the checkpoint
+continues the same MLflow and W&B runs, without the steps logged after the checkpoint
 being logged twice.
 """
 
@@ -24,6 +24,7 @@ from tunesmith.config.root import Config
 from tunesmith.errors import ConfigError
 from tunesmith.training.mlflow_sink import MLflowSink, end_run, open_parent_run
 from tunesmith.training.tensorboard import TensorBoardSink
+from tunesmith.training.wandb_sink import WandbSink
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class Sink(Protocol):
 _STARTERS: dict[str, tuple[str, str, Callable[[Config, Path, str | None], Sink]]] = {
     "tensorboard": ("tensorboard", "tensorboard", lambda cfg, out, _: TensorBoardSink(out)),
     "mlflow": ("mlflow", "mlflow", lambda cfg, out, run_id: MLflowSink(cfg, out, run_id)),
+    "wandb": ("wandb", "wandb", lambda cfg, out, run_id: WandbSink(cfg, out, run_id)),
 }
 
 
