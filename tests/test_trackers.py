@@ -67,6 +67,13 @@ def run_config(model: Path, tmp: Path, name: str, **train_keys: Any) -> Config:
     return Config.from_dict(cfg)
 
 
+def stop_at_seven(record: dict[str, Any]) -> None:
+    """A sink that interrupts a run when step 7's training record is written (the trackers,
+    after it in the list of sinks, have seen step 6; the checkpoint is step 4's)."""
+    if record.get("split") == "train" and record.get("step") == 7:
+        raise TrainingInterrupted("stopped by the test", signum=2)
+
+
 def history(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
@@ -107,10 +114,6 @@ def test_a_resumed_run_continues_the_same_mlflow_run_without_repeating_steps(
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
     cfg = run_config(tiny_bert, tmp_path, "resumed", save_steps=4, eval_steps=100)
-
-    def stop_at_seven(record: dict[str, Any]) -> None:
-        if record.get("split") == "train" and record.get("step") == 7:
-            raise TrainingInterrupted("stopped by the test", signum=2)
 
     # The trackers see step 6 (after the checkpoint at step 4) before the stop.
     with pytest.raises(TrainingInterrupted):
@@ -244,10 +247,6 @@ def test_a_resumed_run_continues_the_same_wandb_run_without_repeating_steps(
 ):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = run_config(tiny_bert, tmp_path, "wb-resumed", trackers=["wandb"], save_steps=4)
-
-    def stop_at_seven(record: dict[str, Any]) -> None:
-        if record.get("split") == "train" and record.get("step") == 7:
-            raise TrainingInterrupted("stopped by the test", signum=2)
 
     with pytest.raises(TrainingInterrupted):
         train(cfg, progress=False, sinks=[stop_at_seven])
