@@ -41,7 +41,6 @@ from tunesmith.methods.base import METHODS
 from tunesmith.methods.bottleneck import Bottleneck
 from tunesmith.methods.peft_methods import PeftMethod, adapter_load_errors
 from tunesmith.methods.quantized_base import read_marker
-from tunesmith.models.folders import read_manifest
 from tunesmith.models.generator import Generator
 from tunesmith.models.layers import head_module_names
 from tunesmith.models.loading import (
@@ -420,8 +419,3 @@ def library_models(library: Path) -> dict[str, Path]:
     if not found:
         raise ConfigError(f"{library}: holds no checkpoint (tunesmith adapters add NAME CKPT)")
     return found
-
-
-def manifest_of(folder: Path) -> dict[str, Any]:
-    """The checkpoint's ``tunesmith.json`` (for /v1/models)."""
-    return read_manifest(folder)
