@@ -17,7 +17,18 @@ from typing import Annotated
 import click
 import typer
 
-from tunesmith.cli import assets, config, data, deploy, inspect, library, run, serve, studies
+from tunesmith.cli import (
+    assets,
+    config,
+    data,
+    deploy,
+    inspect,
+    launch,
+    library,
+    run,
+    serve,
+    studies,
+)
 from tunesmith.errors import (
     EXIT_INTERRUPTED,
     EXIT_USER_ERROR,
@@ -30,7 +41,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="tunesmith: fine-tune pretrained transformers, one coherent controller.",
 )
-for _module in (run, inspect, studies, deploy, serve, data, config, library, assets):
+for _module in (run, launch, inspect, studies, deploy, serve, data, config, library, assets):
     app.add_typer(_module.app)
 
 
