@@ -20,6 +20,10 @@ Trainer), runs a few real optimizer steps and counts:
   buffers). It differs between machines — more threads, other kernels — which
   is why it is read off the machine rather than assumed;
 * time per epoch from timed steps, scaled by the epoch's padded tokens.
+
+With a ``Sharding`` (``--processes``/``--shard``/``--offload``) it adds what
+each rank keeps of the model states, from the same parameter counts and
+precision (``tunesmith.inspect.sharding``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch
 from tunesmith.config.root import Config
 from tunesmith.data.batching import FeatureDataset, padded_tokens
 from tunesmith.errors import ConfigError
+from tunesmith.inspect.sharding import RankMemory, Sharding, format_per_rank, per_rank
 from tunesmith.methods.quantized_base import storage_bytes
 from tunesmith.models.loading import check_model_source, quiet_transformers
 from tunesmith.runs.parts import build_run_parts
@@ -79,6 +84,7 @@ class Estimate:
     seconds_per_step: float | None = None
     seconds_per_epoch: float | None = None
     cache_seconds: float = 0.0
+    per_rank: RankMemory | None = None
 
     @property
     def total(self) -> int:
@@ -92,7 +98,8 @@ class Estimate:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able, with the derived total and fit."""
-        return {**asdict(self), "total": self.total, "fits": self.fits}
+        per_rank = self.per_rank.as_dict() if self.per_rank is not None else None
+        return {**asdict(self), "per_rank": per_rank, "total": self.total, "fits": self.fits}
 
 
 def tensor_bytes(tensors: Any) -> int:
@@ -105,11 +112,18 @@ def optimizer_state_bytes(trainable: list[torch.nn.Parameter]) -> int:
     return 2 * tensor_bytes(trainable) + 4 * len(trainable)
 
 
-def estimate(cfg: Config, *, timed_steps: int = 3, progress: bool = False) -> Estimate:
+def estimate(
+    cfg: Config,
+    *,
+    timed_steps: int = 3,
+    progress: bool = False,
+    sharding: Sharding | None = None,
+) -> Estimate:
     """Build the run ``cfg`` describes, take ``1 + timed_steps`` real steps, report its needs.
 
     Nothing is written: no run folder, no checkpoint (a disk feature cache, if
-    any, goes to ``train.output_dir/.cache`` and is deleted again).
+    any, goes to ``train.output_dir/.cache`` and is deleted again). With
+    ``sharding`` the result also has each rank's model states (``per_rank``).
     """
     quiet_transformers()
     t = cfg.train
@@ -122,6 +136,11 @@ def estimate(cfg: Config, *, timed_steps: int = 3, progress: bool = False) -> Es
             f"estimate: task.type {task.name} trains on completions it samples during "
             "training, so a step's cost is mostly its rollouts; run a few steps "
             "(train.max_steps=3) and read generation_s and tokens_per_s in metrics.jsonl"
+        )
+    if sharding is not None and cfg.method.quantize_base:
+        raise ConfigError(
+            "estimate --processes/--shard: the per-rank arithmetic counts full-precision "
+            f"weights; method.quantize_base={cfg.method.quantize_base} is not modelled"
         )
     precision = resolve_precision(t.precision)
     accelerator = new_accelerator(precision)
@@ -181,6 +200,10 @@ def estimate(cfg: Config, *, timed_steps: int = 3, progress: bool = False) -> Es
         seconds_per_epoch=per_token * epoch_tokens if per_token else None,
         cache_seconds=cache_seconds if cache is not None else 0.0,
     )
+    if sharding is not None:
+        result.per_rank = per_rank(
+            result.total_parameters, result.trainable_parameters, result.precision, sharding
+        )
     trainer.release()
     return result
 
@@ -231,6 +254,8 @@ def format_estimate(e: Estimate) -> str:
                 else ""
             )
         )
+    if e.per_rank is not None:
+        lines.append(format_per_rank(e.per_rank, activations=e.memory["activations"]))
     return "\n".join(lines)
 
 
