@@ -314,9 +314,9 @@ def run(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory):
                 initial[name] = p.detach().clone()
         return real_build(groups, optim_cfg)
 
-    def spy_save(self, model, folder):
+    def spy_save(self, model, folder, weights=None):
         saved.append((model, Path(folder).name))
-        return real_save(self, model, folder)
+        return real_save(self, model, folder, weights)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(loop, "build_optimizer", spy_build)

@@ -9,11 +9,12 @@ gets the same optimizer, schedule and logging without its own loop.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from tunesmith.config.specs import TASK_SPECS, MethodSpec
@@ -82,9 +83,15 @@ class Method(MethodSpec, ABC):
     #: Padding side the method needs, or None for the tokenizer's own.
     padding_side: str | None = None
 
-    def save_weights(self, model: nn.Module, folder: Path) -> None:
-        """Write the trained weights into ``folder`` (a plain transformers folder by default)."""
-        model.save_pretrained(folder, safe_serialization=True)
+    def save_weights(
+        self, model: nn.Module, folder: Path, weights: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """Write the trained weights into ``folder`` (a plain transformers folder by default).
+
+        ``weights``: the model's whole state when ``model`` itself holds only a
+        shard of it (FSDP gathers it on the main process, which saves).
+        """
+        model.save_pretrained(folder, safe_serialization=True, state_dict=weights)
 
     @classmethod
     def load_saved(cls, base: nn.Module, folder: Path) -> nn.Module:

@@ -25,6 +25,7 @@ import json
 import logging
 import re
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +249,9 @@ class Bottleneck(BottleneckSpec, LayeredMethod):
         return set(_saved_names(model, self.head_modules))
 
     # -- checkpoints ------------------------------------------------------------
-    def save_weights(self, model: nn.Module, folder: Path) -> None:
+    def save_weights(
+        self, model: nn.Module, folder: Path, weights: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
         """``adapter_model.safetensors`` (adapters + head only) and ``bottleneck_config.json``."""
         from safetensors.torch import save_file
 
@@ -257,10 +260,9 @@ class Bottleneck(BottleneckSpec, LayeredMethod):
         if not found:
             raise ModelError("bottleneck: the model has no adapters to save (apply() first)")
         names = set(_saved_names(model, self.head_modules))
+        source = weights if weights is not None else dict(model.named_parameters())
         tensors = {
-            n: p.detach().to("cpu").contiguous().clone()
-            for n, p in model.named_parameters()
-            if n in names
+            n: p.detach().to("cpu").contiguous().clone() for n, p in source.items() if n in names
         }
         save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
         m = self.cfg.method

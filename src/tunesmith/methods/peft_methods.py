@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from torch import nn
 
@@ -202,8 +203,10 @@ class LoRA(LoRASpec, PeftMethod):
             )
         return model
 
-    def save_weights(self, model: nn.Module, folder: Path) -> None:
-        super().save_weights(model, folder)
+    def save_weights(
+        self, model: nn.Module, folder: Path, weights: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        super().save_weights(model, folder, weights)
         if self.quantized is not None:  # eval/predict quantize the base again the same way
             write_marker(folder, self.quantized)
 

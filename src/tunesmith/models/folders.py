@@ -21,14 +21,36 @@ MANIFEST = "tunesmith.json"
 
 def atomic_dir_write(target: Path, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp_dir)`` then swap ``tmp_dir`` into ``target``."""
+    tmp = start_dir_write(target)
+    write(tmp)
+    return finish_dir_write(target)
+
+
+def staging_dir(target: Path) -> Path:
+    """Where ``target`` is written before it is swapped into place."""
+    target = Path(target)
+    return target.with_name(target.name + ".tmp")
+
+
+def start_dir_write(target: Path) -> Path:
+    """The first half of ``atomic_dir_write``: an empty staging folder (stale ones removed).
+
+    Split from the swap so that several processes can write into the staging
+    folder (each its shard of a checkpoint) before one of them swaps it in.
+    """
     target = recover_dir(Path(target))
-    tmp = target.with_name(target.name + ".tmp")
-    old = target.with_name(target.name + ".old")
+    tmp, old = staging_dir(target), target.with_name(target.name + ".old")
     for stale in (tmp, old):
         if stale.exists():
             shutil.rmtree(stale)
     tmp.mkdir(parents=True)
-    write(tmp)
+    return tmp
+
+
+def finish_dir_write(target: Path) -> Path:
+    """The second half of ``atomic_dir_write``: flush the staging folder and swap it in."""
+    target = Path(target)
+    tmp, old = staging_dir(target), target.with_name(target.name + ".old")
     _fsync_dir(tmp, deep=True)
     if target.exists():
         target.rename(old)

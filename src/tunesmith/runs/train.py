@@ -41,6 +41,7 @@ from tunesmith.runs.parts import build_run_parts
 from tunesmith.runs.predict import evaluate
 from tunesmith.runs.rewards import rl_rewards
 from tunesmith.tasks.base import DataSplits, Task, get_task
+from tunesmith.training.deepspeed_cpu import whole_model_loading
 from tunesmith.training.interrupt import GracefulInterrupt
 from tunesmith.training.loop import LoopResult, Trainer
 from tunesmith.training.monitor import MetricsLog
@@ -56,6 +57,7 @@ from tunesmith.training.resume import (
     resolve_checkpoint,
     run_dir_of,
 )
+from tunesmith.training.scaleout import scale_out
 from tunesmith.training.trackers import check_packages as check_tracker_packages
 from tunesmith.training.trackers import start_trackers
 
@@ -190,8 +192,9 @@ def setup(
         _check_not_inside_inputs_or_runs(out, cfg)
         accelerator.wait_for_everyone()  # every process checked before the main one writes
 
-    parts = build_run_parts(cfg, task)
-    extras = build_extras(cfg, task, parts, out, resuming=checkpoint is not None)
+    with whole_model_loading(accelerator):  # ZeRO-3 partitions at prepare, not at load
+        parts = build_run_parts(cfg, task)
+        extras = build_extras(cfg, task, parts, out, resuming=checkpoint is not None)
     splits, tokenizer, method, model = parts.splits, parts.tokenizer, parts.method, parts.model
     groups = method.param_groups(model)
     table = parameter_table(method.layer_groups(model), groups, cfg.optim.lr)
@@ -256,10 +259,11 @@ def fit(run: Run, *, progress: bool = True) -> LoopResult:
     t = cfg.train
 
     def save_best(unwrapped: torch.nn.Module, metrics: dict[str, Any]) -> None:
+        weights = scale_out(accelerator).gathered_weights(unwrapped)  # every process takes part
         if accelerator.is_main_process:
             save_model_folder(
                 out / "best",
-                lambda folder: task.save_weights(method, unwrapped, folder),
+                lambda folder: task.save_weights(method, unwrapped, folder, weights),
                 run.tokenizer,
                 {**run.manifest, "validation": metrics, "task_state": task.fitted_state()},
             )
@@ -300,17 +304,18 @@ def fit(run: Run, *, progress: bool = True) -> LoopResult:
         loop = trainer.run()
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(trainer.model)
+    weights = scale_out(accelerator).gathered_weights(unwrapped)
     if accelerator.is_main_process:
         save_model_folder(
             out / "final",
-            functools.partial(task.save_weights, method, unwrapped),
+            functools.partial(task.save_weights, method, unwrapped, weights=weights),
             run.tokenizer,
             {**run.manifest, "validation": loop.last_validation, "task_state": task.fitted_state()},
         )
     # The test evaluation reloads the chosen checkpoint: free the trained model and
     # the optimizer state first, so the reload reuses their memory instead of
     # raising the process's peak.
-    del unwrapped
+    del unwrapped, weights
     run.model = None
     trainer.release()
     accelerator.free_memory()

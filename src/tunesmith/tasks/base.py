@@ -461,12 +461,13 @@ class Task(TaskSpec, ABC):
         """
         return None
 
-    def save_weights(self, method: Any, model: Any, folder: Any) -> None:
+    def save_weights(self, method: Any, model: Any, folder: Any, weights: Any = None) -> None:
         """Write the trained weights of ``model`` into ``folder`` (``best/``, ``final/``).
 
         The method decides by default (a transformers folder, or an adapter).
+        ``weights``: the whole state, gathered, when ``model`` is sharded (FSDP).
         """
-        method.save_weights(model, folder)
+        method.save_weights(model, folder, weights)
 
 
 TASKS: Registry[type[Task]] = Registry(

@@ -40,7 +40,7 @@ from tunesmith.config.multitask import sub_config
 from tunesmith.config.root import Config
 from tunesmith.config.task_specs import MultiTaskSpec
 from tunesmith.data.task_sampler import TaskBatchSampler, mixing_rates
-from tunesmith.errors import ConfigError, DataError
+from tunesmith.errors import ConfigError, DataError, ModelError
 from tunesmith.models.loading import load_pretrained
 from tunesmith.tasks.base import TASKS, Batch, DataSplits, Feature, Task, register_task
 from tunesmith.tasks.multitask_model import (
@@ -231,8 +231,10 @@ class MultiTask(MultiTaskSpec, Task):
         unwrap(model).load_heads(folder)
         return model.eval()
 
-    def save_weights(self, method: Any, model: Any, folder: Any) -> None:
+    def save_weights(self, method: Any, model: Any, folder: Any, weights: Any = None) -> None:
         """The encoder once (a transformers folder, or the adapter alone) plus each head."""
+        if weights is not None:  # sharded training refuses multi-task runs before they start
+            raise ModelError("a multi-task model is saved from its own (unsharded) weights")
         if not method.saves_adapter:
             unwrap(model).save_pretrained(folder)
             return

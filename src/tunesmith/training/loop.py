@@ -50,6 +50,7 @@ from tunesmith.training.monitor import peak_rss_mb
 from tunesmith.training.optim import build_optimizer, build_scheduler, optimized_groups
 from tunesmith.training.parts import LoopCallbacks, LoopData, Optimization
 from tunesmith.training.resume import ResumeParts, RngState, restore_rng, restore_training_state
+from tunesmith.training.scaleout import scale_out
 from tunesmith.training.state import LogWindow, LoopResult, TrainState
 from tunesmith.training.step import (
     StepStats,
@@ -130,9 +131,16 @@ class Trainer:
             enable_gradient_checkpointing(model)
         if t.compile:
             model = torch.compile(model)
+        # FSDP and DeepSpeed replace parameters: the groups are found again by name.
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.scale = scale_out(accelerator)
+        self.scale.before_prepare(cfg, task, callbacks.hooks, self.objective)
         self.model, self.optimizer, self.loader = accelerator.prepare(
             model, optimization.optimizer, loader
         )
+        grad_groups = self.scale.after_prepare(self.model, names, optimization.grad_groups)
+        if not self.scale.checkpoints:
+            self.checkpointer = None
         # The plain module: the feature cache swaps its submodules during a step.
         self.plain_model = accelerator.unwrap_model(self.model, keep_torch_compile=False)
         self.steps_per_epoch = max(1, math.ceil(len(self.loader) / t.grad_accum))
@@ -151,6 +159,7 @@ class Trainer:
             self.train_set,
             self.collator,
             cacheable=optimization.cacheable
+            and self.scale.feature_cache
             and not cfg.data.packed_rows
             and not self.hooks
             and task.mixed_batches
@@ -165,7 +174,7 @@ class Trainer:
         self.scheduler = build_scheduler(
             self.optimizer, cfg.optim, self.total_steps, optimization.lr_factor
         )
-        self.grad_groups = optimized_groups(self.optimizer, optimization.grad_groups)
+        self.grad_groups = optimized_groups(self.optimizer, grad_groups)
         if self.feature_cache is not None:  # part of training time: HF pays it every epoch
             self.state.cache_seconds = time.perf_counter() - cache_started
             self.state.train_seconds = self.state.cache_seconds
@@ -361,7 +370,7 @@ class Trainer:
                 penalty = self.objective.step_penalty(self.plain_model) if sync else None
                 if penalty is not None:
                     loss = loss + penalty
-            acc.backward(loss)
+            self.scale.backward(loss, sync)
             loss_sum += part.detach().float()
             tokens += real_tokens(batch)
         loss_value = float(loss_sum)
@@ -370,7 +379,7 @@ class Trainer:
         #    taken before clipping; a non-finite loss or norm skips the update.
         acc.unscale_gradients()
         norms = self.group_grad_norms()
-        grad_norm = math.sqrt(sum(v * v for v in norms.values()))
+        grad_norm = self.scale.step_norm(self.model, math.sqrt(sum(v * v for v in norms.values())))
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         bad_where = ""
         if finite:
@@ -463,7 +472,9 @@ class Trainer:
                 f"written to {where}; continue with --resume latest"
             )
         else:
-            message = f"training interrupted by {name} before any step; nothing to resume"
+            when = f"after step {steps} (this run writes no checkpoints)"
+            when = when if steps else "before any step"
+            message = f"training interrupted by {name} {when}; nothing to resume"
         raise TrainingInterrupted(message, self.interrupt.requested)
 
     def _resume_parts(self) -> ResumeParts:
@@ -491,20 +502,16 @@ class Trainer:
 
     def group_grad_norms(self) -> dict[str, float]:
         """L2 norm of the gradients of each layer group (groups without gradients omitted)."""
-        norms = {}
-        for name, params in self.grad_groups.items():
-            grads = [p.grad.detach() for p in params if p.grad is not None]
-            if grads:
-                norms[name] = float(torch.nn.utils.get_total_norm(grads))
-        return norms
+        grads = {
+            name: [p.grad.detach() for p in params if p.grad is not None]
+            for name, params in self.grad_groups.items()
+        }
+        return self.scale.group_norms(grads)
 
     def _clip(self, norms: dict[str, float], total: float) -> None:
         """Clip by the global norm, or each layer group by its own, with norms already known."""
         max_norm = self.cfg.optim.max_grad_norm
         if max_norm is None:
-            return
-        if self.acc.distributed_type == "FSDP":  # sharded gradients: only FSDP knows the norm
-            self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
             return
         if self.cfg.optim.clip_mode == "per_group":
             for name, norm in norms.items():
@@ -516,7 +523,7 @@ class Trainer:
 
     def weights_finite(self) -> bool:
         """Whether every trained weight is finite (checked before anything is saved)."""
-        return all(bool(torch.isfinite(p).all()) for ps in self.grad_groups.values() for p in ps)
+        return self.scale.all_finite(p for ps in self.grad_groups.values() for p in ps)
 
     def _call_hooks(self, event: str, *args: Any) -> None:
         for hook in self.hooks:

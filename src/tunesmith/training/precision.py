@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 from tunesmith.errors import ConfigError
+from tunesmith.training.deepspeed_cpu import process_group_handlers
+from tunesmith.training.sharding import enable_cpu_fsdp
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +121,10 @@ def new_accelerator(mixed_precision: str, *, find_unused_parameters: bool = Fals
         if find_unused_parameters
         else []
     )
-    return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=handlers)
+    handlers += process_group_handlers()  # DeepSpeed on CPU processes: name gloo
+    accelerator = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=handlers)
+    enable_cpu_fsdp(accelerator)
+    return accelerator
 
 
 def eval_autocast(requested: str, device: torch.device) -> Any:

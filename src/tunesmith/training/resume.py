@@ -15,6 +15,11 @@ A checkpoint is a folder ``<run>/checkpoints/step-NNNNNNN/`` written atomically
                             state, a fingerprint of the training data
     config.yaml             the run's config, for the compatibility check on resume
 
+Under FSDP the weights and optimizer state are sharded: each process writes
+its shards of both through ``torch.distributed.checkpoint`` into ``shards/``
+(one safetensors file per process, in place of the two files above) and
+loads them back in place; ``state.json`` says which layout wrote it.
+
 Nothing is pickled: tensors go to safetensors, the rest to JSON, so loading a
 checkpoint cannot run code.
 
@@ -43,7 +48,8 @@ from safetensors.torch import load_file, save_file
 
 from tunesmith.config.root import Config
 from tunesmith.errors import CheckpointError
-from tunesmith.models.folders import atomic_dir_write
+from tunesmith.models.folders import finish_dir_write, staging_dir, start_dir_write
+from tunesmith.training.sharding import init_optimizer_state, is_sharded, load_shards, save_shards
 from tunesmith.training.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -295,30 +301,36 @@ def save_training_state(parts: ResumeParts, target: Path, fingerprint: str) -> P
         from accelerate.utils import gather_object
 
         rngs = gather_object(rngs)
+    opt_tensors, opt_meta = _flatten_optimizer(parts.optimizer.state_dict())
+    trained = trainable_state(parts.model, parts.optimizer, acc)
+    sharded = is_sharded(acc)
     if acc.is_main_process:
-
-        def write(tmp: Path) -> None:
-            opt_tensors, opt_meta = _flatten_optimizer(parts.optimizer.state_dict())
-            trained = trainable_state(parts.model, parts.optimizer, acc)
+        tmp = start_dir_write(target)
+    if sharded:  # every process writes its shards into the staging folder
+        acc.wait_for_everyone()
+        save_shards(_shard_names(trained, opt_tensors), staging_dir(target))
+        acc.wait_for_everyone()
+    if acc.is_main_process:
+        if not sharded:
             save_file(_contiguous(trained), tmp / "trainable.safetensors")
             save_file(_contiguous(opt_tensors), tmp / "optimizer.safetensors")
-            for rank, _, tensors in rngs:
-                save_file(tensors, tmp / f"rng-{rank}.safetensors")
-            if window:
-                save_file(_contiguous(window), tmp / WINDOW)
-            parts.cfg.save(tmp / "config.yaml")
-            state = {
-                **parts.state.state_dict(),
-                "scheduler": _scheduler_state(parts.scheduler),
-                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                "optimizer": opt_meta,
-                "rng": {str(rank): as_json for rank, as_json, _ in rngs},
-                "data_fingerprint": fingerprint,
-                "num_processes": acc.num_processes,
-            }
-            (tmp / STATE).write_text(json.dumps(state, default=_json_default) + "\n")
-
-        atomic_dir_write(target, write)
+        for rank, _, tensors in rngs:
+            save_file(tensors, tmp / f"rng-{rank}.safetensors")
+        if window:
+            save_file(_contiguous(window), tmp / WINDOW)
+        parts.cfg.save(tmp / "config.yaml")
+        state = {
+            **parts.state.state_dict(),
+            "scheduler": _scheduler_state(parts.scheduler),
+            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+            "optimizer": opt_meta,
+            "rng": {str(rank): as_json for rank, as_json, _ in rngs},
+            "data_fingerprint": fingerprint,
+            "num_processes": acc.num_processes,
+            "sharded": sharded,
+        }
+        (tmp / STATE).write_text(json.dumps(state, default=_json_default) + "\n")
+        finish_dir_write(target)
     acc.wait_for_everyone()
     return target
 
@@ -357,9 +369,19 @@ def restore_training_state(
             f"--resume: {checkpoint} was written by {saved_ranks} process(es), this run has "
             f"{acc.num_processes}; resume with the same launch"
         )
-    _load_trainable(parts, load_file(checkpoint / "trainable.safetensors"))
-    opt_tensors = load_file(checkpoint / "optimizer.safetensors")
-    parts.optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state["optimizer"]))
+    if state.get("sharded", False) != is_sharded(acc):
+        kinds = ("sharded (FSDP)", "unsharded")
+        saved, now = (kinds[0], kinds[1]) if state.get("sharded") else (kinds[1], kinds[0])
+        raise CheckpointError(
+            f"--resume: {checkpoint} holds {saved} training state, this run is {now}; "
+            "resume with the same launch"
+        )
+    if is_sharded(acc):
+        _load_shards(parts, checkpoint, state["optimizer"])
+    else:
+        _load_trainable(parts, load_file(checkpoint / "trainable.safetensors"))
+        opt_tensors = load_file(checkpoint / "optimizer.safetensors")
+        parts.optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state["optimizer"]))
     sched = parts.scheduler.state_dict()
     sched.update(state["scheduler"])
     parts.scheduler.load_state_dict(sched)
@@ -401,6 +423,32 @@ def _load_trainable(parts: ResumeParts, tensors: dict[str, torch.Tensor]) -> Non
     with torch.no_grad():
         for name, param in expected.items():
             param.copy_(tensors[name])
+
+
+def _shard_names(
+    trained: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """One namespace for a sharded checkpoint's tensors: weights and optimizer state."""
+    return {
+        **{f"trainable.{k}": v for k, v in trained.items()},
+        **{f"optimizer.{k}": v for k, v in optimizer.items()},
+    }
+
+
+def _load_shards(parts: ResumeParts, checkpoint: Path, optimizer_meta: dict[str, Any]) -> None:
+    """Load this process's shards of the weights and the optimizer state, in place.
+
+    The optimizer state is created first (a fresh optimizer has none), so
+    that its sharded tensors exist to be filled.
+    """
+    init_optimizer_state(parts.optimizer)
+    opt_tensors, _ = _flatten_optimizer(parts.optimizer.state_dict())
+    trained = trainable_state(parts.model, parts.optimizer, parts.accelerator)
+    try:
+        load_shards(_shard_names(trained, opt_tensors), checkpoint)
+    except Exception as exc:  # DCP wraps a reader's errors in its own
+        raise CheckpointError(f"--resume: {checkpoint}: cannot load its shards ({exc})") from exc
+    parts.optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, optimizer_meta))
 
 
 # -- RNG --------------------------------------------------------------------
