@@ -42,7 +42,10 @@ def ddp_config(model: Path, tmp: Path, out: Path, batch_size: int, **train: obje
             **train,
         },
     )
-    cfg["data"].update(validation=str(val_csv), group_by_length=False)
+    # A test split too: the main process alone reloads best/ for it after training,
+    # which must work under every layout (ZeRO-3 would partition the reload).
+    test_csv = write_csv(tmp / "test.csv", toy_rows(16, seed=5))
+    cfg["data"].update(validation=str(val_csv), test=str(test_csv), group_by_length=False)
     return cfg
 
 

@@ -41,7 +41,10 @@ def fsdp_train(cfg: dict, tmp: Path, *extra: str) -> str:
     path = tmp / f"fsdp-{len(list(tmp.glob('fsdp-*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     command = [ACCELERATE, "launch", "--config_file", str(FSDP_CONFIG), "-m", "tunesmith"]
-    return launch([*command, "train", str(path), "--no-progress", *extra], launcher_env())
+    # As a user runs it: accelerate launch does not pass the config's use_cpu on for
+    # FSDP, so tunesmith must join the CPU processes itself.
+    env = {k: v for k, v in launcher_env().items() if k != "ACCELERATE_USE_CPU"}
+    return launch([*command, "train", str(path), "--no-progress", *extra], env)
 
 
 def grad_norms(run: Path) -> list[dict[str, float]]:

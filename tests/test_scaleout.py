@@ -7,6 +7,7 @@ a layout would silently not honour stops the run before training, naming it.
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -88,3 +89,16 @@ def test_deepspeed_names_every_setting_its_engine_would_not_honour(tmp_path):
     assert "train.save_steps and train.save_minutes" in problems  # save_minutes: 30 by default
     plain = config(tmp_path, train={"save_minutes": None, "precision": "fp32"})
     assert deepspeed_cpu.unsupported(accelerator(DistributedType.DEEPSPEED), plain) == []
+
+
+def test_a_cpu_launch_joins_its_processes_or_stops(monkeypatch):
+    # Without a GPU and without ACCELERATE_USE_CPU, accelerate would leave each
+    # launched process alone, all writing the same run folder.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    sharding.join_cpu_processes()
+    assert os.environ["ACCELERATE_USE_CPU"] == "true"
+    with pytest.raises(ConfigError, match="started 2 processes but accelerate joined 1"):
+        sharding.check_joined(accelerator(DistributedType.NO, processes=1))
+    sharding.check_joined(accelerator(DistributedType.MULTI_CPU, processes=2))

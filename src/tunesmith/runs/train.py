@@ -336,37 +336,39 @@ def finish(run: Run, loop: LoopResult, *, test: bool = True) -> TrainResult:
         loop=loop,
         parameters=run.table,
     )
-    if test and len(run.test_set) and accelerator.is_main_process:
-        chosen = best_dir or final_dir
-        result.test_metrics = evaluate(
-            chosen,
-            records=run.splits.test,
-            trust_remote_code=cfg.model.trust_remote_code,
-            allow_unsafe_weights=cfg.model.allow_unsafe_weights,
-        )
-        run.metrics_log.write(
-            {
-                "step": loop.steps,
-                "epoch": round(loop.epochs, 4),
-                "split": "test",
-                "checkpoint": chosen.name,
-                **result.test_metrics,
-            }
-        )
-    if accelerator.is_main_process:
-        result.forgetting = run.extras.forgetting(
-            best_dir or final_dir, cfg.forgetting.max_ppl_increase
-        )
-        if result.forgetting:
+    # The main process alone reloads the chosen folder: whole weights, even under ZeRO-3.
+    with whole_model_loading(accelerator):
+        if test and len(run.test_set) and accelerator.is_main_process:
+            chosen = best_dir or final_dir
+            result.test_metrics = evaluate(
+                chosen,
+                records=run.splits.test,
+                trust_remote_code=cfg.model.trust_remote_code,
+                allow_unsafe_weights=cfg.model.allow_unsafe_weights,
+            )
             run.metrics_log.write(
-                {"step": loop.steps, "epoch": round(loop.epochs, 4), "split": "reference"}
-                | {
-                    f"forgetting/{k}": v
-                    for k, v in result.forgetting.items()
-                    if not isinstance(v, list)  # the probes' answers: summary.json
+                {
+                    "step": loop.steps,
+                    "epoch": round(loop.epochs, 4),
+                    "split": "test",
+                    "checkpoint": chosen.name,
+                    **result.test_metrics,
                 }
             )
-        _write_summary(result)
+        if accelerator.is_main_process:
+            result.forgetting = run.extras.forgetting(
+                best_dir or final_dir, cfg.forgetting.max_ppl_increase
+            )
+            if result.forgetting:
+                run.metrics_log.write(
+                    {"step": loop.steps, "epoch": round(loop.epochs, 4), "split": "reference"}
+                    | {
+                        f"forgetting/{k}": v
+                        for k, v in result.forgetting.items()
+                        if not isinstance(v, list)  # the probes' answers: summary.json
+                    }
+                )
+            _write_summary(result)
     run.metrics_log.close()
     accelerator.end_training()
     return result

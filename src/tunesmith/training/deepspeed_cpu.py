@@ -70,7 +70,7 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def _gpu_like_device() -> bool:
+def gpu_like_device() -> bool:
     """Whether accelerate finds a device backend of its own (CUDA, XPU, ...): it needs no help."""
     device_type, _ = get_torch_accelerator_backend()
     return device_type is not None
@@ -85,7 +85,7 @@ def process_group_handlers() -> list[Any]:
     """
     if not deepspeed_requested() or int(os.environ.get("LOCAL_RANK", -1)) == -1:
         return []
-    if _gpu_like_device():
+    if gpu_like_device():
         return []
     return [InitProcessGroupKwargs(backend="gloo")]
 
@@ -108,7 +108,7 @@ def unsupported(accelerator: Any, cfg: Config) -> list[str]:
     problems = []
     if optim.clip_mode == "per_group" and optim.max_grad_norm is not None:
         problems.append("optim.clip_mode per_group: the engine clips the global norm only")
-    on_cpu = not _gpu_like_device()
+    on_cpu = not gpu_like_device()
     if on_cpu and (t.precision not in ("fp32", "auto") or accelerator.mixed_precision != "no"):
         problems.append(f"train.precision {t.precision}: only fp32 was verified on CPU")
     if t.feature_cache in ("memory", "disk"):

@@ -15,7 +15,7 @@ import torch
 
 from tunesmith.errors import ConfigError
 from tunesmith.training.deepspeed_cpu import process_group_handlers
-from tunesmith.training.sharding import enable_cpu_fsdp
+from tunesmith.training.sharding import check_joined, enable_cpu_fsdp, join_cpu_processes
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,9 @@ def new_accelerator(mixed_precision: str, *, find_unused_parameters: bool = Fals
         else []
     )
     handlers += process_group_handlers()  # DeepSpeed on CPU processes: name gloo
+    join_cpu_processes()
     accelerator = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=handlers)
+    check_joined(accelerator)
     enable_cpu_fsdp(accelerator)
     return accelerator
 

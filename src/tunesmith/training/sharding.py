@@ -47,9 +47,43 @@ from torch.distributed.tensor import DTensor
 
 from tunesmith.config.root import Config
 from tunesmith.errors import ConfigError
+from tunesmith.training.deepspeed_cpu import deepspeed_requested, gpu_like_device
 
 #: Sub-folder of a checkpoint with the processes' shards.
 SHARDS = "shards"
+
+
+def join_cpu_processes() -> None:
+    """Make accelerate count the processes of a launch on a machine without a GPU.
+
+    accelerate 1.16 joins the processes ``torchrun`` or ``accelerate launch``
+    started only when it finds a device backend or ``ACCELERATE_USE_CPU`` is
+    set, and ``accelerate launch`` sets that from ``use_cpu: true`` for plain
+    launches but not for an FSDP config: each process would then train alone
+    and all of them race to write the same run folder. Call before the
+    Accelerator exists. DeepSpeed is left alone: with ``ACCELERATE_USE_CPU``
+    accelerate never turns it on (``deepspeed_cpu.process_group_handlers``
+    joins its processes instead).
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if launched and not deepspeed_requested() and not gpu_like_device():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
+def check_joined(accelerator: Any) -> None:
+    """Refuse a launch whose processes accelerate did not join (each would train alone).
+
+    Raises:
+        ConfigError: The launcher started more processes than the run has.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise ConfigError(
+            f"the launcher started {launched} processes but accelerate joined "
+            f"{accelerator.num_processes}: each would train alone and overwrite the others' "
+            "run folder. On a machine without a GPU set ACCELERATE_USE_CPU=1 (or use_cpu: "
+            "true in the accelerate config)"
+        )
 
 
 def enable_cpu_fsdp(accelerator: Any) -> None:
