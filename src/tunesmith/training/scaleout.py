@@ -29,6 +29,9 @@ from tunesmith.training import deepspeed_cpu, sharding
 
 log = logging.getLogger(__name__)
 
+#: A method's layer groups: group name -> its parameters (None: the method has none).
+Groups = dict[str, list[torch.nn.Parameter]] | None
+
 
 class Replicated:
     """One process or DDP: every process holds the whole model (the default)."""
@@ -45,11 +48,8 @@ class Replicated:
         """Refuse what this layout cannot train; configure its engine (before ``prepare``)."""
 
     def after_prepare(
-        self,
-        model: torch.nn.Module,
-        names: dict[int, str],
-        groups: dict[str, list[torch.nn.Parameter]] | None,
-    ) -> dict[str, list[torch.nn.Parameter]] | None:
+        self, model: torch.nn.Module, names: dict[int, str], groups: Groups
+    ) -> Groups:
         """The method's layer groups as parameters of the prepared ``model``."""
         return groups
 
@@ -87,11 +87,8 @@ class Sharded(Replicated):
         log.info("training through FSDP on %d processes", self.acc.num_processes)
 
     def after_prepare(
-        self,
-        model: torch.nn.Module,
-        names: dict[int, str],
-        groups: dict[str, list[torch.nn.Parameter]] | None,
-    ) -> dict[str, list[torch.nn.Parameter]] | None:
+        self, model: torch.nn.Module, names: dict[int, str], groups: Groups
+    ) -> Groups:
         sharding.fix_gradient_reduction(model, self.acc.num_processes)
         return sharding.regroup(groups, names, model)
 
