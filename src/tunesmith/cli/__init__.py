@@ -66,6 +66,25 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
+class _OntoStderr(logging.Filter):
+    """Send a library logger's warnings to stderr instead of its own stdout handler.
+
+    deepspeed logs to stdout (it attaches the handler when it is imported, and
+    accelerate imports it in every run once it is installed): its lines would
+    corrupt what commands print there (``estimate --json``, ``predict``). A
+    filter on the logger survives that handler being attached later.
+    """
+
+    def __init__(self, handler: logging.Handler) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            self.handler.handle(record)
+        return False  # never through the library's own (stdout) handler
+
+
 def _setup_logging(level: int) -> None:
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -73,6 +92,9 @@ def _setup_logging(level: int) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    deepspeed = _TqdmHandler()
+    deepspeed.setFormatter(logging.Formatter("deepspeed: %(message)s"))
+    logging.getLogger("DeepSpeed").filters[:] = [_OntoStderr(deepspeed)]
 
 
 def main(argv: list[str] | None = None) -> int:
