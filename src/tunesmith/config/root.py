@@ -91,7 +91,9 @@ class OptimConfig(Section):
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient-norm clip; null: none.")
     clip_mode: Literal["global", "per_group"] = Field(
-        "global", description="Clip the norm of all gradients together, or of each layer group."
+        "global",
+        description="Clip the norm of all gradients together, or of each layer group "
+        "(also under FSDP; DeepSpeed clips the global norm only and refuses per_group).",
     )
 
     @field_validator("betas")
