@@ -301,9 +301,10 @@ def save_training_state(parts: ResumeParts, target: Path, fingerprint: str) -> P
         from accelerate.utils import gather_object
 
         rngs = gather_object(rngs)
-    opt_tensors, opt_meta = _flatten_optimizer(parts.optimizer.state_dict())
-    trained = trainable_state(parts.model, parts.optimizer, acc)
     sharded = is_sharded(acc)
+    if sharded or acc.is_main_process:  # under DDP only the main process writes them
+        opt_tensors, opt_meta = _flatten_optimizer(parts.optimizer.state_dict())
+        trained = trainable_state(parts.model, parts.optimizer, acc)
     if acc.is_main_process:
         tmp = start_dir_write(target)
     if sharded:  # every process writes its shards into the staging folder
@@ -376,7 +377,7 @@ def restore_training_state(
             f"--resume: {checkpoint} holds {saved} training state, this run is {now}; "
             "resume with the same launch"
         )
-    if is_sharded(acc):
+    if state.get("sharded", False):
         _load_shards(parts, checkpoint, state["optimizer"])
     else:
         _load_trainable(parts, load_file(checkpoint / "trainable.safetensors"))
